@@ -1,0 +1,153 @@
+"""Method benchmarks: generation cost vs plain diffusers SD, and caching throughput vs a bare loop.
+
+Every figure is a ratio against a baseline measured in the same run, on the same components, steps and batch:
+
+  generation   DreamCachePipeline (joint / compositional, with and without the shared encoder path)
+               vs StableDiffusionPipeline with CFG, seconds per denoising step (decode excluded)
+  caching      DreamCachePipeline.build_caches vs a bare "VAE encode + full UNet forward" loop, images/s
+
+    python bench/method.py                          # tiny model on CPU (what `make bench` runs)
+    python bench/method.py --model sd21-random --device cuda --dtype fp16 --batch 8 --resolution 512
+
+``sd21-random`` builds the SD 2.1-base architecture with random weights: the cost does not depend on the values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dreamcache.models import ddim_scheduler, offline_clip_tokenizer, tiny_components  # noqa: E402
+from dreamcache.pipeline import DreamCachePipeline  # noqa: E402
+
+
+def sd21_random_components() -> dict:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    unet = UNet2DConditionModel(
+        sample_size=64, cross_attention_dim=1024, attention_head_dim=[5, 10, 20, 20], use_linear_projection=True,
+        block_out_channels=[320, 640, 1280, 1280], layers_per_block=2,
+        down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"], up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=[128, 256, 512, 512], down_block_types=["DownEncoderBlock2D"] * 4,
+        up_block_types=["UpDecoderBlock2D"] * 4, latent_channels=4, layers_per_block=2, sample_size=512,
+    )
+    tokenizer = offline_clip_tokenizer()
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        hidden_size=1024, intermediate_size=4096, num_attention_heads=16, num_hidden_layers=23, projection_dim=1024,
+        vocab_size=len(tokenizer), hidden_act="gelu", bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    ))
+    return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer, "scheduler": ddim_scheduler()}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def best_of(fn, device: torch.device, repeat: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeat):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def bench_generation(pipe, sd, cache, args, device) -> None:
+    prompts = ["a photo of a toy on the beach"] * args.batch
+    common = dict(num_inference_steps=args.steps, height=args.resolution, width=args.resolution, output_type="latent")
+
+    def gen(**kw):
+        return lambda: pipe(prompts, cache, generator=torch.Generator().manual_seed(0), **common, **kw)
+
+    base = best_of(lambda: sd(prompts, generator=torch.Generator().manual_seed(0), **common), device, args.repeat)
+    print(f"generation  batch {args.batch}, {args.steps} steps, {args.resolution}px, {device} {args.dtype}")
+    print(f"  plain SD + CFG (baseline)          {base / args.steps * 1e3:8.2f} ms/step   1.000x")
+    for label, kw in [
+        ("joint", dict(guidance="joint")),
+        ("compositional", dict(guidance="compositional")),
+        ("compositional, no shared encoder", dict(guidance="compositional", share_encoder=False)),
+    ]:
+        t = best_of(gen(**kw), device, args.repeat)
+        print(f"  DreamCache {label:<24s}{t / args.steps * 1e3:8.2f} ms/step   {t / base:.3f}x")
+
+
+def bench_caching(pipe, args, device) -> None:
+    from PIL import Image
+
+    from dreamcache.images import to_tensor
+
+    n = args.cache_images
+    images = [Image.new("RGB", (args.resolution, args.resolution), (i * 37 % 255, 90, 160)) for i in range(n)]
+    hashes = [f"{i:064x}" for i in range(n)]
+    context = pipe.encode_prompt([""])
+    dtype = next(pipe.unet.parameters()).dtype
+
+    @torch.no_grad()
+    def bare():
+        for start in range(0, n, args.cache_batch):
+            x = to_tensor(images[start : start + args.cache_batch]).to(device, dtype)
+            z = pipe.vae.encode(x).latent_dist.sample() * pipe.vae.config.scaling_factor
+            t = torch.ones(z.shape[0], dtype=torch.long, device=device)
+            pipe.unet(z, t, encoder_hidden_states=context.expand(z.shape[0], -1, -1))
+
+    base = best_of(bare, device, args.repeat)
+    ours = best_of(lambda: pipe.build_caches(images, hashes, batch_size=args.cache_batch), device, args.repeat)
+    print(f"caching     {n} images, batch {args.cache_batch}, {args.resolution}px")
+    print(f"  bare VAE encode + full UNet (baseline) {n / base:8.1f} images/s   1.000x")
+    print(f"  DreamCache build_caches               {n / ours:8.1f} images/s   {base / ours:.3f}x")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=["tiny", "sd21-random"], default="tiny")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--resolution", type=int)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--cache-images", type=int, default=32)
+    parser.add_argument("--cache-batch", type=int, default=8)
+    parser.add_argument("--skip", choices=["generation", "caching"], action="append", default=[])
+    args = parser.parse_args(argv)
+
+    from diffusers import StableDiffusionPipeline
+    from PIL import Image
+
+    device = torch.device(args.device)
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    components = tiny_components() if args.model == "tiny" else sd21_random_components()
+    pipe = DreamCachePipeline(**components).to(device, dtype)
+    args.resolution = args.resolution or pipe.default_resolution
+    pipe.set_progress_bar_config(disable=True)
+    # The same modules, adapters bypassed: diffusers' own pipeline is the baseline.
+    sd = StableDiffusionPipeline(**components, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    sd.set_progress_bar_config(disable=True)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"{torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}")
+    with torch.inference_mode():
+        cache = pipe.cache_subject([Image.new("RGB", (args.resolution,) * 2, "red")])
+        if "generation" not in args.skip:
+            bench_generation(pipe, sd, cache, args, device)
+        if "caching" not in args.skip:
+            bench_caching(pipe, args, device)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

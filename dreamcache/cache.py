@@ -1,0 +1,246 @@
+"""The feature cache: extraction from the frozen UNet (spec section 1) and its file format.
+
+A reference image is VAE-encoded (posterior sample), noised to t=1, and passed once through the UNet with the
+empty prompt; the *inputs* of the cached transformer blocks are kept and the pass stops right after the last
+one. One safetensors object per subject: tensor names are the blocks' diffusers paths, values
+``[n_refs, C, H, W]`` fp16, metadata ties the cache to its base model, timestep, prompt, resolution and sources.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+
+from .layers import CachedLayer
+
+CACHE_FORMAT = "dreamcache-cache"
+CACHE_FORMAT_VERSION = "1"
+CACHE_TIMESTEP = 1  # 0-based DDPM index: the second-least-noisy level (sigma 0.041), as the official code
+
+
+class CacheError(ValueError):
+    """A cache that cannot be used: unreadable, malformed, or made with another base model."""
+
+
+def library_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("dreamcache")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+@dataclass(frozen=True)
+class CacheInfo:
+    """What a cache was made from; stored as safetensors metadata (all strings)."""
+
+    base_model: str  # fingerprint of the UNet/VAE/text encoder weights
+    resolution: tuple[int, int]  # (height, width) of the preprocessed reference in pixels
+    source_hashes: tuple[str, ...]  # sha256 of each reference image's bytes, in cache order
+    timestep: int = CACHE_TIMESTEP
+    cache_prompt: str = ""
+    preprocess: str = "resize"
+    seed: int = 0
+    subject_id: str = ""
+    library_version: str = field(default_factory=library_version)
+    format_version: str = CACHE_FORMAT_VERSION
+
+    def to_metadata(self) -> dict[str, str]:
+        data = asdict(self)
+        meta = {k: json.dumps(v) if isinstance(v, (list, tuple)) else str(v) for k, v in data.items()}
+        meta["format"] = CACHE_FORMAT
+        return meta
+
+    @classmethod
+    def from_metadata(cls, meta: Mapping[str, str]) -> CacheInfo:
+        return cls(
+            base_model=meta["base_model"],
+            resolution=tuple(json.loads(meta["resolution"])),
+            source_hashes=tuple(json.loads(meta["source_hashes"])),
+            timestep=int(meta["timestep"]),
+            cache_prompt=meta["cache_prompt"],
+            preprocess=meta["preprocess"],
+            seed=int(meta["seed"]),
+            subject_id=meta.get("subject_id", ""),
+            library_version=meta["library_version"],
+            format_version=meta["format_version"],
+        )
+
+
+@dataclass
+class FeatureCache:
+    """One subject's cached features: layer name -> [n_refs, C, H, W]."""
+
+    features: dict[str, torch.Tensor]
+    info: CacheInfo
+
+    @property
+    def num_references(self) -> int:
+        return next(iter(self.features.values())).shape[0]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.features.values())
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> FeatureCache:
+        return FeatureCache({k: v.to(device=device, dtype=dtype) for k, v in self.features.items()}, self.info)
+
+    @classmethod
+    def concat(cls, caches: Sequence[FeatureCache], subject_id: str = "") -> FeatureCache:
+        """A multi-reference subject: the references' tokens concatenated per layer (an extension, spec 4.3)."""
+        if not caches:
+            raise ValueError("no caches to concatenate")
+        first = caches[0].info
+        for cache in caches[1:]:
+            if cache.info.base_model != first.base_model or cache.features.keys() != caches[0].features.keys():
+                raise CacheError("caches made with different base models or layers cannot be combined")
+        features = {k: torch.cat([c.features[k] for c in caches]) for k in caches[0].features}
+        hashes = tuple(h for c in caches for h in c.info.source_hashes)
+        info = CacheInfo(**{**asdict(first), "source_hashes": hashes, "subject_id": subject_id or first.subject_id})
+        return cls(features, info)
+
+    # -- file format ---------------------------------------------------------------------------------------
+    def to_bytes(self) -> bytes:
+        from safetensors.torch import save
+
+        tensors = {k: v.detach().to("cpu", torch.float16).contiguous() for k, v in self.features.items()}
+        return save(tensors, metadata=self.info.to_metadata())
+
+    @classmethod
+    def from_bytes(
+        cls,
+        data: bytes,
+        source: str,
+        layers: Sequence[CachedLayer] | None = None,
+        base_model: str | None = None,
+    ) -> FeatureCache:
+        """Parse and validate a cache file; with ``layers``/``base_model`` also check it fits a pipeline."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load
+
+        try:
+            tensors = load(data)
+            header_len = int.from_bytes(data[:8], "little")
+            meta = json.loads(data[8 : 8 + header_len]).get("__metadata__") or {}
+        except (SafetensorError, ValueError, RuntimeError, json.JSONDecodeError) as exc:
+            raise CacheError(f"{source}: not a readable cache file (truncated or corrupt: {exc})") from None
+        if meta.get("format") != CACHE_FORMAT:
+            raise CacheError(f"{source}: not a DreamCache feature cache (format={meta.get('format')!r})")
+        if meta.get("format_version") != CACHE_FORMAT_VERSION:
+            raise CacheError(f"{source}: cache format version {meta.get('format_version')!r} is not supported "
+                             f"(this library reads version {CACHE_FORMAT_VERSION})")
+        try:
+            info = CacheInfo.from_metadata(meta)
+        except (KeyError, ValueError, TypeError) as exc:
+            raise CacheError(f"{source}: cache metadata is incomplete ({exc})") from None
+        cache = cls(tensors, info)
+        cache.validate(source, layers, base_model)
+        return cache
+
+    def validate(self, source: str, layers: Sequence[CachedLayer] | None = None, base_model: str | None = None) -> None:
+        if base_model is not None and self.info.base_model != base_model:
+            raise CacheError(
+                f"{source}: cache was made with base model {self.info.base_model}, this pipeline's base model is "
+                f"{base_model}; recompute the cache with this model"
+            )
+        if not self.features:
+            raise CacheError(f"{source}: cache holds no tensors")
+        counts = {t.shape[0] if t.ndim == 4 else -1 for t in self.features.values()}
+        if len(counts) != 1 or counts == {-1}:
+            raise CacheError(f"{source}: tensors must be [n_refs, C, H, W] with one n_refs for all layers")
+        if self.info.source_hashes and len(self.info.source_hashes) != counts.pop():
+            raise CacheError(f"{source}: metadata names {len(self.info.source_hashes)} references, tensors hold another count")
+        if layers is None:
+            return
+        names = [layer.name for layer in layers]
+        if sorted(names) != sorted(self.features):
+            raise CacheError(f"{source}: cache layers {sorted(self.features)} do not match the model's {names}")
+        for layer in layers:
+            channels = self.features[layer.name].shape[1]
+            if channels != layer.channels:
+                raise CacheError(f"{source}: {layer.name} has {channels} channels, the model's layer has {layer.channels}")
+        # Spatial sizes must follow the UNet's stages: derive the latent size from the finest layer, check all.
+        finest = min(layers, key=lambda layer: layer.downsample)
+        height, width = self.features[finest.name].shape[2:]
+        latent = (height * finest.downsample, width * finest.downsample)
+        for layer in layers:
+            got = tuple(self.features[layer.name].shape[2:])
+            if got != layer.spatial(*latent):
+                raise CacheError(f"{source}: {layer.name} is {got[0]}x{got[1]}, expected {layer.spatial(*latent)} "
+                                 f"for a {latent[0]}x{latent[1]} latent")
+
+
+def reference_seed(seed: int, source_hash: str) -> int:
+    """Per-reference noise seed: a cache depends on its image and seed only, not on how references are batched."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{source_hash}".encode()).digest()[:8], "little") & (2**63 - 1)
+
+
+class _StopForward(Exception):
+    """Raised from the last cached block's pre-hook: the rest of the UNet is not needed."""
+
+
+@torch.no_grad()
+def extract_features(
+    unet: UNet2DConditionModel,
+    vae: AutoencoderKL,
+    layers: Sequence[CachedLayer],
+    images: torch.Tensor,
+    prompt_embeds: torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+    seeds: Sequence[int],
+    timestep: int = CACHE_TIMESTEP,
+) -> dict[str, torch.Tensor]:
+    """One batched caching pass: images [N, 3, H, W] in [-1, 1] -> layer name -> [N, C, h, w].
+
+    ``prompt_embeds`` is the text context, [1, L, D] (broadcast) or [N, L, D]. Every image draws its VAE
+    posterior sample and its t=1 noise from its own seed, so results do not depend on batch composition.
+    """
+    param = next(unet.parameters())
+    device, dtype = param.device, param.dtype
+    if len(seeds) != images.shape[0]:
+        raise ValueError("one seed per image is required")
+    posterior = vae.encode(images.to(device=device, dtype=vae.dtype)).latent_dist
+    shape = posterior.mean.shape[1:]
+    eps, noise = [], []
+    for seed in seeds:  # CPU generators: identical noise on every device
+        gen = torch.Generator().manual_seed(int(seed))
+        eps.append(torch.randn(shape, generator=gen))
+        noise.append(torch.randn(shape, generator=gen))
+    latents = posterior.mean + posterior.std * torch.stack(eps).to(device, posterior.mean.dtype)
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    latents = (latents - shift) * vae.config.scaling_factor
+    abar = alphas_cumprod[timestep].to(torch.float64)
+    noisy = abar.sqrt().item() * latents.float() + (1 - abar).sqrt().item() * torch.stack(noise).to(device)
+
+    captured: dict[str, torch.Tensor] = {}
+    last = layers[-1].name  # layers come in forward order; the UNet is cut right after this block's input
+
+    def capture(name: str):
+        def hook(module, args, kwargs):
+            captured[name] = (args[0] if args else kwargs["hidden_states"]).detach().clone()
+            if name == last:
+                raise _StopForward
+        return hook
+
+    handles = [unet.get_submodule(layer.name).register_forward_pre_hook(capture(layer.name), with_kwargs=True)
+               for layer in layers]
+    context = prompt_embeds.to(device, dtype)
+    if context.shape[0] == 1:
+        context = context.expand(images.shape[0], -1, -1)
+    t = torch.full((images.shape[0],), timestep, device=device, dtype=torch.long)
+    try:
+        unet(noisy.to(dtype), t, encoder_hidden_states=context)
+    except _StopForward:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    missing = [layer.name for layer in layers if layer.name not in captured]
+    if missing:
+        raise RuntimeError(f"the UNet forward never reached layers {missing}")
+    return captured

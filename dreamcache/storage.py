@@ -1,0 +1,732 @@
+"""All storage access in DreamCache goes through this module.
+
+Every path the library and the Ray jobs handle is a *URI*: a local path, a ``file://`` URI
+or ``s3://bucket/prefix``.  This module is the single place that turns such a URI into I/O,
+so that
+
+* the rest of the code never branches on the scheme: ``read_bytes(uri)`` works the same for
+  a local file in a unit test and for an object on AWS, MinIO or SeaweedFS in production;
+* endpoint and credentials are taken from one set of variables only, the standard AWS ones
+  (``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``,
+  ``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``, ``AWS_REGION`` / ``AWS_DEFAULT_REGION``),
+  read at call time, for boto3 (objects) and ``pyarrow.fs`` (datasets) alike;
+* errors are translated once: transient failures (throttling, HTTP 5xx, dropped or timed-out
+  connections) are retried with exponential backoff and jitter, while permanent ones fail
+  fast as :class:`ObjectNotFound`, :class:`PermissionDenied` or :class:`StorageError` with a
+  message that names the URI, instead of a raw botocore traceback after minutes of retries;
+* writes are whole: a reader never sees half an object (S3 ``put_object`` is atomic; local
+  writes go to a temporary file in the same folder that is then ``os.replace``-d);
+* ids that end up in paths and keys are validated (:func:`validate_id`), so user input can
+  never escape its prefix.
+
+Retries happen at two levels.  botocore's ``standard`` retry mode (``AWS_MAX_ATTEMPTS``
+attempts, default 3) retries each HTTP request on throttling, 5xx and connection errors.
+Around each whole operation, including the read of a response body, which botocore does not
+retry, :func:`_with_retries` makes up to ``DREAMCACHE_S3_MAX_ATTEMPTS`` attempts (default 5)
+with a base delay of ``DREAMCACHE_S3_RETRY_BASE_DELAY`` seconds (default 0.5), doubling up to
+``DREAMCACHE_S3_RETRY_MAX_DELAY`` (default 20).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import random
+import re
+import shutil
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterator, TypeVar
+from urllib.parse import urlsplit
+
+import boto3
+import botocore.exceptions as bexc
+from botocore.config import Config
+
+if TYPE_CHECKING:  # pyarrow is heavy; imported lazily in pyarrow_filesystem()
+    import pyarrow.fs
+
+__all__ = [
+    "StorageError",
+    "ObjectNotFound",
+    "PermissionDenied",
+    "InvalidId",
+    "Location",
+    "parse_uri",
+    "join_uri",
+    "is_s3",
+    "read_bytes",
+    "write_bytes",
+    "exists",
+    "delete",
+    "size",
+    "list_files",
+    "download_prefix",
+    "ensure_local",
+    "local_cache_dir_for",
+    "s3_client",
+    "clear_client_cache",
+    "pyarrow_filesystem",
+    "validate_id",
+]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# Suffix of the temporary files written by local atomic writes; list_files() skips them.
+_TMP_SUFFIX = ".dreamcache-tmp"
+_CONNECT_TIMEOUT_S = 10.0
+_READ_TIMEOUT_S = 60.0
+_CREDENTIALS_HINT = (
+    "check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN for temporary "
+    "credentials) and that AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL points at the right server"
+)
+
+
+# --------------------------------------------------------------------------- errors
+
+
+class StorageError(Exception):
+    """A storage operation failed; the message names the URI and the cause."""
+
+
+class ObjectNotFound(StorageError):
+    """The object or file does not exist."""
+
+
+class PermissionDenied(StorageError):
+    """The credentials were refused or lack permission for the object."""
+
+
+class InvalidId(ValueError):
+    """An id (subject id, job id, ...) is not safe to use as a path component or S3 key."""
+
+
+# --------------------------------------------------------------------------- URIs
+
+_SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
+
+
+@dataclass(frozen=True)
+class Location:
+    """A parsed URI.
+
+    ``scheme`` is ``"file"`` or ``"s3"``; ``bucket`` is set for S3 only; ``path`` is an
+    absolute local path, or an S3 key without a leading slash (``""`` for a bucket's root).
+    """
+
+    scheme: str
+    bucket: str | None
+    path: str
+
+    @property
+    def uri(self) -> str:
+        """The canonical URI of this location (``s3://bucket/key`` or an absolute path)."""
+        if self.scheme == "s3":
+            return f"s3://{self.bucket}/{self.path}" if self.path else f"s3://{self.bucket}"
+        return self.path
+
+
+def parse_uri(uri: str) -> Location:
+    """Parse a local path, ``file://`` URI or ``s3://bucket/key`` URI.
+
+    Raises ValueError for an empty URI, an unsupported scheme (``http://``, ``gs://``...),
+    an S3 URI without a bucket, or a ``file://`` URI naming a remote host.
+    """
+    if not isinstance(uri, (str, os.PathLike)):
+        raise ValueError(f"expected a URI string, got {type(uri).__name__}")
+    uri = os.fspath(uri)
+    if not uri or not uri.strip():
+        raise ValueError("empty URI")
+    m = _SCHEME_RE.match(uri)
+    if m is None:  # a plain local path
+        return Location("file", None, os.path.abspath(os.path.expanduser(uri)))
+    scheme = m.group(1).lower()
+    rest = uri[m.end():]
+    if scheme == "s3":
+        bucket, _, key = rest.partition("/")
+        if not bucket:
+            raise ValueError(f"S3 URI needs a bucket: {uri!r} (expected s3://bucket/key)")
+        return Location("s3", bucket, key.lstrip("/"))
+    if scheme == "file":
+        host, sep, path = rest.partition("/")
+        if host not in ("", "localhost"):
+            raise ValueError(f"file:// URI with a remote host is not supported: {uri!r}")
+        if not sep:
+            raise ValueError(f"file:// URI needs an absolute path: {uri!r}")
+        return Location("file", None, os.path.abspath("/" + path))
+    raise ValueError(
+        f"unsupported URI scheme {scheme + '://'!r} in {uri!r}: use a local path, file:// or s3://"
+    )
+
+
+def _segments(*parts: str) -> list[str]:
+    """Split path parts on '/' and drop empty segments (so joins never double a slash)."""
+    return [seg for part in parts for seg in part.split("/") if seg]
+
+
+def join_uri(base: str, *parts: str) -> str:
+    """Join relative parts onto a URI, keeping the base's form (path, file:// or s3://).
+
+    Leading, trailing and repeated slashes in the parts are dropped:
+    ``join_uri("s3://b/p/", "/x/", "y") == "s3://b/p/x/y"``.
+    """
+    loc = parse_uri(base)
+    rel = "/".join(_segments(*parts))
+    if loc.scheme == "s3":
+        key = "/".join(_segments(loc.path, rel))
+        return f"s3://{loc.bucket}/{key}" if key else f"s3://{loc.bucket}"
+    if not rel:
+        return base
+    if _SCHEME_RE.match(base):  # file:// keeps its form
+        return "file://" + loc.path.rstrip("/") + "/" + rel
+    return base.rstrip("/") + "/" + rel  # "/" -> "" -> "/rel"
+
+
+def is_s3(uri: str) -> bool:
+    """Whether ``uri`` is an ``s3://`` URI."""
+    return isinstance(uri, str) and uri[:5].lower() == "s3://"
+
+
+# --------------------------------------------------------------------------- ids
+
+_ID_MAX_LEN = 128
+_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._\-]*")
+
+
+def validate_id(value: str, what: str = "subject id") -> str:
+    """Return ``value`` if it is safe as a single path component and S3 key part.
+
+    Accepted: 1..128 ASCII characters, the first alphanumeric, the rest alphanumerics or
+    ``. _ -``, and no ``..`` anywhere.  Anything else (slashes, backslashes, spaces, control
+    or non-ASCII characters, a leading dot) raises :class:`InvalidId`.
+    """
+    shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+    if not isinstance(value, str):
+        raise InvalidId(f"{what} must be a string, got {type(value).__name__}: {shown}")
+    if not value:
+        raise InvalidId(f"{what} must not be empty")
+    if len(value) > _ID_MAX_LEN:
+        raise InvalidId(f"{what} is {len(value)} characters long (max {_ID_MAX_LEN}): {shown}")
+    if not (value[0].isascii() and value[0].isalnum()):
+        raise InvalidId(f"{what} must start with a letter or digit: {shown}")
+    if ".." in value:
+        raise InvalidId(f"{what} must not contain '..': {shown}")
+    if not _ID_RE.fullmatch(value):
+        bad = next(c for c in value if not (c.isascii() and (c.isalnum() or c in "._-")))
+        raise InvalidId(
+            f"{what} contains {bad!r}; only letters, digits and '._-' are allowed: {shown}"
+        )
+    return value
+
+
+# --------------------------------------------------------------------------- retries
+
+
+def _env_int(name: str, default: int, minimum: int = 1) -> int:
+    raw = os.environ.get(name, "").strip()
+    try:
+        return max(minimum, int(raw)) if raw else default
+    except ValueError:
+        raise ValueError(f"{name} must be an integer, got {raw!r}") from None
+
+
+def _env_float(name: str, default: float) -> float:
+    raw = os.environ.get(name, "").strip()
+    try:
+        return max(0.0, float(raw)) if raw else default
+    except ValueError:
+        raise ValueError(f"{name} must be a number, got {raw!r}") from None
+
+
+_THROTTLING_CODES = frozenset({
+    "SlowDown", "Throttling", "ThrottlingException", "ThrottledException",
+    "RequestLimitExceeded", "RequestThrottled", "RequestThrottledException",
+    "TooManyRequestsException", "ProvisionedThroughputExceededException",
+    "BandwidthLimitExceeded", "RequestTimeout", "RequestTimeoutException",
+    "InternalError", "ServiceUnavailable",
+})
+_TRANSIENT_EXCEPTIONS: tuple[type[BaseException], ...] = (
+    bexc.EndpointConnectionError,
+    bexc.ConnectionClosedError,
+    bexc.ReadTimeoutError,
+    bexc.ConnectTimeoutError,
+    bexc.ResponseStreamingError,  # connection dropped while reading a body
+    bexc.IncompleteReadError,
+    ConnectionResetError,
+    ConnectionAbortedError,
+    TimeoutError,
+)
+_NOT_FOUND_CODES = frozenset({"NoSuchKey", "404", "NotFound"})
+_DENIED_CODES = frozenset({
+    "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403", "Forbidden",
+    "AllAccessDisabled", "InvalidToken", "ExpiredToken", "TokenRefreshRequired",
+    "AccountProblem", "InvalidSecurity",
+})
+
+
+def _error_code(exc: bexc.ClientError) -> tuple[str, int]:
+    error = exc.response.get("Error", {}) or {}
+    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0
+    return str(error.get("Code", "")), int(status)
+
+
+def _is_transient(exc: BaseException) -> bool:
+    """Whether retrying ``exc`` can help: throttling, HTTP 5xx, or a connection-level error."""
+    if isinstance(exc, bexc.ClientError):
+        code, status = _error_code(exc)
+        return code in _THROTTLING_CODES or status == 429 or status >= 500
+    return isinstance(exc, _TRANSIENT_EXCEPTIONS)
+
+
+def _with_retries(
+    fn: Callable[[], T],
+    what: str,
+    *,
+    attempts: int | None = None,
+    base_delay: float | None = None,
+) -> T:
+    """Call ``fn()``; retry transient errors with exponential backoff and jitter.
+
+    Permanent errors (and the last transient one) are re-raised unchanged; translating them
+    is the caller's job.  ``attempts`` and ``base_delay`` default to
+    ``DREAMCACHE_S3_MAX_ATTEMPTS`` (5) and ``DREAMCACHE_S3_RETRY_BASE_DELAY`` (0.5 s).
+    """
+    if attempts is None:
+        attempts = _env_int("DREAMCACHE_S3_MAX_ATTEMPTS", 5)
+    if base_delay is None:
+        base_delay = _env_float("DREAMCACHE_S3_RETRY_BASE_DELAY", 0.5)
+    max_delay = _env_float("DREAMCACHE_S3_RETRY_MAX_DELAY", 20.0)
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn()
+        except Exception as exc:
+            if attempt >= attempts or not _is_transient(exc):
+                raise
+            cap = min(max_delay, base_delay * 2 ** (attempt - 1))
+            delay = cap / 2 + random.uniform(0, cap / 2)  # "equal jitter"
+            log.warning(
+                "%s failed (attempt %d/%d, retrying in %.2fs): %s: %s",
+                what, attempt, attempts, delay, type(exc).__name__, exc,
+            )
+            time.sleep(delay)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+# --------------------------------------------------------------------------- S3 clients
+
+
+@dataclass(frozen=True)
+class _S3Settings:
+    """The AWS_* variables that shape a client; hashable, so it keys the client cache."""
+
+    endpoint: str | None
+    region: str
+    access_key: str | None
+    secret_key: str | None = field(repr=False)
+    session_token: str | None = field(repr=False)
+    botocore_attempts: int
+
+    @classmethod
+    def from_env(cls) -> "_S3Settings":
+        env = os.environ
+        endpoint = (env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or "").strip()
+        if endpoint and not endpoint.lower().startswith(("http://", "https://")):
+            raise ValueError(
+                f"AWS_ENDPOINT_URL_S3/AWS_ENDPOINT_URL must start with http:// or https://, "
+                f"got {endpoint!r}"
+            )
+        return cls(
+            endpoint=endpoint.rstrip("/") or None,
+            region=env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "us-east-1",
+            access_key=env.get("AWS_ACCESS_KEY_ID") or None,
+            secret_key=env.get("AWS_SECRET_ACCESS_KEY") or None,
+            session_token=env.get("AWS_SESSION_TOKEN") or None,
+            botocore_attempts=_env_int("AWS_MAX_ATTEMPTS", 3),
+        )
+
+
+def s3_client() -> Any:
+    """A boto3 S3 client built from the AWS_* environment variables (read at call time).
+
+    Clients are cached per process and settings: boto3 clients are thread-safe, and the pid
+    in the key gives a forked Ray worker its own client (connection pools do not survive a
+    fork).  Path-style addressing is used whenever a custom endpoint is set.
+    """
+    return _cached_client(_S3Settings.from_env(), os.getpid())
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_client(settings: _S3Settings, pid: int) -> Any:
+    custom = settings.endpoint is not None
+    config = Config(
+        region_name=settings.region,
+        signature_version="s3v4",
+        s3={"addressing_style": "path"} if custom else {},
+        retries={"mode": "standard", "max_attempts": settings.botocore_attempts},
+        connect_timeout=_CONNECT_TIMEOUT_S,
+        read_timeout=_READ_TIMEOUT_S,
+        max_pool_connections=32,
+        # S3-compatible servers do not all implement the CRC checksums boto3 sends by default.
+        request_checksum_calculation="when_required" if custom else "when_supported",
+        response_checksum_validation="when_required" if custom else "when_supported",
+    )
+    session = boto3.session.Session()  # a private session: boto3's default one is not thread-safe
+    return session.client(
+        "s3",
+        endpoint_url=settings.endpoint,
+        aws_access_key_id=settings.access_key,
+        aws_secret_access_key=settings.secret_key,
+        aws_session_token=settings.session_token,
+        config=config,
+    )
+
+
+# Buckets confirmed to exist, per (endpoint, bucket): lets a 404 on HEAD be told apart
+# (missing key vs. missing bucket) without an extra request each time.
+_known_buckets: set[tuple[str | None, str]] = set()
+
+
+def clear_client_cache() -> None:
+    """Forget cached clients (e.g. after changing AWS_* variables in a test)."""
+    _cached_client.cache_clear()
+    _known_buckets.clear()
+
+
+def _check_bucket(client: Any, loc: Location, uri: str) -> None:
+    """Raise StorageError if the bucket does not exist (called after an ambiguous 404)."""
+    key = (_S3Settings.from_env().endpoint, loc.bucket)
+    if key in _known_buckets:
+        return
+    try:
+        _with_retries(lambda: client.head_bucket(Bucket=loc.bucket), f"HEAD bucket {loc.bucket}")
+    except bexc.ClientError as exc:
+        code, status = _error_code(exc)
+        if code in ("NoSuchBucket", "404", "NotFound") or status == 404:
+            raise StorageError(f"bucket '{loc.bucket}' does not exist ({uri})") from None
+        raise _translate(exc, uri, f"HEAD bucket {loc.bucket}") from exc
+    _known_buckets.add(key)
+
+
+def _translate(exc: Exception, uri: str, what: str) -> StorageError:
+    """Map a botocore exception to a StorageError subclass with a clear message."""
+    if isinstance(exc, StorageError):
+        return exc
+    if isinstance(exc, bexc.ClientError):
+        code, status = _error_code(exc)
+        if code == "NoSuchBucket":
+            bucket = parse_uri(uri).bucket
+            return StorageError(f"bucket '{bucket}' does not exist ({uri})")
+        if code in _NOT_FOUND_CODES or status == 404:
+            return ObjectNotFound(f"object not found: {uri}")
+        if code in _DENIED_CODES or status == 403:
+            return PermissionDenied(
+                f"{what}: access denied for {uri} ({code}); {_CREDENTIALS_HINT}"
+            )
+        message = exc.response.get("Error", {}).get("Message", "")
+        suffix = " (gave up after retries)" if _is_transient(exc) else ""
+        return StorageError(f"{what} failed for {uri}: {code or status} {message}{suffix}".rstrip())
+    if isinstance(exc, (bexc.NoCredentialsError, bexc.PartialCredentialsError)):
+        return PermissionDenied(f"{what}: no usable credentials for {uri}; {_CREDENTIALS_HINT}")
+    if isinstance(exc, _TRANSIENT_EXCEPTIONS):
+        return StorageError(f"{what} failed for {uri} (gave up after retries): {exc}")
+    return StorageError(f"{what} failed for {uri}: {type(exc).__name__}: {exc}")
+
+
+def _s3_call(loc: Location, uri: str, what: str, fn: Callable[[Any], T]) -> T:
+    """Run ``fn(client)`` with retries and translate its errors."""
+    client = s3_client()
+    try:
+        return _with_retries(lambda: fn(client), f"{what} {uri}")
+    except (bexc.BotoCoreError, bexc.ClientError, OSError) as exc:
+        raise _translate(exc, uri, what) from exc
+
+
+def _head(loc: Location, uri: str) -> dict[str, Any] | None:
+    """HEAD an object; None if it does not exist (a missing bucket raises StorageError)."""
+    client = s3_client()
+    try:
+        return _s3_call(loc, uri, "HEAD", lambda c: c.head_object(Bucket=loc.bucket, Key=loc.path))
+    except ObjectNotFound:
+        _check_bucket(client, loc, uri)
+        return None
+
+
+# --------------------------------------------------------------------------- local helpers
+
+
+def _local_error(exc: OSError, uri: str, what: str) -> StorageError:
+    if isinstance(exc, FileNotFoundError):
+        return ObjectNotFound(f"file not found: {uri}")
+    if isinstance(exc, PermissionError):
+        return PermissionDenied(f"{what}: permission denied for {uri}: {exc}")
+    return StorageError(f"{what} failed for {uri}: {exc}")
+
+
+def _atomic_local_write(path: str, write: Callable[[Any], None]) -> None:
+    """Write ``path`` via a temp file in the same folder and ``os.replace`` (no torn files)."""
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{os.path.basename(path)}.{uuid.uuid4().hex[:12]}{_TMP_SUFFIX}")
+    # os.open with 0o666 lets the umask apply, unlike tempfile's 0o600.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def _walk_local(root: str) -> Iterator[tuple[str, int]]:
+    """Yield (relative posix path, size) of the files under ``root``, skipping temp files."""
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in filenames:
+            if name.endswith(_TMP_SUFFIX):
+                continue
+            full = os.path.join(dirpath, name)
+            try:
+                st = os.stat(full)
+            except FileNotFoundError:  # removed while walking
+                continue
+            yield os.path.relpath(full, root).replace(os.sep, "/"), st.st_size
+
+
+def _list_entries(uri: str) -> list[tuple[str, int]]:
+    """(relative path, size) of every file under the prefix ``uri``, sorted by path."""
+    loc = parse_uri(uri)
+    if loc.scheme == "file":
+        try:
+            return sorted(_walk_local(loc.path))
+        except OSError as exc:
+            raise _local_error(exc, uri, "list") from exc
+    prefix = loc.path.strip("/")
+    prefix = prefix + "/" if prefix else ""
+
+    def list_all(client: Any) -> list[tuple[str, int]]:
+        entries = []
+        for page in client.get_paginator("list_objects_v2").paginate(
+            Bucket=loc.bucket, Prefix=prefix
+        ):
+            for obj in page.get("Contents", []):
+                key = obj["Key"]
+                if key.endswith("/"):  # "directory marker" objects
+                    continue
+                entries.append((key[len(prefix):], int(obj["Size"])))
+        return entries
+
+    return sorted(_s3_call(loc, uri, "LIST", list_all))
+
+
+# --------------------------------------------------------------------------- public I/O
+
+
+def read_bytes(uri: str) -> bytes:
+    """The whole content of a file or object."""
+    loc = parse_uri(uri)
+    if loc.scheme == "file":
+        try:
+            with open(loc.path, "rb") as fh:
+                return fh.read()
+        except OSError as exc:
+            raise _local_error(exc, uri, "read") from exc
+    return _s3_call(
+        loc, uri, "GET",
+        lambda c: c.get_object(Bucket=loc.bucket, Key=loc.path)["Body"].read(),
+    )
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write a whole file or object atomically (parents are created locally)."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise TypeError(f"write_bytes needs bytes, got {type(data).__name__}")
+    loc = parse_uri(uri)
+    if loc.scheme == "file":
+        try:
+            _atomic_local_write(loc.path, lambda fh: fh.write(data))
+        except OSError as exc:
+            raise _local_error(exc, uri, "write") from exc
+        return
+    if not loc.path or loc.path.endswith("/"):
+        raise ValueError(f"cannot write an object to a prefix: {uri!r}")
+    body = bytes(data)
+    _s3_call(loc, uri, "PUT", lambda c: c.put_object(Bucket=loc.bucket, Key=loc.path, Body=body))
+
+
+def exists(uri: str) -> bool:
+    """Whether a file (not a directory) or object exists at ``uri``.
+
+    A missing bucket raises StorageError rather than answering False, so a typo in a bucket
+    name does not pass for an empty one.
+    """
+    loc = parse_uri(uri)
+    if loc.scheme == "file":
+        return os.path.isfile(loc.path)
+    if not loc.path:
+        return False
+    return _head(loc, uri) is not None
+
+
+def size(uri: str) -> int:
+    """The size in bytes of a file or object."""
+    loc = parse_uri(uri)
+    if loc.scheme == "file":
+        try:
+            return os.stat(loc.path).st_size
+        except OSError as exc:
+            raise _local_error(exc, uri, "stat") from exc
+    head = _head(loc, uri) if loc.path else None
+    if head is None:
+        raise ObjectNotFound(f"object not found: {uri}")
+    return int(head["ContentLength"])
+
+
+def delete(uri: str) -> None:
+    """Delete a file or object; deleting something that does not exist is not an error."""
+    loc = parse_uri(uri)
+    if loc.scheme == "file":
+        try:
+            os.remove(loc.path)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise _local_error(exc, uri, "delete") from exc
+        return
+    if not loc.path:
+        raise ValueError(f"refusing to delete a bucket: {uri!r}")
+    _s3_call(loc, uri, "DELETE", lambda c: c.delete_object(Bucket=loc.bucket, Key=loc.path))
+
+
+def list_files(prefix_uri: str) -> list[str]:
+    """Full URIs of all files under a prefix, recursively, sorted.
+
+    The prefix is a directory: ``s3://b/p`` lists the keys under ``p/`` (not ``p2/...``).
+    Directory-marker keys ending in '/' and in-progress local temp files are skipped; a
+    missing prefix lists as empty.  URIs keep the form of ``prefix_uri``.
+    """
+    return [join_uri(prefix_uri, rel) for rel, _ in _list_entries(prefix_uri)]
+
+
+def _fetch_one(src_uri: str, dest: Path) -> None:
+    """Copy one file or object to ``dest`` atomically, streaming (no whole-file buffering)."""
+    loc = parse_uri(src_uri)
+    if loc.scheme == "file":
+        try:
+            with open(loc.path, "rb") as src:
+                _atomic_local_write(str(dest), lambda fh: shutil.copyfileobj(src, fh, 1 << 20))
+        except OSError as exc:
+            raise _local_error(exc, src_uri, "copy") from exc
+        return
+    # download_fileobj does parallel ranged GETs; each retry starts a fresh temp file.
+    _s3_call(
+        loc, src_uri, "download",
+        lambda c: _atomic_local_write(
+            str(dest), lambda fh: c.download_fileobj(loc.bucket, loc.path, fh)
+        ),
+    )
+
+
+def download_prefix(prefix_uri: str, local_dir: str | os.PathLike[str]) -> Path:
+    """Mirror every file under ``prefix_uri`` into ``local_dir`` and return it.
+
+    Files already there with the same size are skipped, so a second call is cheap; each
+    file is written atomically, so concurrent callers (several Ray workers on one node) are
+    safe.  Local files absent from the prefix are left alone.  An empty or missing prefix
+    raises ObjectNotFound (it is almost always a wrong URI).
+    """
+    root = Path(local_dir).expanduser().resolve()
+    entries = _list_entries(prefix_uri)
+    if not entries:
+        raise ObjectNotFound(f"no files under {prefix_uri}")
+    fetched = 0
+    for rel, nbytes in entries:
+        dest = root.joinpath(*rel.split("/"))
+        if not dest.resolve().is_relative_to(root):  # a key like "../x" must not escape
+            raise StorageError(f"refusing to write outside {root}: {rel!r} in {prefix_uri}")
+        try:
+            if dest.stat().st_size == nbytes:
+                continue
+        except FileNotFoundError:
+            pass
+        _fetch_one(join_uri(prefix_uri, rel), dest)
+        fetched += 1
+    log.info("download_prefix %s -> %s: %d fetched, %d up to date",
+             prefix_uri, root, fetched, len(entries) - fetched)
+    return root
+
+
+def local_cache_dir_for(uri: str) -> Path:
+    """A stable local folder for a copy of ``uri`` (not created here).
+
+    It lies under ``$DREAMCACHE_CACHE_DIR`` (default ``$XDG_CACHE_HOME/dreamcache`` or
+    ``~/.cache/dreamcache``) and is named from a sanitized, readable form of the URI plus a
+    hash of it, so different URIs never share a folder and ``s3://b/p`` == ``s3://b/p/``.
+    """
+    loc = parse_uri(uri)
+    base = os.environ.get("DREAMCACHE_CACHE_DIR")
+    if not base:
+        xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join("~", ".cache")
+        base = os.path.join(xdg, "dreamcache")
+    canonical = Location(loc.scheme, loc.bucket, loc.path.rstrip("/") or loc.path).uri
+    readable = "/".join(_segments(loc.bucket or "", loc.path))
+    readable = re.sub(r"[^A-Za-z0-9._-]+", "_", readable).strip("._-")[-80:].lstrip("._-")
+    digest = hashlib.sha256(canonical.encode()).hexdigest()[:16]
+    name = f"{readable}-{digest}" if readable else digest
+    return Path(base).expanduser().resolve() / loc.scheme / name
+
+
+def ensure_local(uri: str) -> Path:
+    """A local folder holding the prefix ``uri``: the folder itself for a local URI, else a
+    copy downloaded once into :func:`local_cache_dir_for` (e.g. model weights on S3)."""
+    loc = parse_uri(uri)
+    if loc.scheme == "file":
+        if not os.path.isdir(loc.path):
+            raise ObjectNotFound(f"directory not found: {uri}")
+        return Path(loc.path)
+    return download_prefix(uri, local_cache_dir_for(uri))
+
+
+# --------------------------------------------------------------------------- datasets
+
+
+def pyarrow_filesystem(uri: str) -> tuple["pyarrow.fs.FileSystem", str]:
+    """A ``pyarrow.fs`` filesystem and the path inside it for ``uri``.
+
+    S3 gets an ``S3FileSystem`` configured from the same AWS_* variables as
+    :func:`s3_client` and the path ``bucket/key``; local paths get ``LocalFileSystem`` and
+    the absolute path.
+    """
+    import pyarrow.fs as pafs
+
+    loc = parse_uri(uri)
+    if loc.scheme == "file":
+        return pafs.LocalFileSystem(), loc.path
+    s = _S3Settings.from_env()
+    kwargs: dict[str, Any] = {
+        "region": s.region,
+        "connect_timeout": _CONNECT_TIMEOUT_S,
+        "request_timeout": _READ_TIMEOUT_S,
+        "retry_strategy": pafs.AwsStandardS3RetryStrategy(
+            max_attempts=_env_int("DREAMCACHE_S3_MAX_ATTEMPTS", 5)
+        ),
+    }
+    if s.access_key and s.secret_key:
+        kwargs.update(access_key=s.access_key, secret_key=s.secret_key,
+                      session_token=s.session_token)
+    if s.endpoint:
+        parts = urlsplit(s.endpoint)
+        kwargs.update(endpoint_override=parts.netloc, scheme=parts.scheme.lower())
+    path = f"{loc.bucket}/{loc.path}".rstrip("/")
+    return pafs.S3FileSystem(**kwargs), path

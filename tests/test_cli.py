@@ -1,0 +1,87 @@
+"""The command line end to end on the tiny model, and its bad-input contract (exit 2, one line, no traceback)."""
+
+import io
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+from dreamcache.cli import main
+from dreamcache.convert import official_key_shapes
+
+
+def png(path, colour="red", size=(64, 64)):
+    Image.new("RGB", size, colour).save(path)
+    return str(path)
+
+
+def run_cli(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_user_error(result, fragment):
+    code, _, err = result
+    assert code == 2, err
+    errors = [line for line in err.splitlines() if line.startswith("dreamcache: error:")]
+    assert len(errors) == 1 and fragment in errors[0] and "Traceback" not in err, err
+
+
+def test_cache_then_generate(tmp_path, capsys, tiny_model_dir):
+    model, adapter = tiny_model_dir, tiny_model_dir / "adapter.safetensors"
+    a, b = png(tmp_path / "dog.png"), png(tmp_path / "dog2.png", "blue")
+    code, out, err = run_cli(capsys, "cache", "--model", model, "--out", tmp_path / "caches", a, b)
+    assert code == 0, err
+    assert (tmp_path / "caches" / "dog.safetensors").is_file() and (tmp_path / "caches" / "dog2.safetensors").is_file()
+    code, out, err = run_cli(capsys, "cache", "--model", model, "--out", tmp_path / "caches", "--subject-id", "both", a, b)
+    assert code == 0 and "2 reference(s)" in out, err
+    code, out, err = run_cli(capsys, "generate", "--model", model, "--adapter", adapter, "--cache",
+                             tmp_path / "caches" / "both.safetensors", "--prompt", "a dog", "--prompt", "a cat",
+                             "--num-images", "2", "--steps", "2", "--out", tmp_path / "img")
+    assert code == 0, err
+    written = sorted(p.name for p in (tmp_path / "img").iterdir())
+    assert written == ["both-p0-s0-0.png", "both-p0-s0-1.png", "both-p1-s0-0.png", "both-p1-s0-1.png"]
+
+
+def test_bad_inputs_exit_2_with_one_line(tmp_path, capsys, tiny_model_dir):
+    model, adapter = tiny_model_dir, tiny_model_dir / "adapter.safetensors"
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    assert_user_error(run_cli(capsys, "cache", "--model", model, "--out", tmp_path, tmp_path / "bad.png"), "bad.png")
+    assert_user_error(run_cli(capsys, "cache", "--model", model, "--out", tmp_path, tmp_path / "missing.png"), "missing.png")
+    good = png(tmp_path / "ok.png")
+    assert_user_error(run_cli(capsys, "cache", "--model", model, "--out", tmp_path, "--subject-id", "../escape", good), "subject id")
+    assert_user_error(run_cli(capsys, "cache", "--model", tmp_path, "--out", tmp_path, good), "not a diffusers")
+    # a cache made with another base model is refused by generate
+    from dreamcache.models import write_tiny_model
+    other = write_tiny_model(tmp_path / "other", seed=1)
+    assert run_cli(capsys, "cache", "--model", other, "--out", tmp_path / "c", good)[0] == 0
+    assert_user_error(run_cli(capsys, "generate", "--model", model, "--adapter", adapter, "--cache",
+                              tmp_path / "c" / "ok.safetensors", "--prompt", "x", "--steps", "1"), "base model")
+    (tmp_path / "half.safetensors").write_bytes(adapter.read_bytes()[:1000])
+    assert run_cli(capsys, "cache", "--model", model, "--out", tmp_path / "c2", good)[0] == 0
+    assert_user_error(run_cli(capsys, "generate", "--model", model, "--adapter", tmp_path / "half.safetensors", "--cache",
+                              tmp_path / "c2" / "ok.safetensors", "--prompt", "x", "--steps", "1"), "half.safetensors")
+    assert_user_error(run_cli(capsys, "convert-official", tmp_path / "bad.png", tmp_path / "o.safetensors"), "weights_only")
+
+
+def test_convert_official_command(tmp_path, capsys):
+    buffer = io.BytesIO()
+    torch.save({k: torch.zeros(s) for k, s in official_key_shapes().items()}, buffer)
+    (tmp_path / "cross_attention-199999.pt").write_bytes(buffer.getvalue())
+    code, out, err = run_cli(capsys, "convert-official", tmp_path / "cross_attention-199999.pt", tmp_path / "a.safetensors")
+    assert code == 0 and (tmp_path / "a.safetensors").stat().st_size > 50_000_000, err
+
+
+@pytest.mark.parametrize("command", [[], ["tiny-model"], ["cache"], ["generate"], ["convert-official"]])
+def test_help_everywhere(command, capsys):
+    with pytest.raises(SystemExit) as done:
+        main([*command, "--help"])
+    assert done.value.code == 0 and "usage: dreamcache" in capsys.readouterr().out
+
+
+def test_console_entry_point_runs():
+    done = subprocess.run([sys.executable, "-m", "dreamcache.cli", "--help"], capture_output=True, text=True)
+    assert done.returncode == 0 and "convert-official" in done.stdout
