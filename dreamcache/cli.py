@@ -1,4 +1,7 @@
-"""The ``dreamcache`` command line: tiny-model, cache, generate, convert-official.
+"""The ``dreamcache`` command line of the method: tiny-model, cache, generate, convert-official.
+
+The installed ``dreamcache`` script is ``pipelines.cli:main``, which adds the Ray commands (serve, ...) to
+these; ``python -m dreamcache.cli`` runs the method's commands alone, without Ray.
 
 Bad input (a missing file, a corrupt image, a cache from another model, an unsafe id) ends with exit code 2
 and one line on stderr; a traceback means a bug.
@@ -9,6 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 
 import torch
@@ -93,11 +97,11 @@ def cmd_cache(args: argparse.Namespace) -> None:
     caches = pipe.build_caches(images, hashes, resolution=args.resolution, preprocess=args.preprocess,
                                cache_prompt=args.cache_prompt, seed=args.seed, batch_size=args.batch_size)
     from .cache import FeatureCache
+    from .cache_store import CacheStore
 
     for subject, indices in subjects.items():
         cache = FeatureCache.concat([caches[i] for i in indices], subject_id=subject)
-        uri = storage.join_uri(args.out, f"{subject}.safetensors")
-        storage.write_bytes(uri, cache.to_bytes())
+        uri, _ = CacheStore(args.out).write(subject, cache)
         print(f"{subject}: {cache.num_references} reference(s), {cache.nbytes() / 2**20:.2f} MiB -> {uri}")
 
 
@@ -129,8 +133,10 @@ def cmd_convert_official(args: argparse.Namespace) -> None:
 
 
 # -- parser ---------------------------------------------------------------------------------------------------
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dreamcache", description=__doc__.splitlines()[0])
+def build_parser(extend: Callable[[argparse._SubParsersAction], None] | None = None) -> argparse.ArgumentParser:
+    """The method's commands; ``extend`` adds more (the Ray commands of ``pipelines.cli``) without this
+    library importing Ray."""
+    parser = argparse.ArgumentParser(prog="dreamcache", description="DreamCache: personalized generation from cached features.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -175,11 +181,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="output .safetensors (path or s3:// URI)")
     p.add_argument("--backbone", choices=["sd21", "sd15"], default="sd21")
     p.set_defaults(func=cmd_convert_official)
+    if extend is not None:
+        extend(sub)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+def main(argv: list[str] | None = None, extend: Callable[[argparse._SubParsersAction], None] | None = None) -> int:
+    parser = build_parser(extend)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if not args.verbose:

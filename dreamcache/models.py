@@ -22,7 +22,7 @@ from . import storage
 
 logger = logging.getLogger(__name__)
 
-TINY_RESOLUTION = 64  # pixels; the tiny VAE downsamples by 2, so latents are 32x32
+TINY_RESOLUTION = 64  # pixels; the tiny VAE downsamples by 4, so latents are 16x16
 
 
 def ddim_scheduler(config: dict | None = None) -> DDIMScheduler:
@@ -137,7 +137,7 @@ def tiny_components(seed: int = 0) -> dict:
 def _tiny_components() -> dict:
     tokenizer = offline_clip_tokenizer()
     unet = UNet2DConditionModel(
-        sample_size=TINY_RESOLUTION // 2,
+        sample_size=TINY_RESOLUTION // 4,
         block_out_channels=(32, 32, 64, 64),
         layers_per_block=2,
         down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
@@ -147,9 +147,9 @@ def _tiny_components() -> dict:
         norm_num_groups=8,
     )
     vae = AutoencoderKL(
-        block_out_channels=(16, 32),
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(16, 32, 32),
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
         latent_channels=4,
         norm_num_groups=8,
         sample_size=TINY_RESOLUTION,

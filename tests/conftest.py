@@ -81,3 +81,17 @@ def tiny_pipe(tiny_model_dir):
     pipe = DreamCachePipeline.from_pretrained(str(tiny_model_dir), adapter=str(tiny_model_dir / "adapter.safetensors"))
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+# -- a real local Ray, shared by every test that needs one ------------------------------------------------------
+@pytest.fixture(scope="session")
+def ray_cluster(s3_server):
+    """A local Ray for the session. Started after the S3 server so its workers inherit the AWS_* variables.
+    Four logical CPUs on a 2-core machine: Ray Data's read tasks and the actor pools must not starve."""
+    import ray
+
+    from pipelines.ray_runtime import init_ray
+
+    init_ray(num_cpus=4)
+    yield ray
+    ray.shutdown()

@@ -21,7 +21,7 @@ def unet_pair():
     return stock, adapted, DreamCacheAdapters(adapted)
 
 
-def random_caches(adapters, n_subjects, n_refs=1, size=32, seed=0):
+def random_caches(adapters, n_subjects, n_refs=1, size=16, seed=0):
     gen = torch.Generator().manual_seed(seed)
     return [
         {l.name: torch.randn(n_refs, l.channels, *l.spatial(size, size), generator=gen) for l in adapters.layers}
@@ -31,7 +31,7 @@ def random_caches(adapters, n_subjects, n_refs=1, size=32, seed=0):
 
 def unet_inputs(batch, seed=1):
     gen = torch.Generator().manual_seed(seed)
-    return torch.randn(batch, 4, 32, 32, generator=gen), torch.randn(batch, 77, 32, generator=gen)
+    return torch.randn(batch, 4, 16, 16, generator=gen), torch.randn(batch, 77, 32, generator=gen)
 
 
 def test_without_cache_the_unet_is_bit_identical(unet_pair):

@@ -77,7 +77,7 @@ def test_cache_contents_and_metadata(tiny_pipe):
     assert cache.num_references == 1
     assert all(v.dtype == torch.float16 for v in cache.features.values())
     for layer in tiny_pipe.layers:
-        assert cache.features[layer.name].shape == (1, layer.channels, *layer.spatial(32, 32))
+        assert cache.features[layer.name].shape == (1, layer.channels, *layer.spatial(16, 16))
     info = cache.info
     assert (info.base_model, info.timestep, info.cache_prompt, info.preprocess, info.source_hashes, info.resolution) == (
         tiny_pipe.base_model, 1, "neg", "pad", ("abc",), (64, 64))

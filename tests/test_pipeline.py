@@ -52,7 +52,7 @@ def test_compositional_step_equals_three_separate_branches(tiny_pipe, two_caches
               negative_prompt="blurry")
     pipe.scheduler.set_timesteps(1)
     t = pipe.scheduler.timesteps[0]
-    z = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(4))
+    z = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(4))
     c, uc = pipe.encode_prompt(["a toy"]), pipe.encode_prompt(["blurry"])
     e_0 = pipe.unet(z, t, encoder_hidden_states=uc).sample
     with pipe.adapters.reference([red.features], [0]):
@@ -68,7 +68,7 @@ def test_joint_step_equals_two_separate_branches(tiny_pipe, two_caches):
     got = run(pipe, "a toy", red, [4], num_inference_steps=1, guidance="joint", guidance_scale=5.0)
     pipe.scheduler.set_timesteps(1)
     t = pipe.scheduler.timesteps[0]
-    z = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(4))
+    z = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(4))
     e_0 = pipe.unet(z, t, encoder_hidden_states=pipe.encode_prompt([""])).sample
     with pipe.adapters.reference([red.features], [0]):
         e_it = pipe.unet(z, t, encoder_hidden_states=pipe.encode_prompt(["a toy"])).sample

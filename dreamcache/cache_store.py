@@ -1,0 +1,43 @@
+"""Where subjects' feature caches live: ``<root>/<subject_id>.safetensors`` under a folder or an s3:// prefix.
+
+The caching job, the CLI, the Serve app and the batch generation job all address caches through this one
+layout; the subject id is validated before it becomes a key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from . import storage
+from .cache import FeatureCache
+from .layers import CachedLayer
+
+CACHE_SUFFIX = ".safetensors"
+
+
+@dataclass(frozen=True)
+class CacheStore:
+    root: str  # a folder, file:// URI or s3:// prefix
+
+    def uri_for(self, subject_id: str) -> str:
+        return storage.join_uri(self.root, storage.validate_id(subject_id) + CACHE_SUFFIX)
+
+    def exists(self, subject_id: str) -> bool:
+        return storage.exists(self.uri_for(subject_id))
+
+    def write(self, subject_id: str, cache: FeatureCache) -> tuple[str, int]:
+        """Write whole (atomic put / rename); returns the URI and the size in bytes."""
+        data = cache.to_bytes()
+        uri = self.uri_for(subject_id)
+        storage.write_bytes(uri, data)
+        return uri, len(data)
+
+    def read(self, subject_id: str, layers: list[CachedLayer] | None = None, base_model: str | None = None) -> FeatureCache:
+        """Read and validate; raises storage.ObjectNotFound for an unknown subject, CacheError for a bad file."""
+        uri = self.uri_for(subject_id)
+        return FeatureCache.from_bytes(storage.read_bytes(uri), uri, layers, base_model)
+
+    def subjects(self) -> list[str]:
+        """Subject ids with a cache file directly under the root (sorted)."""
+        base = self.root.rstrip("/") + "/"
+        relative = (uri[len(base):] for uri in storage.list_files(self.root) if uri.startswith(base))
+        return sorted(r[: -len(CACHE_SUFFIX)] for r in relative if r.endswith(CACHE_SUFFIX) and "/" not in r)

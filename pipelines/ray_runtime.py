@@ -1,0 +1,40 @@
+"""Connect to Ray the same way from every job and app: a cluster if one is named, else a local one.
+
+``ray job submit`` sets RAY_ADDRESS for the entrypoint, so the same command runs on a cluster or, without
+one, starts a local Ray bound to 127.0.0.1 with usage stats off and token auth off (a laptop or CI run).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+logger = logging.getLogger(__name__)
+
+# Set before a local Ray starts: keep its listeners on loopback, phone nothing home, no token files.
+LOCAL_DEFAULTS = {
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_AUTH_MODE": "disabled",
+}
+
+
+def init_ray(address: str | None = None, num_cpus: float | None = None, **kwargs) -> None:
+    """Idempotent ``ray.init``: ``address`` or $RAY_ADDRESS names a cluster; otherwise a local Ray starts.
+
+    A local Ray inherits this process's environment, so the AWS_* variables reach every worker.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        logger.info("connecting to Ray at %s", address)
+        ray.init(address=address, **kwargs)
+        return
+    for key, value in LOCAL_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    # address="local": a stale cluster file from an earlier `ray start` must not make this connect there.
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **kwargs)
+    logger.info("started a local Ray: %s", ray.cluster_resources())
