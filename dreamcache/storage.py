@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import logging
 import os
 import random
@@ -65,6 +66,11 @@ __all__ = [
     "delete",
     "size",
     "list_files",
+    "list_objects",
+    "upload_dir",
+    "ObjectInfo",
+    "stat",
+    "read_range",
     "download_prefix",
     "ensure_local",
     "local_cache_dir_for",
@@ -489,8 +495,13 @@ def _atomic_local_write(path: str, write: Callable[[Any], None]) -> None:
         raise
 
 
-def _walk_local(root: str) -> Iterator[tuple[str, int]]:
-    """Yield (relative posix path, size) of the files under ``root``, skipping temp files."""
+def _local_version(st: os.stat_result) -> str:
+    # Local files have no ETag; size and modification time change whenever the content is rewritten.
+    return f"{st.st_size}-{st.st_mtime_ns}"
+
+
+def _walk_local(root: str) -> Iterator[tuple[str, int, str]]:
+    """Yield (relative posix path, size, version) of the files under ``root``, skipping temp files."""
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames.sort()
         for name in filenames:
@@ -501,11 +512,11 @@ def _walk_local(root: str) -> Iterator[tuple[str, int]]:
                 st = os.stat(full)
             except FileNotFoundError:  # removed while walking
                 continue
-            yield os.path.relpath(full, root).replace(os.sep, "/"), st.st_size
+            yield os.path.relpath(full, root).replace(os.sep, "/"), st.st_size, _local_version(st)
 
 
-def _list_entries(uri: str) -> list[tuple[str, int]]:
-    """(relative path, size) of every file under the prefix ``uri``, sorted by path."""
+def _list_entries(uri: str) -> list[tuple[str, int, str]]:
+    """(relative path, size, version) of every file under the prefix ``uri``, sorted by path."""
     loc = parse_uri(uri)
     if loc.scheme == "file":
         try:
@@ -515,7 +526,7 @@ def _list_entries(uri: str) -> list[tuple[str, int]]:
     prefix = loc.path.strip("/")
     prefix = prefix + "/" if prefix else ""
 
-    def list_all(client: Any) -> list[tuple[str, int]]:
+    def list_all(client: Any) -> list[tuple[str, int, str]]:
         entries = []
         for page in client.get_paginator("list_objects_v2").paginate(
             Bucket=loc.bucket, Prefix=prefix
@@ -524,7 +535,7 @@ def _list_entries(uri: str) -> list[tuple[str, int]]:
                 key = obj["Key"]
                 if key.endswith("/"):  # "directory marker" objects
                     continue
-                entries.append((key[len(prefix):], int(obj["Size"])))
+                entries.append((key[len(prefix):], int(obj["Size"]), obj.get("ETag", "").strip('"')))
         return entries
 
     return sorted(_s3_call(loc, uri, "LIST", list_all))
@@ -616,7 +627,56 @@ def list_files(prefix_uri: str) -> list[str]:
     Directory-marker keys ending in '/' and in-progress local temp files are skipped; a
     missing prefix lists as empty.  URIs keep the form of ``prefix_uri``.
     """
-    return [join_uri(prefix_uri, rel) for rel, _ in _list_entries(prefix_uri)]
+    return [join_uri(prefix_uri, rel) for rel, _, _ in _list_entries(prefix_uri)]
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """A file or object: its URI, size, and a version that changes whenever its content is rewritten
+    (the S3 ETag; size and mtime locally). Lets jobs skip unchanged inputs without reading them."""
+
+    uri: str
+    size: int
+    version: str
+
+
+def list_objects(prefix_uri: str) -> list[ObjectInfo]:
+    """Like :func:`list_files`, with each file's size and version (one LIST, no per-object request)."""
+    return [ObjectInfo(join_uri(prefix_uri, rel), n, v) for rel, n, v in _list_entries(prefix_uri)]
+
+
+def stat(uri: str) -> ObjectInfo:
+    """Size and version of one file or object; ObjectNotFound if it does not exist."""
+    loc = parse_uri(uri)
+    if loc.scheme == "file":
+        try:
+            st = os.stat(loc.path)
+        except OSError as exc:
+            raise _local_error(exc, uri, "stat") from exc
+        if not os.path.isfile(loc.path):
+            raise ObjectNotFound(f"not a file: {uri}")
+        return ObjectInfo(uri, st.st_size, _local_version(st))
+    head = _head(loc, uri) if loc.path else None
+    if head is None:
+        raise ObjectNotFound(f"object not found: {uri}")
+    return ObjectInfo(uri, int(head["ContentLength"]), head.get("ETag", "").strip('"'))
+
+
+def read_range(uri: str, start: int, length: int) -> bytes:
+    """Up to ``length`` bytes from offset ``start`` (a file header without reading the whole object)."""
+    loc = parse_uri(uri)
+    if loc.scheme == "file":
+        try:
+            with open(loc.path, "rb") as fh:
+                fh.seek(start)
+                return fh.read(length)
+        except OSError as exc:
+            raise _local_error(exc, uri, "read") from exc
+    byte_range = f"bytes={start}-{start + length - 1}"
+    return _s3_call(
+        loc, uri, "GET",
+        lambda c: c.get_object(Bucket=loc.bucket, Key=loc.path, Range=byte_range)["Body"].read(),
+    )
 
 
 def _fetch_one(src_uri: str, dest: Path) -> None:
@@ -638,30 +698,53 @@ def _fetch_one(src_uri: str, dest: Path) -> None:
     )
 
 
+def upload_dir(local_dir: str | os.PathLike[str], prefix_uri: str) -> list[str]:
+    """Copy every file under a local folder to ``prefix_uri`` (e.g. a model folder into S3); returns the URIs."""
+    root = Path(local_dir)
+    uris = []
+    for rel, _, _ in sorted(_walk_local(str(root))):
+        uri = join_uri(prefix_uri, *rel.split("/"))
+        write_bytes(uri, (root / rel).read_bytes())
+        uris.append(uri)
+    return uris
+
+
+_VERSIONS_FILE = ".dreamcache-versions.json"  # what download_prefix fetched, by relative path -> version
+
+
 def download_prefix(prefix_uri: str, local_dir: str | os.PathLike[str]) -> Path:
     """Mirror every file under ``prefix_uri`` into ``local_dir`` and return it.
 
-    Files already there with the same size are skipped, so a second call is cheap; each
-    file is written atomically, so concurrent callers (several Ray workers on one node) are
-    safe.  Local files absent from the prefix are left alone.  An empty or missing prefix
+    Files already there with the same version (ETag) as last fetched are skipped, so a second
+    call is cheap and a re-uploaded file of the same size (new weights, same architecture) is
+    fetched again; each file is written atomically, so concurrent callers (several Ray workers
+    on one node) are safe.  Local files absent from the prefix are left alone.  An empty or missing prefix
     raises ObjectNotFound (it is almost always a wrong URI).
     """
     root = Path(local_dir).expanduser().resolve()
     entries = _list_entries(prefix_uri)
     if not entries:
         raise ObjectNotFound(f"no files under {prefix_uri}")
+    versions_file = root / _VERSIONS_FILE
+    try:
+        known = json.loads(versions_file.read_text())
+    except (FileNotFoundError, ValueError):
+        known = {}
     fetched = 0
-    for rel, nbytes in entries:
+    for rel, nbytes, version in entries:
         dest = root.joinpath(*rel.split("/"))
         if not dest.resolve().is_relative_to(root):  # a key like "../x" must not escape
             raise StorageError(f"refusing to write outside {root}: {rel!r} in {prefix_uri}")
         try:
-            if dest.stat().st_size == nbytes:
+            if dest.stat().st_size == nbytes and known.get(rel) == version:
                 continue
         except FileNotFoundError:
             pass
         _fetch_one(join_uri(prefix_uri, rel), dest)
+        known[rel] = version
         fetched += 1
+    if fetched:
+        _atomic_local_write(str(versions_file), lambda fh: fh.write(json.dumps(known, sort_keys=True).encode()))
     log.info("download_prefix %s -> %s: %d fetched, %d up to date",
              prefix_uri, root, fetched, len(entries) - fetched)
     return root

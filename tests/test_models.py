@@ -36,10 +36,8 @@ def test_fingerprint_ignores_precision_and_adapters(tiny_model_dir):
 
 
 def test_load_from_s3_downloads_once(tmp_path, s3_prefix, tiny_model_dir):
-    for path in tiny_model_dir.rglob("*"):
-        if path.is_file():
-            storage.write_bytes(storage.join_uri(s3_prefix, "model", *path.relative_to(tiny_model_dir).parts), path.read_bytes())
     uri = storage.join_uri(s3_prefix, "model")
+    storage.upload_dir(tiny_model_dir, uri)
     pipe = DreamCachePipeline.from_pretrained(uri, adapter=storage.join_uri(uri, "adapter.safetensors"))
     local = storage.local_cache_dir_for(uri)
     weights = next(local.rglob("*.safetensors"))

@@ -481,3 +481,31 @@ def test_validate_id_message_is_truncated_and_names_what():
     with pytest.raises(InvalidId, match="job id") as info:
         validate_id("x" * 500, what="job id")
     assert len(str(info.value)) < 150
+
+
+def test_versions_change_when_content_is_rewritten(base):
+    uri = storage.join_uri(base, "v", "a.bin")
+    storage.write_bytes(uri, b"one")
+    first = storage.stat(uri)
+    listed = storage.list_objects(storage.join_uri(base, "v"))
+    assert [(o.uri, o.size, o.version) for o in listed] == [(uri, 3, first.version)]
+    time.sleep(0.01)
+    storage.write_bytes(uri, b"two")  # same size, new content
+    assert storage.stat(uri).version != first.version
+    with pytest.raises(storage.ObjectNotFound):
+        storage.stat(storage.join_uri(base, "v", "missing.bin"))
+
+
+def test_read_range(base):
+    uri = storage.join_uri(base, "r.bin")
+    storage.write_bytes(uri, bytes(range(100)))
+    assert storage.read_range(uri, 10, 5) == bytes(range(10, 15))
+    assert storage.read_range(uri, 95, 50) == bytes(range(95, 100))
+
+
+def test_download_prefix_refetches_a_same_size_rewrite(s3_prefix, tmp_path):
+    storage.write_bytes(storage.join_uri(s3_prefix, "w.bin"), b"AAAA")
+    storage.download_prefix(s3_prefix, tmp_path / "m")
+    storage.write_bytes(storage.join_uri(s3_prefix, "w.bin"), b"BBBB")  # new weights, same size
+    storage.download_prefix(s3_prefix, tmp_path / "m")
+    assert (tmp_path / "m" / "w.bin").read_bytes() == b"BBBB"

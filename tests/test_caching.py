@@ -1,0 +1,263 @@
+"""The catalog caching job end to end: real SeaweedFS S3, real local Ray, the tiny model read from S3."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from dreamcache import storage
+from dreamcache.cache import FeatureCache
+from pipelines.caching import MANIFEST_NAME, CachingJobConfig, JobInputError, run_caching
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def png(colour, size=(72, 64)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, colour).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def jpeg(colour) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 80), colour).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+def manifest(out: str) -> dict[str, dict]:
+    table = pq.read_table(io.BytesIO(storage.read_bytes(storage.join_uri(out, MANIFEST_NAME))))
+    rows = table.to_pylist()
+    assert len(rows) == len({r["subject_id"] for r in rows}), "duplicate manifest rows"
+    return {r["subject_id"]: r for r in rows}
+
+
+@pytest.fixture(scope="module")
+def model_uri(s3_server, tiny_model_dir):
+    uri = f"s3://{s3_server.bucket}/caching-model"
+    storage.upload_dir(tiny_model_dir, uri)
+    return uri
+
+
+LONG_ID = "x" * 129
+
+
+@pytest.fixture(scope="module")
+def catalog(s3_server):
+    """A prefix of subjects, good and bad."""
+    root = f"s3://{s3_server.bucket}/caching-refs-{os.getpid()}"
+    files = {
+        "red/1.png": png("red"),
+        "duo/a.png": png("blue"),
+        "duo/b.jpg": jpeg("green"),
+        "duo/.DS_Store": b"junk",  # hidden files are not references
+        "corrupt/x.png": b"\x89PNG\r\n\x1a\n" + os.urandom(200),
+        "empty/e.png": b"",
+        "text/readme.txt": b"hello",
+        "huge/big.png": png("white", size=(400, 400)),
+        "a..b/1.png": png("red"),
+        "bad\x01id/1.png": png("red"),
+        f"{LONG_ID}/1.png": png("red"),
+        "stray.png": png("red"),
+    }
+    for key, data in files.items():
+        storage.write_bytes(f"{root}/{key}", data)
+    return root
+
+
+def config(catalog, out, model_uri, **kw) -> CachingJobConfig:
+    kw.setdefault("batch_size", 2)
+    return CachingJobConfig(out=out, model=model_uri, images=catalog, max_image_pixels=200 * 200, **kw)
+
+
+@pytest.fixture(scope="module")
+def first_run(ray_cluster, catalog, model_uri, s3_server):
+    out = f"s3://{s3_server.bucket}/caching-out-{os.getpid()}"
+    return out, run_caching(config(catalog, out, model_uri))
+
+
+def test_every_subject_ends_in_exactly_one_row(first_run, tiny_pipe):
+    out, summary = first_run
+    rows = manifest(out)
+    assert set(rows) == {"red", "duo", "corrupt", "empty", "text", "huge", "a..b", "bad\x01id", LONG_ID, "stray.png"}
+    assert (summary.computed, summary.errors) == (2, 8)
+    for subject in ("red", "duo"):
+        assert rows[subject]["status"] == "ok" and rows[subject]["action"] == "computed"
+        cache = tiny_pipe.load_cache(rows[subject]["cache_uri"])  # same base model: the S3 copy of the tiny model
+        assert cache.num_references == rows[subject]["num_references"] == (2 if subject == "duo" else 1)
+        assert rows[subject]["bytes"] == storage.size(rows[subject]["cache_uri"])
+        assert rows[subject]["base_model"] == tiny_pipe.base_model
+    reasons = {s: rows[s]["error"] for s in rows if rows[s]["status"] == "error"}
+    assert "corrupt" in reasons["corrupt"] or "truncated" in reasons["corrupt"] or "not an image" in reasons["corrupt"]
+    assert "empty" in reasons["empty"]
+    assert "not an image" in reasons["text"]
+    assert "exceeds" in reasons["huge"] or "pixels" in reasons["huge"]
+    assert "subject id" in reasons["a..b"] and "subject id" in reasons["bad\x01id"] and "subject id" in reasons[LONG_ID]
+    assert "not inside" in reasons["stray.png"]
+    assert all(rows[s]["cache_uri"] is None for s in reasons)
+
+
+def test_cache_equals_the_in_process_method(first_run, tiny_pipe):
+    out, _ = first_run
+    job = FeatureCache.from_bytes(storage.read_bytes(f"{out}/red.safetensors"), "red", tiny_pipe.layers, tiny_pipe.base_model)
+    direct = tiny_pipe.build_caches([Image.open(io.BytesIO(png("red")))], list(job.info.source_hashes))[0]
+    for name, value in direct.features.items():
+        torch.testing.assert_close(job.features[name].float(), value.float(), rtol=5e-3, atol=3e-3)
+
+
+def test_rerun_does_no_work_and_writes_no_duplicates(first_run, catalog, model_uri):
+    out, _ = first_run
+    before = {s: storage.stat(r["cache_uri"]).version for s, r in manifest(out).items() if r["cache_uri"]}
+    summary = run_caching(config(catalog, out, model_uri))
+    assert (summary.computed, summary.skipped) == (0, 6)  # the 4 unusable subject ids are reported, not "skipped"
+    rows = manifest(out)
+    assert len(rows) == 10 and {r["action"] for r in rows.values()} == {"skipped", "failed"}
+    assert {s: storage.stat(r["cache_uri"]).version for s, r in rows.items() if r["cache_uri"]} == before
+    assert rows["corrupt"]["status"] == "error"  # bad input stays reported
+
+
+def test_new_and_changed_subjects_only(first_run, catalog, model_uri):
+    out, _ = first_run
+    storage.write_bytes(f"{catalog}/green/1.png", png("green"))
+    storage.write_bytes(f"{catalog}/red/1.png", png("purple"))
+    storage.write_bytes(f"{catalog}/corrupt/x.png", png("yellow"))  # a fixed image recovers
+    try:
+        summary = run_caching(config(catalog, out, model_uri))
+        rows = manifest(out)
+        computed = {s for s, r in rows.items() if r["action"] == "computed"}
+        assert computed == {"green", "red", "corrupt"} and summary.computed == 3
+        assert rows["duo"]["action"] == "skipped"
+    finally:
+        storage.write_bytes(f"{catalog}/red/1.png", png("red"))
+        storage.write_bytes(f"{catalog}/corrupt/x.png", b"broken")
+        storage.delete(f"{catalog}/green/1.png")
+
+
+def test_catalog_file_input(ray_cluster, catalog, model_uri, s3_prefix):
+    lines = [
+        {"subject_id": "cat", "image_uri": f"{catalog}/duo/a.png"},
+        {"subject_id": "cat", "image_uri": f"{catalog}/red/1.png"},
+        {"subject_id": "ghost", "image_uri": f"{catalog}/nope/missing.png"},
+        {"subject_id": "../escape", "image_uri": f"{catalog}/red/1.png"},
+    ]
+    catalog_uri = f"{s3_prefix}/catalog.jsonl"
+    storage.write_bytes(catalog_uri, "\n".join(json.dumps(l) for l in lines).encode())
+    out = f"{s3_prefix}/out"
+    summary = run_caching(CachingJobConfig(out=out, model=model_uri, catalog=catalog_uri, batch_size=2))
+    rows = manifest(out)
+    assert set(rows) == {"cat", "ghost", "../escape"} and summary.computed == 1
+    assert rows["cat"]["num_references"] == 2 and rows["cat"]["status"] == "ok"
+    assert "not found" in rows["ghost"]["error"] and "subject id" in rows["../escape"]["error"]
+    assert not storage.list_files(f"{s3_prefix}/escape")
+
+
+def test_unusable_inputs_fail_the_job_clearly(ray_cluster, model_uri, s3_prefix):
+    storage.write_bytes(f"{s3_prefix}/catalog.xml", b"<x/>")
+    with pytest.raises(JobInputError, match="unknown format"):
+        run_caching(CachingJobConfig(out=f"{s3_prefix}/o", model=model_uri, catalog=f"{s3_prefix}/catalog.xml"))
+    storage.write_bytes(f"{s3_prefix}/c.csv", b"id,uri\n1,2\n")
+    with pytest.raises(JobInputError, match="lacks columns"):
+        run_caching(CachingJobConfig(out=f"{s3_prefix}/o", model=model_uri, catalog=f"{s3_prefix}/c.csv"))
+    with pytest.raises(JobInputError):
+        CachingJobConfig(out="x", model="m")
+
+
+def _cache_actor_processes() -> list[psutil.Process]:
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmdline = " ".join(proc.info["cmdline"] or [])
+        if "CacheActor" in cmdline and "MapWorker" in cmdline:
+            found.append(proc)
+    return found
+
+
+def test_a_killed_actor_loses_no_subject(ray_cluster, model_uri, s3_prefix):
+    refs, out = f"{s3_prefix}/refs", f"{s3_prefix}/out"
+    colours = ["red", "green", "blue", "yellow", "purple", "orange", "pink", "brown", "gray", "cyan", "navy", "olive"]
+    for colour in colours:
+        storage.write_bytes(f"{refs}/{colour}/1.png", png(colour))
+    result: dict = {}
+    job = threading.Thread(target=lambda: result.setdefault("summary", run_caching(
+        CachingJobConfig(out=out, model=model_uri, images=refs, batch_size=1))))
+    job.start()
+    killed = None
+    deadline = time.time() + 240
+    while time.time() < deadline and job.is_alive() and killed is None:
+        written = [u for u in storage.list_files(out) if u.endswith(".safetensors")] if storage.list_files(out) else []
+        actors = _cache_actor_processes()
+        if written and actors:  # mid-job: some caches written, the actor still working
+            killed = actors[0].pid
+            os.kill(killed, signal.SIGKILL)
+        time.sleep(0.05)
+    job.join(timeout=300)
+    assert killed is not None, "the job finished before an actor could be killed"
+    rows = manifest(out)
+    assert set(rows) == set(colours) and all(r["status"] == "ok" for r in rows.values())
+    assert result["summary"].computed + result["summary"].skipped == len(colours)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_ray_job_submit_on_a_started_cluster(catalog, model_uri, s3_prefix):
+    """`ray start --head` + `ray job submit` of the entrypoint, as on a real cluster."""
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "RAY_AUTH_MODE": "disabled",
+           "RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    env.pop("RAY_ADDRESS", None)
+    gcs, dashboard = _free_port(), _free_port()
+    temp_dir = tempfile.mkdtemp(prefix="rj-", dir="/tmp")  # short: Ray's unix socket paths must fit in 107 bytes
+    log = open(os.path.join(temp_dir, "head.log"), "w")
+    # --block keeps `ray start` in the foreground: stopping its process group stops this cluster only
+    # (`ray stop` would also stop the test session's own local Ray).
+    head = subprocess.Popen(
+        [str(bin_dir / "ray"), "start", "--head", "--block", f"--port={gcs}", "--num-cpus=2",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--disable-usage-stats",
+         "--node-ip-address=127.0.0.1", f"--temp-dir={temp_dir}", "--include-dashboard=true"],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    try:
+        address = f"http://127.0.0.1:{dashboard}"
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            probe = subprocess.run([str(bin_dir / "ray"), "job", "list", "--address", address], env=env,
+                                   capture_output=True, text=True)
+            if probe.returncode == 0:
+                break
+            time.sleep(1)
+        out = f"{s3_prefix}/job-out"
+        submit = subprocess.run(
+            [str(bin_dir / "ray"), "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
+             "python", "jobs/cache_catalog.py", "--images", catalog, "--out", out, "--model", model_uri,
+             "--max-image-pixels", str(200 * 200), "--batch-size", "4"],
+            env=env, capture_output=True, text=True, timeout=400,
+        )
+        assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:] + open(log.name).read()[-2000:]
+        assert "caching done: 2 computed" in submit.stdout
+        assert manifest(out)["duo"]["status"] == "ok"
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+        log.close()
+        shutil.rmtree(temp_dir, ignore_errors=True)
