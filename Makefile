@@ -24,13 +24,14 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m dreamcache.demo --out $(DEMO_DIR)
+	$(PY) -m pipelines.demo --out $(DEMO_DIR)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
 bench: $(STAMP)
-	$(PY) bench/run_cpu.py
+	$(PY) bench/method.py --repeat 5
+	$(PY) bench/caching_job.py
 
 clean:
 	rm -rf $(DEMO_DIR) .pytest_cache

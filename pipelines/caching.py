@@ -116,6 +116,8 @@ class JobSummary:
     images: int  # references computed
     seconds: float
     manifest_uri: str
+    first_result_s: float = 0.0  # until the first batch came back: actor pool start-up and model load
+    after_first: int = 0  # subjects finished after the first batch, over seconds - first_result_s
 
     @property
     def images_per_s(self) -> float:
@@ -456,6 +458,7 @@ def run_caching(config: CachingJobConfig) -> JobSummary:
         rows = _dataset(rows, config).map_batches(version_stage, batch_format="pyarrow", num_cpus=config.read_cpus,
                                                   batch_size=64).take_all()
     results, todo = split_unchanged(rows)
+    first_result_s, after_first = 0.0, 0
     logger.info("%d subjects unchanged or invalid, %d to compute", len(results), len(todo))
     if todo:  # nothing new: no actor starts, no model loads
         ds = _dataset(todo, config)
@@ -471,6 +474,10 @@ def run_caching(config: CachingJobConfig) -> JobSummary:
         ds = ds.map_batches(write_stage, batch_format="pyarrow", batch_size=max(1, config.batch_size),
                             num_cpus=config.read_cpus)
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            if not first_result_s:
+                first_result_s = time.perf_counter() - start
+            else:
+                after_first += batch.num_rows
             results.extend(batch.to_pylist())
     manifest_uri = write_manifest(config.out, results)
     actions = [row["action"] for row in results]
@@ -478,7 +485,8 @@ def run_caching(config: CachingJobConfig) -> JobSummary:
         computed=actions.count("computed"), skipped=actions.count("skipped"),
         errors=sum(row["status"] == "error" for row in results),
         images=sum(row["num_references"] for row in results if row["action"] == "computed"),
-        seconds=time.perf_counter() - start, manifest_uri=manifest_uri,
+        seconds=time.perf_counter() - start, manifest_uri=manifest_uri, first_result_s=first_result_s,
+        after_first=after_first,
     )
     if len(results) != len(rows):  # every input subject ends in exactly one row
         raise RuntimeError(f"{len(rows)} subjects planned but {len(results)} manifest rows produced")
