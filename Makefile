@@ -27,6 +27,7 @@ demo: $(STAMP)
 	$(PY) -m pipelines.demo --out $(DEMO_DIR)
 
 test: $(STAMP)
+	scripts/install_test_browser.sh
 	$(PY) -m pytest -q tests
 
 bench: $(STAMP)

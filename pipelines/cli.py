@@ -10,6 +10,69 @@ from dreamcache.cli import main as method_main
 
 def add_ray_commands(sub: argparse._SubParsersAction) -> None:
     """Ray-backed subcommands; each module registers its own parser and imports Ray only when run."""
+    _add_serve_command(sub)
+
+
+# -- dreamcache serve ------------------------------------------------------------------------------------------
+# Flags that map one-to-one onto the Serve app's args (pipelines.serve_settings.ServeSettings); --arg sets any other.
+_SERVE_FLAGS = {
+    "model": "model", "adapter": "adapter", "caches": "caches", "replicas": "replicas",
+    "gpus_per_replica": "gpus_per_replica", "cpus_per_replica": "cpus_per_replica",
+    "max_batch_size": "max_batch_size", "max_caches_per_replica": "max_caches_per_replica",
+    "max_ongoing_requests": "max_ongoing_requests", "request_timeout": "request_timeout_s",
+    "device": "device", "dtype": "dtype",
+}
+
+
+def _add_serve_command(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="run the HTTP API and web page on Ray Serve (a local Ray unless $RAY_ADDRESS)")
+    p.add_argument("--model", required=True, help="diffusers Stable Diffusion folder: local path or s3:// prefix")
+    p.add_argument("--adapter", help="adapter safetensors file (path or s3:// URI)")
+    p.add_argument("--caches", required=True, help="cache store: folder or s3:// prefix of <subject_id>.safetensors")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--replicas", type=int, help="generator replicas (default 1)")
+    p.add_argument("--gpus-per-replica", type=float, help="default: 1 when the cluster has GPUs, else 0")
+    p.add_argument("--cpus-per-replica", type=float)
+    p.add_argument("--max-batch-size", type=int, help="images per UNet batch (default 8)")
+    p.add_argument("--max-caches-per-replica", type=int, help="subject caches kept on each replica's device")
+    p.add_argument("--max-ongoing-requests", type=int, help="per generator replica")
+    p.add_argument("--request-timeout", type=float, help="server-side deadline per request, seconds (504 after)")
+    p.add_argument("--device", help="auto (default), cpu, cuda")
+    p.add_argument("--dtype", choices=["auto", "fp16", "bf16", "fp32"])
+    p.add_argument("--arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other app argument (JSON value, e.g. --arg 'autoscaling={\"min_replicas\":1}')")
+    p.add_argument("--ray-address", help="a Ray cluster to join (default: $RAY_ADDRESS, else a local Ray)")
+    p.set_defaults(func=cmd_serve)
+
+
+def serve_app_args(args: argparse.Namespace) -> dict:
+    """The Serve app's args from the command line: the flags given, then every --arg KEY=VALUE."""
+    import json
+
+    from dreamcache.cli import UsageError
+
+    app_args = {key: getattr(args, flag) for flag, key in _SERVE_FLAGS.items() if getattr(args, flag) is not None}
+    for item in args.arg:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--arg expects KEY=VALUE, got {item!r}")
+        try:
+            app_args[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            app_args[key] = raw  # a bare string
+    return app_args
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from dreamcache.cli import UsageError
+    from pipelines.serve import run_local
+    from pipelines.serve_settings import SettingsError
+
+    try:
+        run_local(serve_app_args(args), host=args.host, port=args.port, ray_address=args.ray_address)
+    except SettingsError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def main(argv: list[str] | None = None) -> int:

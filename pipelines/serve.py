@@ -1,0 +1,398 @@
+"""The DreamCache Serve app: a thin FastAPI ingress in front of generator replicas (``serve_generator``).
+
+    serve run infra/serve/serve-config.yaml             # or: serve deploy, or a RayService serveConfigV2
+    dreamcache serve --model M --adapter A --caches URI  # a local Ray, http://127.0.0.1:8000/
+
+The application builder is :func:`build_app` (``import_path: pipelines.serve:build_app``); its ``args`` are the
+fields of :class:`pipelines.serve_settings.ServeSettings`.
+
+HTTP API v1 (OpenAPI at /docs): ``POST /v1/subjects``, ``GET /v1/subjects/{id}``, ``POST /v1/generate``,
+``GET /healthz``, and the web page at ``/``. The ingress validates, authenticates and routes: each request goes
+to the generator with ``multiplexed_model_id=subject_id``, so it lands on a replica that holds the subject's
+cache. Every request has a server-side deadline (504 after it); a full queue answers 503 with Retry-After.
+"""
+
+# No `from __future__ import annotations` here: the ingress class is pickled by value into its replica, where
+# FastAPI would have to resolve string annotations (Request, GenerateRequest) against a trimmed globals dict.
+import asyncio
+import base64
+import hmac
+import logging
+import secrets
+import time
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from pydantic import ValidationError
+from ray import serve
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
+
+# Only light imports: the ingress runs no model, so it must not pay for torch and diffusers (seconds per replica).
+from dreamcache import storage
+
+from .serve_schema import (
+    Failure,
+    GenerateJob,
+    GenerateRequest,
+    GenerateResult,
+    ModelInfo,
+    SubjectFromUris,
+    SubjectOutcome,
+    Upload,
+    check_image_uri,
+)
+from .serve_settings import ServeSettings, resolve_api_token
+
+logger = logging.getLogger(__name__)
+
+PAGE = Path(__file__).with_name("static") / "index.html"
+OPEN_PATHS = frozenset({"/healthz"})  # reachable without the bearer token
+SMALL_BODY_BYTES = 1 * 2**20  # JSON requests other than subject uploads
+TIMEOUT_HEADER = "X-DreamCache-Timeout"  # seconds; lowers (never raises) the server's deadline for one request
+
+
+def build_app(args: dict[str, Any]):
+    """Serve application builder (``import_path: pipelines.serve:build_app``)."""
+    import ray
+
+    from .serve_generator import Generator  # torch and diffusers: imported where the app is built, not by the ingress
+
+    settings = ServeSettings.from_args(dict(args))
+    resolve_api_token(settings)  # an unreadable token file fails the deploy, not every request
+    has_gpus = ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
+    settings_args = settings.to_args()
+    generator = Generator.options(**settings.generator_options(has_gpus)).bind(settings_args)
+    return Ingress.options(**settings.ingress_options()).bind(generator, settings_args)
+
+
+# -- error responses ---------------------------------------------------------------------------------------------
+def error_response(status: int, message: str, field: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
+    """A 422 names its field the way FastAPI's own validation errors do (``loc``: body, path or header first);
+    other errors carry ``detail`` text and the field, if any."""
+    if status == 422 and field:
+        loc = field.split(".")
+        if loc[0] not in ("body", "path", "header", "query"):
+            loc.insert(0, "body")
+        body: dict[str, Any] = {"detail": [{"loc": loc, "msg": message, "type": "value_error"}]}
+    else:
+        body = {"detail": message, **({"field": field} if field else {})}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _validation_detail(exc: ValidationError) -> list[dict[str, Any]]:
+    return [{"loc": ["body", *map(str, e["loc"])], "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
+
+
+def prefers_png(accept: str | None) -> bool:
+    """Whether the Accept header ranks image/png above JSON (a browser's */* gets JSON)."""
+    weights: dict[str, float] = {}
+    for part in (accept or "").split(","):
+        media, *params = (p.strip() for p in part.split(";"))
+        quality = 1.0
+        for param in params:
+            if param.startswith("q="):
+                try:
+                    quality = float(param[2:])
+                except ValueError:
+                    quality = 0.0
+        weights[media.lower()] = max(weights.get(media.lower(), 0.0), quality)
+    png = max(weights.get("image/png", 0.0), weights.get("image/*", 0.0))
+    return png > 0 and png > weights.get("application/json", 0.0)
+
+
+# -- ASGI guards: auth and body size, before any route runs --------------------------------------------------------
+class Guard:
+    """Bearer-token check (every path but /healthz) and a request-body limit (413 before reading it all)."""
+
+    def __init__(self, app, token: str | None, subject_body_bytes: int) -> None:
+        self.app = app
+        self.token = token.encode() if token else None
+        self.subject_body_bytes = subject_body_bytes
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope.get("path", "")
+        root = scope.get("root_path", "")
+        if root and path.startswith(root):
+            path = path[len(root):] or "/"
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        if self.token is not None and path not in OPEN_PATHS and not self._authorized(headers.get("authorization")):
+            return await error_response(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})(
+                scope, receive, send)
+        limit = self.subject_body_bytes if path.startswith("/v1/subjects") else SMALL_BODY_BYTES
+        declared = headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            return await error_response(413, f"request body of {declared} bytes exceeds the limit of {limit}")(
+                scope, receive, send)
+        received = 0
+
+        async def limited_receive():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:  # a chunked body that does not declare its length
+                    raise HTTPException(413, f"request body exceeds the limit of {limit} bytes")
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+    def _authorized(self, header: str | None) -> bool:
+        scheme, _, value = (header or "").partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(value.strip().encode(), self.token)
+
+
+_SUBJECT_BODY_DOC = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {"schema": {
+                "type": "object", "required": ["subject_id", "images"],
+                "properties": {"subject_id": {"type": "string"},
+                               "images": {"type": "array", "items": {"type": "string", "format": "binary"}}}}},
+            "application/json": {"schema": SubjectFromUris.model_json_schema()},
+        },
+    },
+    "responses": {"201": {"description": "cached"}, "200": {"description": "already cached with the same images"},
+                  "409": {"description": "the id is taken by other images"}, "413": {"description": "image too large"},
+                  "415": {"description": "not an image"}},
+}
+
+
+@serve.deployment(name="Ingress")
+@serve.ingress()
+class Ingress:
+    """Validates, authenticates and routes; no model here."""
+
+    def __init__(self, generator, settings_args: dict[str, Any]) -> None:
+        self.settings = ServeSettings.from_args(settings_args)
+        self.token = resolve_api_token(self.settings)
+        self.generator = generator
+        self.page = PAGE.read_text(encoding="utf-8")
+        self._model: ModelInfo | None = None
+
+    def __serve_build_asgi_app__(self):
+        settings = self.settings
+        api = FastAPI(title="DreamCache", version="1",
+                      description="Personalized image generation from cached subject features.")
+
+        @api.get("/healthz", tags=["ops"])
+        async def healthz() -> dict[str, str]:
+            return {"status": "ok"}
+
+        @api.get("/", response_class=HTMLResponse, include_in_schema=False)
+        async def page() -> HTMLResponse:
+            return HTMLResponse(self.page)
+
+        @api.post("/v1/subjects", status_code=201, tags=["subjects"], openapi_extra=_SUBJECT_BODY_DOC)
+        async def create_subject(request: Request) -> Response:
+            """Register a subject: multipart ``subject_id`` + ``images`` files, or JSON ``{subject_id, image_uris}``."""
+            if request.headers.get("content-type", "").startswith("application/json"):
+                parsed = await self._uploads_from_uris(await request.body())
+            else:
+                parsed = await self._uploads_from_form(request)
+            if isinstance(parsed, Failure):
+                return self._failure(parsed)
+            subject_id, uploads = parsed
+            outcome = await self._call(self.generator.options(multiplexed_model_id=subject_id)
+                                       .create_subject.remote(subject_id, uploads))
+            if isinstance(outcome, Failure):
+                return self._failure(outcome)
+            assert isinstance(outcome, SubjectOutcome)
+            return JSONResponse(outcome.metadata, status_code=201 if outcome.created else 200)
+
+        @api.get("/v1/subjects/{subject_id}", tags=["subjects"])
+        async def get_subject(subject_id: str) -> Response:
+            try:
+                storage.validate_id(subject_id)
+            except storage.InvalidId as exc:
+                return error_response(422, str(exc), "path.subject_id")
+            # Routed like a generate request: the replica holding the subject answers from memory.
+            outcome = await self._call(self.generator.options(multiplexed_model_id=subject_id)
+                                       .subject_info.remote(subject_id))
+            if isinstance(outcome, Failure):
+                return self._failure(outcome)
+            return JSONResponse(outcome)
+
+        @api.post("/v1/generate", tags=["generation"],
+                  responses={200: {"content": {"image/png": {}}, "description": "JSON, or one PNG with Accept: image/png"}})
+        async def generate(body: GenerateRequest, request: Request) -> Response:
+            """Images of a subject in a context. The same seed and parameters give the same image (bit-identical
+            when computed alike; a request batched with others may differ by rounding, a level or two of 255)."""
+            job = await self._job(body, request.headers.get(TIMEOUT_HEADER))
+            if isinstance(job, Failure):
+                return self._failure(job)
+            png = prefers_png(request.headers.get("accept"))
+            if png and job.num_images != 1:
+                return error_response(406, "Accept: image/png returns one image; ask for num_images=1 or accept JSON")
+            outcome = await self._call(self.generator.options(multiplexed_model_id=job.subject_id)
+                                       .generate.remote(job), deadline=job.deadline)
+            if isinstance(outcome, Failure):
+                return self._failure(outcome)
+            assert isinstance(outcome, GenerateResult)
+            if png:
+                return Response(outcome.pngs[0], media_type="image/png",
+                                headers={"X-DreamCache-Seed": str(job.seed), "X-DreamCache-Subject": job.subject_id})
+            return JSONResponse({
+                "subject_id": job.subject_id,
+                "media_type": "image/png",
+                "images": [base64.b64encode(png_bytes).decode("ascii") for png_bytes in outcome.pngs],
+                "parameters": job.parameters(),
+                "server": {"replica": outcome.replica, "cache": outcome.cache, "batch_images": outcome.batch_images,
+                           "batch_subjects": outcome.batch_subjects, "seconds": round(outcome.seconds, 4)},
+            })
+
+        return Guard(api, self.token, settings.max_request_bytes())
+
+    # -- helpers --------------------------------------------------------------------------------------------
+    async def _call(self, response, deadline: float | None = None):
+        """Await a generator call under the server-side deadline; overload and timeouts become Failures."""
+        timeout = (deadline - time.time()) if deadline is not None else self.settings.request_timeout_s
+
+        async def wait():
+            return await response
+
+        try:
+            return await asyncio.wait_for(wait(), timeout=max(timeout, 0.001))
+        except asyncio.TimeoutError:
+            response.cancel()
+            return Failure(504, f"no answer within the request's {max(timeout, 0):.3g} s timeout")
+        except BackPressureError:
+            return Failure(503, "the generator replicas are at capacity; retry later")
+        except (DeploymentUnavailableError, RayActorError) as exc:  # no replica yet, or one died mid-request
+            return Failure(503, f"the generator is unavailable: {type(exc).__name__}")
+
+    def _failure(self, failure: Failure) -> JSONResponse:
+        headers = {"Retry-After": str(self.settings.retry_after_s)} if failure.status == 503 else None
+        return error_response(failure.status, failure.message, failure.field, headers)
+
+    async def _model_info(self) -> ModelInfo | Failure:
+        if self._model is None:
+            info = await self._call(self.generator.describe.remote())
+            if isinstance(info, Failure):
+                return info
+            self._model = info
+        return self._model
+
+    async def _job(self, body: GenerateRequest, timeout_header: str | None) -> GenerateJob | Failure:
+        try:
+            storage.validate_id(body.subject_id)
+        except storage.InvalidId as exc:
+            return Failure(422, str(exc), "subject_id")
+        timeout = self.settings.request_timeout_s
+        if timeout_header is not None:  # a client with its own deadline: no GPU time after it gives up
+            try:
+                asked = float(timeout_header)
+            except ValueError:
+                asked = float("nan")
+            if not asked > 0:
+                return Failure(422, f"{TIMEOUT_HEADER} must be a number of seconds > 0, got {timeout_header!r}",
+                               f"header.{TIMEOUT_HEADER}")
+            timeout = min(timeout, asked)
+        model = await self._model_info()
+        if isinstance(model, Failure):
+            return model
+        max_side = self.settings.max_side or 2 * model.default_resolution
+        sides = {"height": body.height or model.default_resolution, "width": body.width or model.default_resolution}
+        for name, value in sides.items():
+            if not self.settings.min_side <= value <= max_side:
+                return Failure(422, f"{name} must be between {self.settings.min_side} and {max_side} pixels "
+                                    f"(a multiple of 8) for this model, got {value}", name)
+        seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
+        return GenerateJob(body.subject_id, body.prompt, body.negative_prompt, body.num_images, body.steps,
+                           body.guidance_scale, body.image_guidance_scale, body.guidance, seed, sides["height"],
+                           sides["width"], deadline=time.time() + timeout)
+
+    async def _uploads_from_form(self, request: Request) -> tuple[str, list[Upload]] | Failure:
+        limit = self.settings.max_upload_bytes
+        try:
+            form = await request.form(max_files=self.settings.max_references, max_fields=16)
+        except HTTPException as exc:
+            if exc.status_code == 413:
+                raise
+            return Failure(422, f"malformed multipart form: {exc.detail}", "images")
+        except Exception as exc:  # noqa: BLE001 - the parser raises assorted types for broken bodies
+            return Failure(422, f"expected multipart/form-data with subject_id and images: {exc}", "images")
+        subject_id = form.get("subject_id")
+        if not isinstance(subject_id, str):
+            return Failure(422, "subject_id is required (a form field)", "subject_id")
+        try:
+            storage.validate_id(subject_id)
+        except storage.InvalidId as exc:
+            return Failure(422, str(exc), "subject_id")
+        files = form.getlist("images")
+        if not files:
+            return Failure(422, "at least one image file is required (form field 'images')", "images")
+        uploads = []
+        for i, item in enumerate(files):
+            if not isinstance(item, UploadFile):
+                return Failure(422, "'images' must be file uploads", f"images.{i}")
+            data = await item.read(limit + 1)
+            if len(data) > limit:
+                return Failure(413, f"image {item.filename or i} exceeds the limit of {limit} bytes", f"images.{i}")
+            uploads.append(Upload(f"images.{i}", item.filename or f"images[{i}]", data))
+        return subject_id, uploads
+
+    async def _uploads_from_uris(self, body: bytes) -> tuple[str, list[Upload]] | Failure:
+        try:
+            request = SubjectFromUris.model_validate_json(body)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            return Failure(422, first["msg"], ".".join(map(str, first["loc"])) or "body")
+        try:
+            storage.validate_id(request.subject_id)
+        except storage.InvalidId as exc:
+            return Failure(422, str(exc), "subject_id")
+        if len(request.image_uris) > self.settings.max_references:
+            return Failure(422, f"at most {self.settings.max_references} images per subject", "image_uris")
+        uploads = []
+        for i, uri in enumerate(request.image_uris):
+            field = f"image_uris.{i}"
+            try:
+                uri = check_image_uri(uri, self.settings.allowed_image_prefixes)
+                size = await asyncio.to_thread(storage.size, uri)
+                if size > self.settings.max_upload_bytes:
+                    return Failure(413, f"{uri} is {size} bytes, over the limit of {self.settings.max_upload_bytes}", field)
+                data = await asyncio.to_thread(storage.read_bytes, uri)
+            except ValueError as exc:
+                return Failure(422, str(exc), field)
+            except (storage.ObjectNotFound, storage.PermissionDenied) as exc:
+                return Failure(422, str(exc), field)
+            except storage.StorageError as exc:
+                return Failure(503, f"cannot read {uri}: {exc}", field)
+            uploads.append(Upload(field, uri, data))
+        return request.subject_id, uploads
+
+
+def _stop_on_signal(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def run_local(app_args: dict[str, Any], host: str = "127.0.0.1", port: int = 8000, ray_address: str | None = None,
+              app_name: str = "dreamcache") -> None:
+    """``dreamcache serve``: start (or join) Ray, run the app at http://host:port/ until interrupted."""
+    import signal
+
+    from .ray_runtime import init_ray
+
+    settings = ServeSettings.from_args(app_args)  # a bad argument fails here, before Ray starts
+    resolve_api_token(settings)
+    init_ray(address=ray_address)
+    # The proxy's own timeout is a backstop behind the app's deadline (which answers 504 first).
+    serve.start(http_options={"host": host, "port": port, "request_timeout_s": settings.request_timeout_s + 30})
+    signal.signal(signal.SIGTERM, _stop_on_signal)  # a service manager's stop shuts Serve down cleanly too
+    try:
+        serve.run(build_app(app_args), name=app_name, route_prefix="/", blocking=False)
+        print(f"DreamCache is serving at http://{host}:{port}/ (API docs at /docs); Ctrl-C stops it", flush=True)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        serve.shutdown()

@@ -1,0 +1,68 @@
+"""One device call at a time, and everything that queued meanwhile rides in the next call.
+
+``@serve.batch`` collects requests that arrive within its wait window, but it forms the next batch while the
+previous one still runs: behind a device call of seconds, batches are only as large as the arrivals of one
+window, and they queue up small. :class:`DeviceQueue` sits between ``@serve.batch`` and the device: batches are
+submitted to it, and whenever the device becomes free it takes every waiting item, up to the batch size, into
+one call. At low load a request runs at once; under sustained load every call is full.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Generic, TypeVar
+
+logger = logging.getLogger(__name__)
+
+Item = TypeVar("Item")
+Result = TypeVar("Result")
+
+
+class DeviceQueue(Generic[Item, Result]):
+    def __init__(self, run: Callable[[list[Item]], Awaitable[list[Result]]], max_size: int,
+                 size_of: Callable[[Item], int] = lambda item: 1) -> None:
+        self._run = run  # one device call for a list of items; returns one result per item
+        self._max_size = max_size
+        self._size_of = size_of
+        self._pending: deque[tuple[Item, asyncio.Future]] = deque()
+        self._worker: asyncio.Task | None = None
+
+    async def submit(self, items: list[Item]) -> list[Result]:
+        loop = asyncio.get_running_loop()
+        futures = [loop.create_future() for _ in items]
+        self._pending.extend(zip(items, futures))
+        if self._worker is None or self._worker.done():
+            self._worker = asyncio.create_task(self._drain())
+        return list(await asyncio.gather(*futures))
+
+    def _next_call(self) -> list[tuple[Item, asyncio.Future]]:
+        """FIFO up to max_size; an item larger than max_size alone still runs (alone)."""
+        call, size = [], 0
+        while self._pending:
+            item, future = self._pending[0]
+            if future.cancelled():  # the caller is gone: nothing to compute
+                self._pending.popleft()
+                continue
+            if call and size + self._size_of(item) > self._max_size:
+                break
+            self._pending.popleft()
+            call.append((item, future))
+            size += self._size_of(item)
+        return call
+
+    async def _drain(self) -> None:
+        while call := self._next_call():
+            try:
+                results = await self._run([item for item, _ in call])
+            except Exception as exc:  # noqa: BLE001 - delivered to every caller of this call
+                logger.exception("device call of %d item(s) failed", len(call))
+                for _, future in call:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            for (_, future), result in zip(call, results):
+                if not future.done():
+                    future.set_result(result)

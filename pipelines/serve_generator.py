@@ -1,0 +1,386 @@
+"""The generator deployment: a DreamCache pipeline on one GPU replica, with its subjects' caches on the device.
+
+* Caches are held in a per-replica LRU (``@serve.multiplexed``, keyed by subject id); the ingress sends each
+  request with ``multiplexed_model_id=subject_id``, so Serve routes it to a replica that already holds the
+  subject when one has room.
+* Requests are batched with ``@serve.batch`` ACROSS subjects: every sample attends to its own cache (the
+  pipeline takes one cache per prompt), so one UNet call per step serves many subjects. Ray splits a batch by
+  multiplexed model id; that would mean one subject per batch, so requests enter the batch queue with the id
+  cleared (see :func:`_batch_across_subjects`). Batches then pass through a :class:`DeviceQueue`, which merges
+  the batches that wait while the device is busy into one call (``serve_batching``).
+* New subjects are cached here too (the GPU replica runs the caching pass) and written to the cache store.
+* One pipeline call at a time per replica (the scheduler is stateful, the GPU is one); the calls run in a
+  worker thread so the replica keeps answering health checks and queueing requests meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import io
+import logging
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from ray import serve
+
+from dreamcache import storage
+from dreamcache.cache import CacheError, FeatureCache
+from dreamcache.cache_store import CacheStore
+from dreamcache.images import ImageDecodeError, ImageLimits, decode_image, sha256_hex
+
+from .serve_batching import DeviceQueue
+from .serve_schema import (
+    Failure,
+    GenerateJob,
+    GenerateResult,
+    ModelInfo,
+    SubjectOutcome,
+    Upload,
+    image_failure,
+    subject_metadata,
+)
+from .serve_settings import ServeSettings
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _BatchItem:
+    job: GenerateJob
+    cache: FeatureCache  # on the replica's device; items of one subject share the object
+    cache_state: str
+
+
+class _Abandoned(Exception):
+    """Every request of a pipeline call is past its deadline: stop denoising, nobody waits for it."""
+
+
+class ResidentCache:
+    """A subject's cache in the replica's LRU. Serve calls ``__del__`` when it evicts the entry."""
+
+    def __init__(self, subject_id: str, cache: FeatureCache, on_evict: Callable[[str], None]) -> None:
+        self.subject_id = subject_id
+        self.cache = cache
+        self._on_evict: Callable[[str], None] | None = on_evict
+
+    def __del__(self) -> None:
+        # Called by Serve on eviction and again by the garbage collector: act once.
+        on_evict, self._on_evict = self._on_evict, None
+        if on_evict is not None:
+            on_evict(self.subject_id)
+        self.cache = None  # type: ignore[assignment]  # free the device memory now, not at the next GC
+
+
+def _images_in(items: list[_BatchItem]) -> int:
+    """Batch size in images, not requests: the UNet batch is what the GPU pays for."""
+    return sum(item.job.num_images for item in items)
+
+
+@contextlib.contextmanager
+def _batch_across_subjects() -> Iterator[None]:
+    """Enqueue into ``@serve.batch`` without the request's multiplexed id.
+
+    Serve's batcher groups a batch by the multiplexed model id of each request (one model per batch). Here the
+    "model" is a subject cache and the pipeline takes one cache per sample, so the grouping would only shrink
+    the batches. The id has done its job by now (routing, and the LRU lookup above), so it is cleared from the
+    request context for the enqueue. This touches Serve's request-context variable; tests/test_serve.py checks
+    that batches do mix subjects, so a Serve upgrade that changes it fails loudly.
+    """
+    from ray.serve import context as serve_context
+
+    variable = getattr(serve_context, "_serve_request_context", None)
+    current = variable.get() if variable is not None else None
+    if current is None or not dataclasses.is_dataclass(current) or not current.multiplexed_model_id:
+        yield
+        return
+    token = variable.set(dataclasses.replace(current, multiplexed_model_id=""))
+    try:
+        yield
+    finally:
+        variable.reset(token)
+
+
+def _png(image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", compress_level=4)
+    return buffer.getvalue()
+
+
+@serve.deployment(name="Generator", health_check_period_s=10, health_check_timeout_s=60)
+class Generator:
+    def __init__(self, settings_args: dict[str, Any]) -> None:
+        from dreamcache.cli import pick_device, pick_dtype, quiet_libraries
+        from dreamcache.pipeline import DreamCachePipeline
+
+        quiet_libraries()
+        self.settings = settings = ServeSettings.from_args(settings_args)
+        if settings.torch_threads:
+            torch.set_num_threads(settings.torch_threads)
+        self.device = pick_device(settings.device)
+        dtype = pick_dtype(settings.dtype, self.device)
+        started = time.perf_counter()
+        self.pipe = DreamCachePipeline.from_pretrained(settings.model, adapter=settings.adapter, torch_dtype=dtype)
+        self.pipe.to(self.device)
+        self.dtype = dtype
+        # The pipeline iterates its denoising steps through progress_bar: the one hook where a call whose
+        # requests have all timed out can be stopped between steps.
+        self.pipe.progress_bar = self._steps  # type: ignore[method-assign]
+        self._abandon: Callable[[], bool] | None = None
+        self.store = CacheStore(settings.caches)
+        self.limits = ImageLimits(max_bytes=settings.max_upload_bytes, max_pixels=settings.max_pixels)
+        self.replica = serve.get_replica_context().replica_id.unique_id
+        self._pipe_lock = asyncio.Lock()
+        self._create_lock = asyncio.Lock()  # one caching pass at a time; also makes a repeated upload a no-op
+        self._fresh: dict[str, FeatureCache] = {}  # caches just computed here, handed to the LRU without a read
+        self._resident: dict[str, FeatureCache] = {}  # what the LRU holds, readable without touching its order
+        self._counts_lock = threading.Lock()
+        self._counts = {"loads": 0, "evictions": 0, "batches": 0, "images": 0, "max_batch_subjects": 0,
+                        "max_batch_images": 0, "subjects_created": 0, "abandoned": 0,
+                        "busy_s": 0.0}  # seconds in pipeline calls: busy_s / wall time = device utilisation
+        self._hold = serve.multiplexed(max_num_models_per_replica=settings.max_caches_per_replica)(
+            self._make_cache_loader())
+        self._device = DeviceQueue(self._device_call, settings.max_batch_size, lambda item: item.job.num_images)
+        self._run_batch.set_max_batch_size(settings.max_batch_size)
+        self._run_batch.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
+        logger.info("generator %s ready on %s/%s in %.1fs (base model %s)", self.replica, self.device, dtype,
+                    time.perf_counter() - started, self.pipe.base_model)
+
+    # -- public methods (called by the ingress) -------------------------------------------------------------
+    async def describe(self) -> ModelInfo:
+        return ModelInfo(self.pipe.base_model, self.pipe.default_resolution, self.replica, str(self.device),
+                         str(self.dtype).replace("torch.", ""))
+
+    async def stats(self) -> dict[str, Any]:
+        with self._counts_lock:
+            counts = dict(self._counts)
+        return {"replica": self.replica, "resident": sorted(self._resident), **counts}
+
+    async def subject_info(self, subject_id: str) -> dict[str, Any] | Failure:
+        """A subject's metadata; read from the store unless resident, and never loaded into the LRU for it."""
+        uri = self.store.uri_for(subject_id)
+        try:
+            held = self._peek(subject_id)
+            if held is not None:
+                return subject_metadata(subject_id, held, uri, await asyncio.to_thread(storage.size, uri))
+            data = await asyncio.to_thread(storage.read_bytes, uri)
+            return subject_metadata(subject_id, FeatureCache.from_bytes(data, uri), uri, len(data))
+        except storage.ObjectNotFound:
+            return Failure(404, f"unknown subject {subject_id!r}")
+        except CacheError as exc:
+            return Failure(409, f"the stored cache of {subject_id!r} is unusable: {exc}")
+        except storage.StorageError as exc:
+            return Failure(503, f"the cache store is unavailable: {exc}")
+
+    async def generate(self, job: GenerateJob) -> GenerateResult | Failure:
+        held = await self._cache_of(job.subject_id)
+        if isinstance(held, Failure):
+            return held
+        cache, state = held
+        with _batch_across_subjects():
+            return await self._run_batch(_BatchItem(job, cache, state))
+
+    async def create_subject(self, subject_id: str, uploads: list[Upload]) -> SubjectOutcome | Failure:
+        """Cache a subject from its reference images and write it to the store; the same images again: 200."""
+        try:
+            storage.validate_id(subject_id)  # the ingress checked already; a key must never be built unchecked
+        except storage.InvalidId as exc:
+            return Failure(422, str(exc), "subject_id")
+        images, hashes = [], []
+        for upload in uploads:
+            try:
+                images.append(await asyncio.to_thread(decode_image, upload.data, upload.source, self.limits))
+            except ImageDecodeError as exc:
+                return image_failure(exc, upload.field)
+            hashes.append(sha256_hex(upload.data))
+        async with self._create_lock:
+            existing = await self._existing(subject_id, tuple(hashes))
+            if existing is not None:
+                return existing
+            settings = self.settings
+            async with self._pipe_lock:
+                cache = await asyncio.to_thread(
+                    self.pipe.cache_subject, images, subject_id=subject_id, source_hashes=hashes,
+                    resolution=settings.resolution, preprocess=settings.preprocess,
+                    cache_prompt=settings.cache_prompt, seed=settings.cache_seed)
+            try:
+                uri, nbytes = await asyncio.to_thread(self.store.write, subject_id, cache)
+            except storage.StorageError as exc:
+                return Failure(503, f"could not write the cache: {exc}")
+            self._count("subjects_created")
+            # Requests for a new subject are routed here next: keep it warm without reading it back.
+            self._fresh[subject_id] = cache
+            await self._hold(subject_id)
+            self._fresh.pop(subject_id, None)  # left over when the subject was resident already
+            return SubjectOutcome(True, subject_metadata(subject_id, cache, uri, nbytes))
+
+    # -- subject caches -------------------------------------------------------------------------------------
+    def _make_cache_loader(self):
+        async def load_subject_cache(subject_id: str) -> ResidentCache:
+            cache = self._fresh.pop(subject_id, None)
+            if cache is None:
+                cache = await asyncio.to_thread(self.store.read, subject_id, self.pipe.layers, self.pipe.base_model)
+                self._count("loads")
+            cache = cache.to(self.device, self.dtype)
+            self._resident[subject_id] = cache
+            return ResidentCache(subject_id, cache, self._evicted)
+
+        return load_subject_cache
+
+    def _evicted(self, subject_id: str) -> None:
+        self._resident.pop(subject_id, None)
+        self._count("evictions")
+
+    def _peek(self, subject_id: str) -> FeatureCache | None:
+        return self._resident.get(subject_id)
+
+    async def _cache_of(self, subject_id: str) -> tuple[FeatureCache, str] | Failure:
+        state = "hit" if subject_id in self._resident else "loaded"
+        try:
+            # An unknown subject must not cost a resident one its LRU slot: check before the LRU loads.
+            if state == "loaded" and not await asyncio.to_thread(self.store.exists, subject_id):
+                return Failure(404, f"unknown subject {subject_id!r}: register it with POST /v1/subjects")
+            held: ResidentCache = await self._hold(subject_id)
+        except storage.ObjectNotFound:
+            return Failure(404, f"unknown subject {subject_id!r}: register it with POST /v1/subjects")
+        except CacheError as exc:
+            return Failure(409, f"the stored cache of {subject_id!r} cannot be used with this model: {exc}")
+        except storage.StorageError as exc:
+            return Failure(503, f"the cache store is unavailable: {exc}")
+        return held.cache, state
+
+    async def _existing(self, subject_id: str, hashes: tuple[str, ...]) -> SubjectOutcome | Failure | None:
+        """The stored subject when it holds exactly these images (200, nothing computed); None to compute."""
+        uri = self.store.uri_for(subject_id)
+        try:
+            data = await asyncio.to_thread(storage.read_bytes, uri)
+        except storage.ObjectNotFound:
+            return None
+        except storage.StorageError as exc:
+            return Failure(503, f"the cache store is unavailable: {exc}")
+        try:
+            cache = FeatureCache.from_bytes(data, uri)
+        except CacheError as exc:
+            logger.warning("replacing the unreadable cache of %s: %s", subject_id, exc)
+            return None
+        if cache.info.source_hashes != hashes:
+            return Failure(409, f"subject {subject_id!r} is already registered with other images; "
+                                "use another subject_id", "subject_id")
+        try:
+            cache.validate(uri, self.pipe.layers, self.pipe.base_model)
+        except CacheError as exc:
+            return Failure(409, f"subject {subject_id!r} was cached for another model: {exc}", "subject_id")
+        return SubjectOutcome(False, subject_metadata(subject_id, cache, uri, len(data)))
+
+    # -- batched generation ---------------------------------------------------------------------------------
+    # Batches go on to the device queue, which merges those that wait for the device: many may be in flight.
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02, batch_size_fn=_images_in, max_concurrent_batches=1024)
+    async def _run_batch(self, items: list[_BatchItem]) -> list[GenerateResult | Failure]:
+        outcomes = await self._device.submit(items)
+        # PNG encoding runs off the device queue: the next call uses the GPU meanwhile.
+        return await asyncio.to_thread(self._encode, outcomes)
+
+    async def _device_call(self, items: list[_BatchItem]) -> list[tuple[list[Any], dict] | Failure]:
+        async with self._pipe_lock:
+            return await asyncio.to_thread(self._generate, items)
+
+    def _generate(self, items: list[_BatchItem]) -> list[tuple[list[Any], dict] | Failure]:
+        """Run a batch: one pipeline call per group of requests whose call parameters agree."""
+        now = time.time()
+        outcomes: list[Any] = [None] * len(items)
+        live = [i for i, item in enumerate(items) if item.job.deadline > now]
+        for i in set(range(len(items))) - set(live):
+            outcomes[i] = Failure(504, "the request timed out before a replica could run it")
+        groups: dict[tuple, list[int]] = defaultdict(list)
+        for i in live:
+            groups[items[i].job.batch_key()].append(i)
+        batch = {"batch_images": sum(items[i].job.num_images for i in live),
+                 "batch_subjects": len({items[i].job.subject_id for i in live})}
+        self._record_batch(batch)
+        for indices in groups.values():
+            group = [items[i] for i in indices]
+            started = time.perf_counter()
+            try:
+                images = self._call_pipeline(group)
+            except _Abandoned:
+                self._count("abandoned")
+                for i in indices:
+                    outcomes[i] = Failure(504, "the request timed out while its images were being generated")
+                continue
+            except torch.cuda.OutOfMemoryError:
+                logger.warning("out of device memory for %d request(s)", len(group))
+                torch.cuda.empty_cache()
+                for i in indices:
+                    outcomes[i] = Failure(503, "the replica ran out of device memory; retry, or ask for fewer "
+                                               "or smaller images")
+                continue
+            except Exception as exc:  # noqa: BLE001 - one group's failure must not take the others down
+                logger.exception("generation failed for %d request(s)", len(group))
+                for i in indices:
+                    outcomes[i] = Failure(500, f"generation failed: {type(exc).__name__}: {exc}")
+                continue
+            info = {**batch, "seconds": time.perf_counter() - started}
+            self._count("busy_s", info["seconds"])
+            offset = 0
+            for i, item in zip(indices, group):
+                outcomes[i] = (images[offset : offset + item.job.num_images], {**info, "cache": item.cache_state})
+                offset += item.job.num_images
+        return outcomes
+
+    def _call_pipeline(self, group: list[_BatchItem]) -> list[Any]:
+        first = group[0].job
+        prompts, caches, negatives, generators = [], [], [], []
+        for item in group:
+            job = item.job
+            for k in range(job.num_images):  # one row per image, each with its own seed
+                prompts.append(job.prompt)
+                caches.append(item.cache)
+                negatives.append(job.negative_prompt or "")
+                generators.append(torch.Generator().manual_seed(job.seed + k))
+        deadline = max(item.job.deadline for item in group)
+        self._abandon = lambda: time.time() > deadline
+        try:
+            return self.pipe(
+                prompts, caches, negative_prompt=negatives, num_inference_steps=first.steps,
+                guidance_scale=first.guidance_scale, image_guidance_scale=first.image_guidance_scale,
+                guidance=first.guidance, num_images_per_prompt=1, generator=generators,
+                height=first.height, width=first.width,
+            ).images
+        finally:
+            self._abandon = None
+
+    def _steps(self, iterable: Iterable | None = None, total: int | None = None) -> Iterator:
+        """Stands in for the pipeline's progress bar: stops a call whose requests have all timed out."""
+        for step in iterable if iterable is not None else range(total or 0):
+            if self._abandon is not None and self._abandon():
+                raise _Abandoned()
+            yield step
+
+    def _encode(self, outcomes: list[tuple[list[Any], dict] | Failure]) -> list[GenerateResult | Failure]:
+        results: list[GenerateResult | Failure] = []
+        for outcome in outcomes:
+            if isinstance(outcome, Failure):
+                results.append(outcome)
+                continue
+            images, info = outcome
+            results.append(GenerateResult([_png(image) for image in images], self.replica, info["cache"],
+                                          info["batch_images"], info["batch_subjects"], info["seconds"]))
+        return results
+
+    # -- counters -------------------------------------------------------------------------------------------
+    def _count(self, name: str, by: float = 1) -> None:
+        with self._counts_lock:
+            self._counts[name] += by
+
+    def _record_batch(self, batch: dict[str, int]) -> None:
+        with self._counts_lock:
+            self._counts["batches"] += 1
+            self._counts["images"] += batch["batch_images"]
+            self._counts["max_batch_subjects"] = max(self._counts["max_batch_subjects"], batch["batch_subjects"])
+            self._counts["max_batch_images"] = max(self._counts["max_batch_images"], batch["batch_images"])

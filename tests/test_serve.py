@@ -1,0 +1,437 @@
+"""The Serve app over real HTTP: a real local Serve app (tiny model, CPU) with its caches on the real S3 server.
+
+One app for the module, with auth on (every client here sends the token), an LRU of 2 subjects per replica, a
+small upload limit and a small queue, so that each contract of the API can be reached: errors case by case,
+auth, the LRU, batches that mix subjects, concurrency, overload (503) and timeouts (504).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import httpx
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from dreamcache import storage
+from serve_fixtures import reference_png, running_app, tiny_app_args
+
+APP = "dreamcache-test"
+TOKEN = "test-token-" + uuid.uuid4().hex
+LRU_SLOTS = 2
+MAX_UPLOAD = 100_000
+
+
+@dataclass
+class Api:
+    url: str
+    caches: str
+    uploads: str
+
+    def client(self, token: str | None = TOKEN) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=180)
+
+
+@pytest.fixture(scope="module")
+def api(ray_cluster, s3_server, tiny_model_dir, tmp_path_factory):
+    root = f"s3://{s3_server.bucket}/serve-{uuid.uuid4().hex[:8]}"
+    token_file = tmp_path_factory.mktemp("serve-auth") / "token"
+    token_file.write_text(TOKEN + "\n")
+    args = tiny_app_args(
+        tiny_model_dir, f"{root}/caches",
+        api_token_file=str(token_file),
+        max_caches_per_replica=LRU_SLOTS,
+        batch_wait_timeout_s=0.2,  # long enough that concurrent test requests share batches
+        max_ongoing_requests=8,
+        # Serve counts a request as queued until it is assigned, so a burst larger than this is refused at
+        # once: 16 lets the 8-request bursts below through, and the overload test sends 40.
+        max_queued_requests=16,
+        max_upload_bytes=MAX_UPLOAD,
+        max_references=3,
+        allowed_image_prefixes=[f"{root}/uploads/"],
+        request_timeout_s=120,
+    )
+    with running_app(args, APP) as url:
+        yield Api(url, f"{root}/caches", f"{root}/uploads")
+
+
+def generator_stats() -> dict:
+    from ray import serve
+
+    return serve.get_deployment_handle("Generator", APP).stats.remote().result(timeout_s=60)
+
+
+def register(client: httpx.Client, subject_id: str, *pngs: bytes) -> httpx.Response:
+    files = [("images", (f"ref{i}.png", data, "image/png")) for i, data in enumerate(pngs)]
+    return client.post("/v1/subjects", data={"subject_id": subject_id}, files=files)
+
+
+def generate(client: httpx.Client, subject_id: str, **params) -> httpx.Response:
+    body = {"subject_id": subject_id, "prompt": "a photo on a beach", "steps": 2, "seed": 1, **params}
+    return client.post("/v1/generate", json=body)
+
+
+def pixels(b64_png: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64_png))).convert("RGB")).astype(np.int16)
+
+
+def field_of(response: httpx.Response) -> list[str]:
+    """The fields a 422 names (the last element of each error's loc)."""
+    return [str(error["loc"][-1]) for error in response.json()["detail"]]
+
+
+# -- ops, docs, auth ------------------------------------------------------------------------------------------------
+def test_healthz_is_open_and_openapi_lists_the_v1_routes(api):
+    with api.client(token=None) as anonymous:
+        assert anonymous.get("/healthz").json() == {"status": "ok"}
+    with api.client() as client:
+        assert client.get("/docs").status_code == 200
+        paths = client.get("/openapi.json").json()["paths"]
+    assert {"/v1/subjects", "/v1/subjects/{subject_id}", "/v1/generate", "/healthz"} <= set(paths)
+    limits = json.dumps(paths["/v1/generate"])
+    assert "GenerateRequest" in limits
+
+
+@pytest.mark.parametrize("token", [None, "wrong-token"])
+def test_every_route_but_healthz_needs_the_bearer_token(api, token):
+    with api.client(token=token) as client:
+        calls = [client.get("/"), client.get("/docs"), client.get("/openapi.json"),
+                 client.get("/v1/subjects/anything"), generate(client, "anything"),
+                 register(client, "anything", reference_png(0))]
+        assert [r.status_code for r in calls] == [401] * len(calls)
+        assert all(r.headers["www-authenticate"] == "Bearer" for r in calls)
+        assert client.get("/healthz").status_code == 200
+
+
+# -- subjects ---------------------------------------------------------------------------------------------------------
+def test_register_subject_then_same_images_again_is_200_without_recomputing(api):
+    reference = reference_png(11)
+    with api.client() as client:
+        created = register(client, "dog-11", reference)
+        assert created.status_code == 201, created.text
+        meta = created.json()
+        assert meta["subject_id"] == "dog-11" and meta["num_references"] == 1
+        assert meta["cache_uri"] == f"{api.caches}/dog-11.safetensors" and storage.exists(meta["cache_uri"])
+        computed = generator_stats()["subjects_created"]
+
+        again = register(client, "dog-11", reference)
+        assert again.status_code == 200 and again.json()["source_hashes"] == meta["source_hashes"]
+        assert generator_stats()["subjects_created"] == computed  # nothing was recomputed
+
+        fetched = client.get("/v1/subjects/dog-11")
+        assert fetched.status_code == 200 and fetched.json()["source_hashes"] == meta["source_hashes"]
+
+        taken = register(client, "dog-11", reference_png(12))  # same id, other images
+        assert taken.status_code == 409 and taken.json()["field"] == "subject_id"
+
+
+def test_register_multi_reference_subject_and_from_image_uris(api):
+    with api.client() as client:
+        multi = register(client, "cat-multi", reference_png(21), reference_png(22))
+        assert multi.status_code == 201 and multi.json()["num_references"] == 2
+
+        uri = f"{api.uploads}/cat.png"
+        storage.write_bytes(uri, reference_png(23))
+        from_uri = client.post("/v1/subjects", json={"subject_id": "cat-uri", "image_uris": [uri]})
+        assert from_uri.status_code == 201, from_uri.text
+        assert from_uri.json()["num_references"] == 1
+
+        for bad_uri in ("/etc/passwd", f"{api.uploads}/../caches/cat-multi.safetensors", f"{api.caches}/x.png",
+                        f"{api.uploads}/missing.png", "http://example.com/a.png"):
+            refused = client.post("/v1/subjects", json={"subject_id": "cat-bad", "image_uris": [bad_uri]})
+            assert refused.status_code == 422, (bad_uri, refused.text)
+            assert field_of(refused) == ["0"] and refused.json()["detail"][0]["loc"][1] == "image_uris"
+        assert client.get("/v1/subjects/cat-bad").status_code == 404
+
+
+def test_upload_errors_get_their_status_and_name_the_field(api):
+    truncated = reference_png(31)[:200]
+    big = np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(big).save(buffer, format="PNG")
+    assert len(buffer.getvalue()) > MAX_UPLOAD
+    with api.client() as client:
+        not_image = register(client, "x-text", b"this is not an image at all")
+        assert not_image.status_code == 415 and not_image.json()["field"] == "images.0"
+        assert register(client, "x-trunc", truncated).status_code == 422
+        too_big = register(client, "x-big", buffer.getvalue())
+        assert too_big.status_code == 413 and too_big.json()["field"] == "images.0"
+        # A body over the whole-request limit is refused from its Content-Length, before it is read.
+        huge = client.post("/v1/subjects", content=b"0" * (4 * MAX_UPLOAD + 70_000),
+                           headers={"Content-Type": "multipart/form-data; boundary=x"})
+        assert huge.status_code == 413
+        for unsafe in ("../etc", "a/b", ".hidden", "", "x" * 129, "naïve"):
+            refused = register(client, unsafe, reference_png(32))
+            assert refused.status_code == 422 and field_of(refused) == ["subject_id"], unsafe
+        assert field_of(client.post("/v1/subjects", data={"subject_id": "no-images"})) == ["images"]
+        too_many = register(client, "x-many", *(reference_png(40 + i) for i in range(4)))
+        assert too_many.status_code == 422
+        assert client.post("/v1/subjects", content=b"{not json", headers={"Content-Type": "application/json"}).status_code == 422
+        garbage = client.post("/v1/subjects", content=b"--x\r\nnot a part", headers={"Content-Type": "multipart/form-data; boundary=x"})
+        assert garbage.status_code == 422, garbage.text
+        bad_path = client.get("/v1/subjects/.hidden")
+        assert bad_path.status_code == 422 and bad_path.json()["detail"][0]["loc"] == ["path", "subject_id"]
+        assert client.get("/v1/subjects/never-registered").status_code == 404
+        for subject in ("x-text", "x-trunc", "x-big", "x-many"):  # nothing was stored for a refused upload
+            assert not storage.exists(f"{api.caches}/{subject}.safetensors")
+
+
+# -- generation -------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("change, field", [
+    ({"num_images": 0}, "num_images"), ({"num_images": 9}, "num_images"),
+    ({"steps": 0}, "steps"), ({"steps": 151}, "steps"),
+    ({"guidance_scale": -1}, "guidance_scale"), ({"guidance_scale": 30.5}, "guidance_scale"),
+    ({"image_guidance_scale": 31}, "image_guidance_scale"), ({"guidance": "average"}, "guidance"),
+    ({"height": 60}, "height"), ({"width": 8}, "width"), ({"height": 4096}, "height"),
+    ({"seed": -1}, "seed"), ({"prompt": ""}, "prompt"), ({"prompt": None}, "prompt"), ({"colour": "red"}, "colour"),
+    ({"subject_id": "../secrets"}, "subject_id"), ({"subject_id": "a b"}, "subject_id"),
+])
+def test_generate_out_of_range_input_is_422_naming_the_field(api, change, field):
+    body = {"subject_id": "dog-11", "prompt": "a photo", "steps": 2, **change}
+    with api.client() as client:
+        response = client.post("/v1/generate", json=body)
+    assert response.status_code == 422, response.text
+    assert field in field_of(response)
+
+
+def test_generate_other_client_errors(api):
+    with api.client() as client:
+        assert generate(client, "nobody-registered-this").status_code == 404
+        assert client.post("/v1/generate", content=b'{"subject_id": ', headers={"Content-Type": "application/json"}).status_code == 422
+        assert field_of(client.post("/v1/generate", json={"prompt": "x"})) == ["subject_id"]
+        several_png = client.post("/v1/generate", json={"subject_id": "dog-11", "prompt": "x", "num_images": 2},
+                                  headers={"Accept": "image/png"})
+        assert several_png.status_code == 406
+        bad_timeout = client.post("/v1/generate", json={"subject_id": "dog-11", "prompt": "x"},
+                                  headers={"X-DreamCache-Timeout": "soon"})
+        assert bad_timeout.status_code == 422 and bad_timeout.json()["detail"][0]["loc"][0] == "header"
+
+
+def test_generate_json_and_png_same_seed_same_image(api):
+    with api.client() as client:
+        assert register(client, "fox", reference_png(51)).status_code == 201
+        first = generate(client, "fox", num_images=2, seed=123, height=128, width=64)
+        assert first.status_code == 200, first.text
+        body = first.json()
+        assert body["parameters"] | {"seed": 123, "num_images": 2, "height": 128, "width": 64} == body["parameters"]
+        assert len(body["images"]) == 2 and body["images"][0] != body["images"][1]  # image i has seed + i
+        assert pixels(body["images"][0]).shape == (128, 64, 3)
+
+        second = generate(client, "fox", num_images=2, seed=123, height=128, width=64)
+        assert second.json()["images"] == body["images"]
+        assert generate(client, "fox", seed=124, height=128, width=64).json()["images"][0] != body["images"][0]
+
+        # Bit-identical when computed the same way; a request sharing a UNet batch with others may differ by
+        # rounding (the kernels' summation order depends on the batch size): compared with a tolerance below.
+        single = generate(client, "fox", seed=123, height=128, width=64).json()["images"][0]
+        png = client.post("/v1/generate", headers={"Accept": "image/png"}, json={
+            "subject_id": "fox", "prompt": "a photo on a beach", "steps": 2, "seed": 123, "height": 128, "width": 64})
+        assert png.status_code == 200 and png.headers["content-type"] == "image/png"
+        assert base64.b64encode(png.content).decode() == single
+        assert np.abs(pixels(single) - pixels(body["images"][0])).max() <= 2
+
+        unseeded = client.post("/v1/generate", json={"subject_id": "fox", "prompt": "a cat", "steps": 2}).json()
+        again = generate(client, "fox", prompt="a cat", seed=unseeded["parameters"]["seed"])
+        assert again.json()["images"] == unseeded["images"]  # the seed a request got is enough to redo it
+
+
+def test_a_batch_mixes_subjects_each_sample_with_its_own_cache(api):
+    # A strong image guidance makes the cache visible in the tiny model's pixels.
+    params = {"image_guidance_scale": 30.0, "steps": 3, "prompt": "a toy"}
+    with api.client() as client:
+        for subject, seed in (("mix-a", 61), ("mix-b", 62)):
+            assert register(client, subject, reference_png(seed)).status_code == 201
+        alone = {s: pixels(generate(client, s, seed=7, **params).json()["images"][0]) for s in ("mix-a", "mix-b")}
+
+        jobs = [(s, seed) for seed in (7, 8, 9, 10) for s in ("mix-a", "mix-b")]
+        with ThreadPoolExecutor(len(jobs)) as pool:
+            responses = list(pool.map(lambda job: generate(client, job[0], seed=job[1], **params), jobs))
+    assert [r.status_code for r in responses] == [200] * len(jobs)
+    bodies = [r.json() for r in responses]
+    assert max(b["server"]["batch_subjects"] for b in bodies) >= 2, [b["server"] for b in bodies]
+    for (subject, seed), body in zip(jobs, bodies):
+        if seed == 7:  # same seed and parameters as alone: the same image, up to batch-size rounding
+            other = "mix-b" if subject == "mix-a" else "mix-a"
+            own = np.abs(pixels(body["images"][0]) - alone[subject])
+            assert own.max() <= 2
+            assert own.mean() < np.abs(pixels(body["images"][0]) - alone[other]).mean() / 4
+
+
+def test_lru_with_more_subjects_than_slots(api):
+    subjects = [f"lru-{i}" for i in range(LRU_SLOTS + 1)]
+    with api.client() as client:
+        for i, subject in enumerate(subjects):
+            assert register(client, subject, reference_png(70 + i)).status_code == 201
+        stats = generator_stats()
+        assert subjects[0] not in stats["resident"] and set(subjects[1:]) <= set(stats["resident"])
+        assert len(stats["resident"]) == LRU_SLOTS
+
+        reloaded = generate(client, subjects[0]).json()
+        assert reloaded["server"]["cache"] == "loaded"  # read back from the store
+        assert generate(client, subjects[0]).json()["server"]["cache"] == "hit"
+        after = generator_stats()
+    assert after["loads"] > stats["loads"] and after["evictions"] > stats["evictions"]
+    assert len(after["resident"]) == LRU_SLOTS and subjects[0] in after["resident"]
+
+
+def test_concurrent_requests_for_several_subjects(api):
+    with api.client() as client:
+        jobs = [("fox", 1), ("mix-a", 2), ("lru-0", 3), ("fox", 4), ("mix-b", 5), ("cat-uri", 6)]
+        with ThreadPoolExecutor(len(jobs)) as pool:
+            responses = list(pool.map(lambda job: generate(client, job[0], seed=job[1], num_images=1), jobs))
+    assert [r.status_code for r in responses] == [200] * len(jobs), [r.text[:200] for r in responses]
+    assert [r.json()["subject_id"] for r in responses] == [s for s, _ in jobs]
+
+
+def test_overload_answers_503_with_retry_after(api):
+    with api.client() as client, ThreadPoolExecutor(31) as pool:
+        # Keep the replica's device busy for a few seconds (the request is abandoned at its 3 s deadline)...
+        busy = pool.submit(client.post, "/v1/generate", headers={"X-DreamCache-Timeout": "3"},
+                           json={"subject_id": "fox", "prompt": "x", "steps": 150, "num_images": 8})
+        time.sleep(0.8)
+        # ...while a burst arrives: 7 more fit the replica (8 ongoing), 16 may queue, the rest must be refused.
+        responses = list(pool.map(lambda i: generate(client, "fox", seed=i, steps=2), range(30)))
+        assert busy.result().status_code == 504
+    statuses = [r.status_code for r in responses]
+    assert set(statuses) <= {200, 503}, statuses
+    assert 503 in statuses and 200 in statuses
+    assert all(r.headers["retry-after"].isdigit() for r in responses if r.status_code == 503)
+
+
+def test_timeout_answers_504_and_stops_the_work(api):
+    before = generator_stats()["abandoned"]
+    with api.client() as client:
+        started = time.monotonic()
+        slow = client.post("/v1/generate", headers={"X-DreamCache-Timeout": "1"},
+                           json={"subject_id": "fox", "prompt": "x", "steps": 150, "num_images": 8, "seed": 1})
+        assert slow.status_code == 504, slow.text
+        assert time.monotonic() - started < 60
+        # The replica stopped the abandoned batch between steps and serves the next request.
+        assert generate(client, "fox").status_code == 200
+    assert generator_stats()["abandoned"] > before
+
+
+# -- settings, config and CLI (no Ray needed) -------------------------------------------------------------------------
+def test_settings_refuse_unknown_and_out_of_range_args():
+    from pipelines.serve_settings import ServeSettings, SettingsError
+
+    base = {"model": "m", "caches": "c"}
+    with pytest.raises(SettingsError, match="unknown serve app argument"):
+        ServeSettings.from_args({**base, "max_batchsize": 8})
+    with pytest.raises(SettingsError, match="max_batch_size"):
+        ServeSettings.from_args({**base, "max_batch_size": 4})
+    with pytest.raises(SettingsError, match="caches"):
+        ServeSettings.from_args({"model": "m"})
+    with pytest.raises(SettingsError, match="min_side"):
+        ServeSettings.from_args({**base, "min_side": 60})
+    settings = ServeSettings.from_args({**base, "autoscaling": {"min_replicas": 0, "max_replicas": 4}})
+    options = settings.generator_options(cluster_has_gpus=True)
+    assert options["autoscaling_config"] == {"min_replicas": 0, "max_replicas": 4} and "num_replicas" not in options
+    assert options["ray_actor_options"]["num_gpus"] == 1
+    assert ServeSettings.from_args(settings.to_args()) == settings
+
+
+def test_api_token_from_file_or_environment(tmp_path):
+    from pipelines.serve_settings import ServeSettings, SettingsError, resolve_api_token
+
+    settings = ServeSettings(model="m", caches="c")
+    assert resolve_api_token(settings, {}) is None
+    assert resolve_api_token(settings, {"DREAMCACHE_API_TOKEN": " t1 "}) == "t1"
+    token_file = tmp_path / "token"
+    token_file.write_text("t2\n")
+    assert resolve_api_token(settings, {"DREAMCACHE_API_TOKEN": "t1", "DREAMCACHE_API_TOKEN_FILE": str(token_file)}) == "t2"
+    with pytest.raises(SettingsError, match="cannot read"):
+        resolve_api_token(settings, {"DREAMCACHE_API_TOKEN_FILE": str(tmp_path / "missing")})
+    (tmp_path / "empty").write_text("\n")
+    with pytest.raises(SettingsError, match="empty"):
+        resolve_api_token(ServeSettings(model="m", caches="c", api_token_file=str(tmp_path / "empty")), {})
+
+
+def test_serve_config_is_a_valid_serve_deploy_config():
+    from pathlib import Path
+
+    from ray.serve.schema import ServeDeploySchema
+
+    from pipelines.serve_settings import ServeSettings
+
+    config = yaml.safe_load((Path(__file__).parents[1] / "infra/serve/serve-config.yaml").read_text())
+    ServeDeploySchema.model_validate(config)
+    (app,) = config["applications"]
+    assert app["import_path"] == "pipelines.serve:build_app"
+    settings = ServeSettings.from_args(app["args"])
+    assert settings.gpus_per_replica == 1 and settings.autoscaling["max_replicas"] >= 1
+
+
+def test_cli_serve_flags_become_app_args():
+    from dreamcache.cli import build_parser
+    from pipelines.cli import add_ray_commands, main, serve_app_args
+
+    args = build_parser(add_ray_commands).parse_args([
+        "serve", "--model", "m", "--adapter", "a", "--caches", "s3://b/c", "--replicas", "2", "--port", "9000",
+        "--arg", 'autoscaling={"min_replicas": 1, "max_replicas": 3}', "--arg", "cache_prompt=a photo"])
+    assert serve_app_args(args) == {"model": "m", "adapter": "a", "caches": "s3://b/c", "replicas": 2,
+                                    "autoscaling": {"min_replicas": 1, "max_replicas": 3}, "cache_prompt": "a photo"}
+    assert args.host == "127.0.0.1" and args.port == 9000
+    assert main(["serve", "--model", "m", "--caches", "c", "--arg", "no_such_setting=1"]) == 2  # before Ray starts
+
+
+def test_accept_header_and_image_uri_rules():
+    from pipelines.serve import prefers_png
+    from pipelines.serve_schema import check_image_uri
+
+    assert prefers_png("image/png") and prefers_png("image/*") and prefers_png("image/png, application/json;q=0.5")
+    assert not prefers_png(None) and not prefers_png("*/*") and not prefers_png("application/json, image/png;q=0.2")
+    allowed = ("s3://bucket/uploads/", "/data/refs")
+    assert check_image_uri("s3://bucket/uploads/a.png", allowed) == "s3://bucket/uploads/a.png"
+    assert check_image_uri("/data/refs/x/a.png", allowed) == "/data/refs/x/a.png"
+    for bad in ("/data/refs/../secret.png", "/data/refs-other/a.png", "s3://bucket/uploads/../caches/a",
+                "s3://bucket/other/a.png", "gs://bucket/uploads/a.png"):
+        with pytest.raises(ValueError):
+            check_image_uri(bad, allowed)
+    with pytest.raises(ValueError, match="not accepted"):
+        check_image_uri("s3://bucket/uploads/a.png", ())
+
+
+def test_device_queue_merges_what_waits_while_the_device_is_busy():
+    from pipelines.serve_batching import DeviceQueue
+
+    calls: list[list[int]] = []
+
+    async def scenario():
+        release = asyncio.Event()
+
+        async def run(items):
+            calls.append(list(items))
+            if len(calls) == 1:
+                await release.wait()  # the device is busy with the first call
+            if 13 in items:
+                raise RuntimeError("bad batch")
+            return [item * 10 for item in items]
+
+        queue = DeviceQueue(run, max_size=4)
+        first = asyncio.ensure_future(queue.submit([1]))
+        await asyncio.sleep(0)
+        waiting = [asyncio.ensure_future(queue.submit([n])) for n in (2, 3, 4, 5, 6)]
+        gone = asyncio.ensure_future(queue.submit([7]))
+        await asyncio.sleep(0)
+        gone.cancel()
+        release.set()
+        assert await first == [10]
+        assert [await w for w in waiting] == [[20], [30], [40], [50], [60]]
+        with pytest.raises(RuntimeError, match="bad batch"):
+            await queue.submit([13, 14])
+        assert await queue.submit([8, 9]) == [80, 90]  # the queue survives a failed call
+
+    asyncio.run(scenario())
+    assert calls[:3] == [[1], [2, 3, 4, 5], [6]]  # merged up to max_size; the cancelled 7 never ran
+    assert calls[3:] == [[13, 14], [8, 9]]
