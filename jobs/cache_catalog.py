@@ -19,7 +19,8 @@ from pipelines.caching import CachingJobConfig, JobInputError, run_caching  # no
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="cache_catalog.py", description=__doc__.splitlines()[0])
+    # allow_abbrev=False: a typo in a manifest's args (--seed for --seeds) must fail, not match a prefix.
+    p = argparse.ArgumentParser(prog="cache_catalog.py", description=__doc__.splitlines()[0], allow_abbrev=False)
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--images", help="prefix laid out PREFIX/<subject_id>/<image files> (path or s3://)")
     source.add_argument("--catalog", help="Parquet, CSV or JSONL file with subject_id, image_uri columns")

@@ -11,6 +11,22 @@ from dreamcache.cli import main as method_main
 def add_ray_commands(sub: argparse._SubParsersAction) -> None:
     """Ray-backed subcommands; each module registers its own parser and imports Ray only when run."""
     _add_serve_command(sub)
+    _add_generate_batch_command(sub)
+
+
+# -- dreamcache generate-batch ---------------------------------------------------------------------------------
+def _add_generate_batch_command(sub: argparse._SubParsersAction) -> None:
+    from pipelines.generation import add_generation_arguments
+
+    p = sub.add_parser("generate-batch", help="render subjects x prompts x seeds on Ray: PNGs, manifest, contact sheet")
+    add_generation_arguments(p)
+    p.set_defaults(func=_cmd_generate_batch)
+
+
+def _cmd_generate_batch(args: argparse.Namespace) -> None:
+    from pipelines.generation import config_from_args, run_generation, summary_lines
+
+    print("\n".join(summary_lines(run_generation(config_from_args(args)))))
 
 
 # -- dreamcache serve ------------------------------------------------------------------------------------------

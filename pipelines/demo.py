@@ -3,7 +3,8 @@ store, the tiny random-weight model.
 
 Makes the tiny model, draws two reference subjects in the catalog layout (<subject_id>/<images>), runs the
 caching job (Ray Data) into a cache prefix with its manifest, and renders a 2x2 prompt x subject grid from the
-stored caches. The images are noise (random weights); the data path is the real one.
+stored caches with the batch generation job, with a contact sheet. The images are noise (random weights);
+the data path is the real one.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
 from PIL import Image, ImageDraw
 
 PROMPTS = ["a photo of a toy on the beach", "a photo of a toy in the snow"]
@@ -36,10 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=20)
     args = parser.parse_args(argv)
 
-    from dreamcache.cache_store import CacheStore
     from dreamcache.models import write_tiny_model
-    from dreamcache.pipeline import DreamCachePipeline
     from pipelines.caching import CachingJobConfig, run_caching
+    from pipelines.generation import GenerationJobConfig, run_generation, summary_lines
     from pipelines.ray_runtime import init_ray
 
     out = Path(args.out).resolve()
@@ -51,23 +50,16 @@ def main(argv: list[str] | None = None) -> int:
     summary = run_caching(CachingJobConfig(out=str(cache_dir), model=str(model_dir), images=str(out / "references")))
     print(summary.line())
 
-    pipe = DreamCachePipeline.from_pretrained(str(model_dir), adapter=str(model_dir / "adapter.safetensors"))
-    store = CacheStore(str(cache_dir))
-    caches = {subject: store.read(subject, pipe.layers, pipe.base_model) for subject in subjects}
-
-    # One call renders the whole grid: prompts x subjects, each sample with its own cache.
-    grid = [(prompt, subject) for prompt in PROMPTS for subject in caches]
-    images = pipe([p for p, _ in grid], [caches[s] for _, s in grid], num_inference_steps=args.steps,
-                  generator=[torch.Generator().manual_seed(i) for i in range(len(grid))]).images
-    image_dir = out / "images"
-    image_dir.mkdir(parents=True, exist_ok=True)
-    for i, ((prompt, subject), image) in enumerate(zip(grid, images)):
-        image.save(image_dir / f"{subject}-p{PROMPTS.index(prompt)}.png")
-
-    print(f"model:      {model_dir}")
-    print(f"references: {out / 'references'}")
-    print(f"caches:     {cache_dir} ({len(caches)} subjects; manifest {summary.manifest_uri})")
-    print(f"images:     {image_dir} ({len(images)} = {len(PROMPTS)} prompts x {len(caches)} subjects)")
+    # The batch generation job renders the prompt x subject grid from the caching manifest, and a contact sheet.
+    generation = run_generation(GenerationJobConfig(
+        model=str(model_dir), adapter=str(model_dir / "adapter.safetensors"), caches=summary.manifest_uri,
+        prompts=PROMPTS, seeds=[0], steps=args.steps, out=str(out / "generations"),
+    ))
+    print("\n".join(summary_lines(generation)))
+    print(f"model:         {model_dir}")
+    print(f"references:    {out / 'references'}")
+    print(f"caches:        {cache_dir} ({len(subjects)} subjects; manifest {summary.manifest_uri})")
+    print(f"images:        {out / 'generations'} ({len(PROMPTS)} prompts x {len(subjects)} subjects)")
     return 0
 
 
