@@ -28,6 +28,9 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One intra-op thread per process: the test process, Ray's workers and the Serve replicas all run torch on
+# 2 cores at once, and oversubscribed threads made tiny-model steps several times slower.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 # Model/download caches go to a per-session temp dir (removed at exit), never ~/.cache.
 if not os.environ.get("DREAMCACHE_CACHE_DIR"):
     os.environ["DREAMCACHE_CACHE_DIR"] = tempfile.mkdtemp(prefix="dreamcache-test-cache-")

@@ -244,12 +244,14 @@ def test_ray_job_submit_on_a_started_cluster(catalog, model_uri, s3_prefix):
                 break
             time.sleep(1)
         out = f"{s3_prefix}/job-out"
-        submit = subprocess.run(
-            [str(bin_dir / "ray"), "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
-             "python", "jobs/cache_catalog.py", "--images", catalog, "--out", out, "--model", model_uri,
-             "--max-image-pixels", str(200 * 200), "--batch-size", "4"],
-            env=env, capture_output=True, text=True, timeout=400,
-        )
+        command = [str(bin_dir / "ray"), "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
+                   "python", "jobs/cache_catalog.py", "--images", catalog, "--out", out, "--model", model_uri,
+                   "--max-image-pixels", str(200 * 200), "--batch-size", "4"]
+        for _ in range(30):  # the dashboard answers before the node's job agent has registered
+            submit = subprocess.run(command, env=env, capture_output=True, text=True, timeout=400)
+            if "No available agent" not in submit.stderr:
+                break
+            time.sleep(2)
         assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:] + open(log.name).read()[-2000:]
         assert "caching done: 2 computed" in submit.stdout
         assert manifest(out)["duo"]["status"] == "ok"
