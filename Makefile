@@ -33,6 +33,8 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/method.py --repeat 5
 	$(PY) bench/caching_job.py
+	$(PY) bench/generation_job.py
+	$(PY) bench/training.py
 
 clean:
 	rm -rf $(DEMO_DIR) .pytest_cache

@@ -11,3 +11,5 @@ python bench/method.py --model sd21-random --device cuda --dtype fp16 --resoluti
 python bench/method.py --model sd21-random --device cuda --dtype fp16 --resolution 512 --batch 8 --steps 20 --cache-images 64 --cache-batch 32
 # Caching job vs the bare loop, data read from and written to S3 (target >= 0.9).
 python bench/caching_job.py --model sd21-random --subjects 512 --batch-size 32 --actors 1 --gpus-per-actor 1 --s3
+# Training: samples/s vs the bare forward+backward loop, peak memory, batch 8/16, checkpointing off/on.
+python bench/training.py --model sd21-random --device cuda --batches 8,16 --checkpointing both --steps 6 --data-workers 8

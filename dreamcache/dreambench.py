@@ -118,7 +118,8 @@ def check_subjects(subjects: Sequence[str]) -> list[str]:
     return list(subjects)
 
 
-def dreambench_prompts(subjects: Sequence[str] | None = None, prompts_per_subject: int = PROMPTS_PER_SUBJECT) -> list[DreamBenchPrompt]:
+def dreambench_prompts(subjects: Sequence[str] | None = None,
+                       prompts_per_subject: int = PROMPTS_PER_SUBJECT) -> list[DreamBenchPrompt]:
     """The benchmark's (subject, prompt) rows, subjects in the given (default: canonical) order.
 
     ``prompts_per_subject`` below 25 takes the first prompts of each list (a smoke run, not the benchmark).
@@ -133,3 +134,61 @@ def dreambench_prompts(subjects: Sequence[str] | None = None, prompts_per_subjec
             rows.append(DreamBenchPrompt(subject, kind, index, generation.format(GENERATION_NOUNS[subject]),
                                          caption.format(EVAL_NOUNS[subject])))
     return rows
+
+
+# -- the protocol's averaging --------------------------------------------------------------------------------------
+# Per-image score columns: DINO and CLIP-I against all real images of the subject ("all", standard DreamBench) and
+# against the single reference ("ref"), both reported (ambiguity A10); CLIP-T against the eval caption.
+SCORE_COLUMNS = ("dino_all", "clip_i_all", "clip_t", "dino_ref", "clip_i_ref")
+SPLITS = ("overall", "objects", "live")
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values)
+
+
+def summarize_scores(rows: Sequence[dict]) -> dict[str, dict]:
+    """The benchmark's numbers from per-image rows (``subject``, ``prompt_index`` and the score columns).
+
+    As the official scripts: mean over a prompt's images, then over the subject's prompts, then over subjects;
+    a split with no subject is left out. Each split also reports how many subjects, prompts and images it holds.
+    """
+    per_prompt: dict[tuple[str, int], list[dict]] = {}
+    for row in rows:
+        per_prompt.setdefault((row["subject"], int(row["prompt_index"])), []).append(row)
+    per_subject: dict[str, dict[str, list[float]]] = {}
+    counts: dict[str, list[int]] = {}
+    for (subject, _), images in per_prompt.items():
+        scores = per_subject.setdefault(subject, {c: [] for c in SCORE_COLUMNS})
+        for column in SCORE_COLUMNS:
+            scores[column].append(_mean([float(image[column]) for image in images]))
+        counts.setdefault(subject, []).append(len(images))
+    subject_means = {s: {c: _mean(v) for c, v in scores.items()} for s, scores in per_subject.items()}
+    summary: dict[str, dict] = {}
+    for split in SPLITS:
+        members = [s for s in subject_means if split == "overall" or (split == "live") == (subject_kind(s) == "live")]
+        if not members:
+            continue
+        summary[split] = {
+            "subjects": len(members), "prompts": sum(len(counts[s]) for s in members),
+            "images": sum(sum(counts[s]) for s in members),
+            **{c: _mean([subject_means[s][c] for s in members]) for c in SCORE_COLUMNS},
+        }
+    return summary
+
+
+def summary_markdown(summary: dict[str, dict], backbone: str | None = None, title: str = "DreamBench") -> str:
+    """The summary table with the paper's numbers underneath (``backbone``: "SD 2.1"/"SD 1.5" marks the comparable
+    row). DINO / CLIP-I are against all real subject images; the "ref" columns against the single reference."""
+    header = ("| | subjects | prompts | images | DINO | CLIP-I | CLIP-T | DINO (ref) | CLIP-I (ref) |\n"
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    lines = [f"## {title}", "", header]
+    for split, row in summary.items():
+        lines.append(f"| {split} | {row['subjects']} | {row['prompts']} | {row['images']} | {row['dino_all']:.3f} | "
+                     f"{row['clip_i_all']:.3f} | {row['clip_t']:.3f} | {row['dino_ref']:.3f} | {row['clip_i_ref']:.3f} |")
+    for name, paper in PAPER_RESULTS.items():
+        mark = " (same backbone)" if name == backbone else ""
+        lines.append(f"| paper: DreamCache {name}{mark} | 30 | 750 | 3000 | {paper['dino']:.3f} | "
+                     f"{paper['clip_i']:.3f} | {paper['clip_t']:.3f} | | |")
+    lines += ["", "Paper rows: overall numbers of Table 2 (DreamBench, one reference per subject)."]
+    return "\n".join(lines) + "\n"

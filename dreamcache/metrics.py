@@ -171,7 +171,8 @@ class DreamBenchScorer:
         self.clip = clip
 
     @classmethod
-    def from_pretrained(cls, backbones: MetricBackbones, device: str | torch.device = "cpu", batch_size: int = 32) -> DreamBenchScorer:
+    def from_pretrained(cls, backbones: MetricBackbones, device: str | torch.device = "cpu",
+                        batch_size: int = 32) -> DreamBenchScorer:
         return cls(DinoEmbedder.from_pretrained(backbones.dino, device, batch_size),
                    ClipEmbedder.from_pretrained(backbones.clip, device, batch_size))
 

@@ -103,7 +103,8 @@ class TrainingConfig:
     max_grad_norm: float | None = None  # the official run does not clip
 
     def validate(self) -> None:
-        for name in ("steps", "batch_size", "grad_accum", "checkpoint_every", "keep_checkpoints", "log_every", "data_workers"):
+        counts = ("steps", "batch_size", "grad_accum", "checkpoint_every", "keep_checkpoints", "log_every", "data_workers")
+        for name in counts:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.lr > 0:
@@ -179,8 +180,9 @@ class ParquetTripletSource:
             return exc
 
     def _batches(self, position: StreamPosition) -> Iterator[tuple[TripletBatch, dict]]:
-        stream = TripletStream(self.uri, seed=self.seed).rows(position)
-        index = 0
+        dataset = TripletStream(self.uri, seed=self.seed)
+        stream = dataset.rows(position)
+        index, bad_in_a_row = 0, 0
         with ThreadPoolExecutor(self.workers, thread_name_prefix="triplets") as pool:
             samples = []
             while True:
@@ -193,9 +195,13 @@ class ParquetTripletSource:
                 for result in pool.map(self._prepare, chunk):
                     if isinstance(result, TripletError):
                         self.skipped += 1
+                        bad_in_a_row += 1
                         logger.warning("skipping a triplet (%d so far): %s", self.skipped, result)
                     else:
                         samples.append(result)
+                        bad_in_a_row = 0
+                if bad_in_a_row >= max(1, len(dataset) // self.world.size):
+                    raise TripletError(f"{self.uri}: no usable triplet in a whole pass over the data")
                 position = after
                 if len(samples) == self.batch_size:
                     yield collate(samples), position.to_dict()
@@ -271,12 +277,17 @@ def resolve_precision(mixed_precision: MixedPrecision, device: torch.device) -> 
     return {"fp16": torch.float16, "bf16": torch.bfloat16}[mixed_precision]
 
 
-def load_pipeline_for_training(config: TrainingConfig, device: torch.device, half: torch.dtype | None) -> DreamCachePipeline:
-    """The frozen model (in ``half`` on GPU when mixed precision is on) with fp32 trainable adapters."""
+def load_pipeline(config: TrainingConfig) -> DreamCachePipeline:
+    """The base model with adapters: loaded from ``init_adapter``, or freshly initialised from the seed."""
     with torch.random.fork_rng(devices=[]):  # the fresh adapters' init depends on the seed only
         torch.manual_seed(config.seed)
-        pipe = DreamCachePipeline.from_pretrained(config.model, adapter=config.init_adapter,
+        return DreamCachePipeline.from_pretrained(config.model, adapter=config.init_adapter,
                                                   adapter_init=config.adapter_init)
+
+
+def prepare_pipeline_for_training(pipe: DreamCachePipeline, device: torch.device,
+                                  half: torch.dtype | None) -> DreamCachePipeline:
+    """The frozen model (in ``half`` on GPU when mixed precision is on) with fp32 trainable adapters."""
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device=device, dtype=half) if half is not None else pipe.to(device)
     for module in (pipe.unet, pipe.vae, pipe.text_encoder):
@@ -295,20 +306,26 @@ def step_generator(seed: int, step: int, rank: int, micro: int) -> torch.Generat
 class AdapterTrainer:
     """One model, its optimizer, and the training step; knows how to checkpoint and resume itself."""
 
-    def __init__(self, config: TrainingConfig, device: torch.device | None = None, world: World | None = None) -> None:
+    def __init__(self, config: TrainingConfig, device: torch.device | None = None, world: World | None = None,
+                 pipe: DreamCachePipeline | None = None) -> None:
+        """``pipe`` (optional) is a pipeline built in memory, e.g. a random-weight model for a benchmark; it is moved
+        and cast like a loaded one. By default ``config.model`` is loaded."""
         config.validate()
         self.config = config
         self.world = world or World.current()
         self.device = device or resolve_device(config.device)
         self.autocast_dtype = resolve_precision(config.mixed_precision, self.device)
-        self.pipe = load_pipeline_for_training(config, self.device, self.autocast_dtype)
+        self.pipe = prepare_pipeline_for_training(
+            pipe or load_pipeline(config), self.device, self.autocast_dtype)
         self.resolution = config.resolution or self.pipe.default_resolution
         if config.gradient_checkpointing:
             self.pipe.unet.enable_gradient_checkpointing()
+        elif self.pipe.unet.is_gradient_checkpointing:  # a pipeline handed in may have it on
+            self.pipe.unet.disable_gradient_checkpointing()
         self.denoiser: nn.Module = AdapterDenoiser(self.pipe)
         if self.world.size > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.denoiser = nn.parallel.DistributedDataParallel(self.denoiser, device_ids=ids, broadcast_buffers=False)
+            self.denoiser = nn.parallel.DistributedDataParallel(self.denoiser, device_ids=ids)
         self.params = [p for p in self.pipe.adapters.parameters()]
         self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
         self.scaler = torch.amp.GradScaler("cuda") if self.autocast_dtype == torch.float16 else None

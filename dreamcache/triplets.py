@@ -197,6 +197,8 @@ def row_key(row: Mapping) -> str:
     if row.get("target_uri"):
         return str(row["target_uri"])
     data = row.get("target")
+    if isinstance(data, Image.Image):
+        data = data.tobytes()
     return hashlib.sha256(data).hexdigest()[:32] if data else "<no target>"
 
 

@@ -12,6 +12,38 @@ def add_ray_commands(sub: argparse._SubParsersAction) -> None:
     """Ray-backed subcommands; each module registers its own parser and imports Ray only when run."""
     _add_serve_command(sub)
     _add_generate_batch_command(sub)
+    _add_training_commands(sub)
+
+
+# -- dreamcache train-adapters / evaluate ----------------------------------------------------------------------
+def _add_training_commands(sub: argparse._SubParsersAction) -> None:
+    from pipelines.evaluation import add_evaluation_arguments
+    from pipelines.training import add_training_arguments
+
+    p = sub.add_parser("train-adapters", help="train the conditioning adapters on triplet data (Ray Train)")
+    add_training_arguments(p)
+    p.set_defaults(func=_cmd_train_adapters)
+    p = sub.add_parser("evaluate", help="DreamBench: cache, generate, score (DINO, CLIP-I, CLIP-T)")
+    add_evaluation_arguments(p)
+    p.add_argument("--ray-address", help="a Ray cluster to join (default: $RAY_ADDRESS, else a local Ray)")
+    p.set_defaults(func=_cmd_evaluate)
+
+
+def _cmd_train_adapters(args: argparse.Namespace) -> None:
+    import json
+
+    from pipelines.training import run_from_args
+
+    print("train_adapters: " + json.dumps(run_from_args(args), default=str))
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> None:
+    from pipelines.evaluation import evaluation_from_args, result_lines, run_evaluation
+    from pipelines.ray_runtime import init_ray
+
+    config = evaluation_from_args(args)
+    init_ray(args.ray_address)
+    print("\n".join(result_lines(run_evaluation(config))))
 
 
 # -- dreamcache generate-batch ---------------------------------------------------------------------------------

@@ -1,0 +1,49 @@
+"""DreamBench evaluation: cache each subject's reference, generate subjects x 25 prompts x 4 images, score them.
+
+    ray job submit --working-dir . -- python jobs/evaluate.py --dataset s3://bench/dreambooth/dataset \\
+        --model s3://models/sd21base --adapter s3://runs/sd21/adapter.safetensors --out s3://bench/eval/run1 \\
+        --dino s3://models/dino-vits16 --clip s3://models/clip-vit-base-patch32 --actors 4
+
+Writes <out>/scores.parquet (one row per image), <out>/summary.md (overall / objects / live next to the paper's
+numbers) and prints the table. Every stage is incremental: a rerun renders and scores only what is missing.
+Without a Ray cluster (no RAY_ADDRESS) the same command starts a local Ray.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `ray job submit --working-dir .` runs from the root
+
+from pipelines.evaluation import add_evaluation_arguments, evaluation_from_args, result_lines, run_evaluation  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="evaluate.py", description=__doc__.splitlines()[0])
+    add_evaluation_arguments(p)
+    p.add_argument("--ray-address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from dreamcache.storage import StorageError
+    from pipelines.ray_runtime import init_ray
+
+    try:
+        config = evaluation_from_args(args)
+        init_ray(args.ray_address)
+        result = run_evaluation(config)
+    except (ValueError, StorageError) as exc:
+        print(f"evaluate: error: {exc}", file=sys.stderr)
+        return 2
+    print("\n".join(result_lines(result)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

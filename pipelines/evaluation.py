@@ -1,0 +1,406 @@
+"""The DreamBench evaluation as a job: cache the references, generate through the batch path, score, summarise.
+
+    config = EvaluationConfig(dataset="s3://bench/dreambooth/dataset", model="s3://models/sd21base",
+                              adapter="s3://runs/sd21/adapter.safetensors", out="s3://bench/eval/run1",
+                              dino="s3://models/dino-vits16", clip="s3://models/clip-vit-base-patch32")
+    result = run_evaluation(config)
+
+Stages (each a Ray job of its own, all incremental, so a rerun redoes only what is missing):
+
+    references   one image per subject: the keep-list file of the DreamBooth dataset (or --references, e.g.
+                 background-removed copies), written as a caching catalog <out>/references.jsonl
+    caching      pipelines.caching.run_caching -> <out>/caches/<subject>.safetensors + manifest
+    generation   pipelines.generation.run_generation with an explicit plan (subject x 25 prompts, seeds
+                 seed..seed+3) -> <out>/images/<subject>/*.png + manifest + contact sheet
+    scoring      a Ray Data actor pool loads DINO and CLIP once per actor, embeds each subject's source images
+                 once, and scores every generated image -> <out>/scores.parquet (one row per image)
+    summary      overall / objects / live, next to the paper's numbers -> <out>/summary.md, summary.json
+
+The DreamBooth dataset layout is ``<dataset>/<subject>/<NN>.jpg`` (google/dreambooth ``dataset/``). DINO and CLIP-I
+are reported against all real images of a subject (standard DreamBench) and against the single reference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+from dreamcache import storage
+from dreamcache.dreambench import (
+    IMAGES_PER_PROMPT,
+    PROMPTS_PER_SUBJECT,
+    REFERENCE_IMAGES,
+    SCORE_COLUMNS,
+    SUBJECTS,
+    check_subjects,
+    dreambench_prompts,
+    subject_kind,
+    summarize_scores,
+    summary_markdown,
+)
+from dreamcache.metrics import MetricBackbones
+from dreamcache.pipeline import OFFICIAL_NEGATIVE_PROMPT
+
+logger = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+
+
+class EvaluationInputError(ValueError):
+    """The dataset, references or settings cannot make a benchmark run."""
+
+
+@dataclass
+class EvaluationConfig:
+    dataset: str  # DreamBooth dataset: <dataset>/<subject>/<NN>.jpg (path or s3://)
+    model: str
+    adapter: str
+    out: str
+    dino: str  # transformers DINO ViT-S/16 folder (facebook/dino-vits16), path or s3://
+    clip: str  # transformers CLIP ViT-B/32 folder (openai/clip-vit-base-patch32), path or s3://
+    references: str | None = None  # <references>/<subject>/<image> or <references>/<subject>.<ext>; default keep-list
+    caches: str | None = None  # precomputed caches (prefix or caching manifest): skips the caching stage
+    subjects: Sequence[str] | None = None  # default: all 30
+    prompts_per_subject: int = PROMPTS_PER_SUBJECT
+    images_per_prompt: int = IMAGES_PER_PROMPT
+    seed: int = 0  # image i of a prompt uses seed + i
+    steps: int = 50
+    guidance_scale: float = 7.5
+    image_guidance_scale: float = 0.4  # the official DreamBench setting (spec 4.2)
+    guidance: Literal["compositional", "joint"] = "compositional"
+    negative_prompt: str = OFFICIAL_NEGATIVE_PROMPT
+    cache_prompt: str = ""  # "" (paper, training) or the negative prompt (official sampler; ambiguity A2)
+    height: int | None = None
+    width: int | None = None
+    batch_size: int = 8
+    actors: int = 1
+    gpus_per_actor: float | None = None  # None: 1 if the cluster has GPUs, else 0 (generation and scoring)
+    cpus_per_actor: float | None = None
+    dtype: Literal["auto", "fp16", "bf16", "fp32"] = "auto"
+    score_batch_size: int = 32
+    backbone: str | None = None  # "SD 2.1" / "SD 1.5" marks the comparable paper row; None: from the model config
+    run_id: str | None = None
+
+    def validate(self) -> None:
+        if self.subjects is not None:
+            check_subjects(list(self.subjects))
+        if not 1 <= self.prompts_per_subject <= PROMPTS_PER_SUBJECT:
+            raise EvaluationInputError(f"prompts_per_subject must be 1..{PROMPTS_PER_SUBJECT}")
+        for name in ("images_per_prompt", "steps", "batch_size", "actors", "score_batch_size"):
+            if getattr(self, name) < 1:
+                raise EvaluationInputError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    @property
+    def subject_list(self) -> list[str]:
+        return list(self.subjects) if self.subjects is not None else list(SUBJECTS)
+
+    def uri(self, *parts: str) -> str:
+        return storage.join_uri(self.out, *parts)
+
+
+@dataclass
+class EvaluationResult:
+    summary: dict[str, dict]
+    scores_uri: str
+    summary_uri: str
+    generation_manifest_uri: str
+    contact_sheet_uri: str | None
+    images_scored: int
+    images_failed: int
+    elapsed_s: float
+    markdown: str = field(repr=False, default="")
+
+
+# -- inputs --------------------------------------------------------------------------------------------------------
+def _images_under(prefix: str) -> list[str]:
+    return [uri for uri in storage.list_files(prefix) if uri.lower().endswith(IMAGE_SUFFIXES)
+            and "/." not in uri[len(prefix.rstrip("/")):]]
+
+
+def subject_sources(config: EvaluationConfig) -> dict[str, dict[str, list[str]]]:
+    """Per subject: ``all`` real images of the dataset and the single ``ref`` image used for its cache."""
+    sources = {}
+    for subject in config.subject_list:
+        folder = storage.join_uri(config.dataset, subject)
+        images = _images_under(folder)
+        if not images:
+            raise EvaluationInputError(f"no images for subject {subject!r} under {folder}")
+        reference = _reference_for(config, subject, images)
+        sources[subject] = {"all": images, "ref": [reference]}
+    return sources
+
+
+def _reference_for(config: EvaluationConfig, subject: str, dataset_images: list[str]) -> str:
+    if config.references is None:
+        wanted = storage.join_uri(config.dataset, subject, REFERENCE_IMAGES[subject])
+        if wanted not in dataset_images:
+            raise EvaluationInputError(f"the keep-list reference {wanted} is missing")
+        return wanted
+    candidates = _images_under(storage.join_uri(config.references, subject))
+    if not candidates:
+        for suffix in IMAGE_SUFFIXES:
+            flat = storage.join_uri(config.references, subject + suffix)
+            if storage.exists(flat):
+                candidates = [flat]
+                break
+    if not candidates:
+        raise EvaluationInputError(f"no reference for subject {subject!r} under {config.references}")
+    keep = [c for c in candidates if c.rsplit("/", 1)[-1].split(".")[0] == REFERENCE_IMAGES[subject].split(".")[0]]
+    return (keep or sorted(candidates))[0]
+
+
+def evaluation_plan(config: EvaluationConfig) -> list[dict]:
+    """The generation plan: one row per (subject, prompt); the seeds come from the generation config."""
+    return [{"subject_id": p.subject, "prompt": p.prompt}
+            for p in dreambench_prompts(config.subject_list, config.prompts_per_subject)]
+
+
+def _backbone_name(config: EvaluationConfig) -> str | None:
+    if config.backbone:
+        return config.backbone
+    from dreamcache.adapters import backbone_family
+
+    try:
+        unet = json.loads(storage.read_bytes(storage.join_uri(config.model, "unet", "config.json")))
+    except (storage.StorageError, ValueError):
+        return None
+    return {"sd21": "SD 2.1", "sd15": "SD 1.5"}.get(backbone_family(unet))
+
+
+# -- stages --------------------------------------------------------------------------------------------------------
+def cache_references(config: EvaluationConfig, sources: dict[str, dict[str, list[str]]]) -> str:
+    """Caches of the subjects' references through the caching job; returns its manifest URI."""
+    from .caching import CachingJobConfig, run_caching
+
+    catalog = config.uri("references.jsonl")
+    lines = [json.dumps({"subject_id": s, "image_uri": src["ref"][0]}) for s, src in sources.items()]
+    storage.write_bytes(catalog, ("\n".join(lines) + "\n").encode())
+    gpus = _gpus(config)
+    caching = CachingJobConfig(out=config.uri("caches"), model=config.model, catalog=catalog, actors=config.actors,
+                               gpus_per_actor=gpus, cpus_per_actor=config.cpus_per_actor or (1.0 if gpus else 0.5),
+                               batch_size=config.batch_size, cache_prompt=config.cache_prompt,
+                               seed=config.seed, dtype=config.dtype)
+    summary = run_caching(caching)
+    logger.info(summary.line())
+    if summary.errors:
+        raise EvaluationInputError(f"{summary.errors} reference(s) could not be cached; see {summary.manifest_uri}")
+    return summary.manifest_uri
+
+
+def generate(config: EvaluationConfig, caches: str):
+    """Every benchmark image through the batch generation job (incremental)."""
+    from .generation import GenerationJobConfig, run_generation
+
+    generation = GenerationJobConfig(
+        model=config.model, adapter=config.adapter, caches=caches, plan=evaluation_plan(config),
+        subjects=config.subject_list, seeds=[config.seed + i for i in range(config.images_per_prompt)],
+        out=config.uri("images"), steps=config.steps, guidance_scale=config.guidance_scale,
+        image_guidance_scale=config.image_guidance_scale, guidance=config.guidance,
+        negative_prompt=config.negative_prompt, height=config.height, width=config.width,
+        batch_size=config.batch_size, actors=config.actors, gpus_per_actor=config.gpus_per_actor,
+        cpus_per_actor=config.cpus_per_actor, dtype=config.dtype, run_id=config.run_id,
+    )
+    return run_generation(generation)
+
+
+def _gpus(config: EvaluationConfig) -> float:
+    if config.gpus_per_actor is not None:
+        return config.gpus_per_actor
+    import ray
+
+    return 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
+
+
+class ScoreActor:
+    """Loads the metric backbones once; embeds each subject's source images once; scores generated images."""
+
+    def __init__(self, backbones: MetricBackbones, sources: dict[str, dict[str, list[str]]], batch_size: int) -> None:
+        import torch
+
+        from dreamcache.metrics import DreamBenchScorer
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.scorer = DreamBenchScorer.from_pretrained(backbones, device, batch_size)
+        self.sources = sources
+        self.embedded: dict[str, dict[str, dict]] = {}
+
+    def _source_sets(self, subject: str) -> dict[str, dict]:
+        if subject not in self.embedded:
+            self.embedded[subject] = {name: self.scorer.embed_sources([_load(uri) for uri in uris])
+                                      for name, uris in self.sources[subject].items()}
+        return self.embedded[subject]
+
+    def __call__(self, batch):
+        import pyarrow as pa
+
+        rows = batch.to_pylist()
+        by_subject: dict[str, list[dict]] = {}
+        for row in rows:
+            by_subject.setdefault(row["subject"], []).append(row)
+        out = []
+        for subject, group in by_subject.items():
+            images, kept = [], []
+            for row in group:
+                try:
+                    images.append(_load(row["image_uri"]))
+                    kept.append(row)
+                except (storage.StorageError, ValueError) as exc:
+                    out.append({**row, **{c: None for c in SCORE_COLUMNS}, "status": "error", "error": str(exc)})
+            if kept:
+                scores = self.scorer.score(images, [r["eval_caption"] for r in kept], self._source_sets(subject))
+                for i, row in enumerate(kept):
+                    out.append({**row, **{c: scores[c][i] for c in SCORE_COLUMNS}, "status": "ok", "error": None})
+        return pa.Table.from_pylist(out, schema=scores_schema())
+
+
+def _load(uri: str):
+    from dreamcache.images import decode_image
+
+    return decode_image(storage.read_bytes(uri), uri)
+
+
+def scores_schema():
+    import pyarrow as pa
+
+    return pa.schema([("subject", pa.string()), ("kind", pa.string()), ("prompt_index", pa.int32()),
+                      ("prompt", pa.string()), ("eval_caption", pa.string()), ("seed", pa.int64()),
+                      ("image_uri", pa.string())]
+                     + [(c, pa.float64()) for c in SCORE_COLUMNS]
+                     + [("status", pa.string()), ("error", pa.string())])
+
+
+def score_images(config: EvaluationConfig, manifest: Sequence[dict], sources: dict[str, dict[str, list[str]]]) -> list[dict]:
+    """Per-image scores for the manifest's rendered images; failed generations become error rows."""
+    import pyarrow as pa
+    import ray
+
+    prompts = {(p.subject, p.prompt): p for p in dreambench_prompts(config.subject_list, config.prompts_per_subject)}
+    todo, failed = [], []
+    for row in manifest:
+        cell = prompts.get((row["subject_id"], row["prompt"]))
+        if cell is None:
+            continue  # a row of another run sharing this output folder
+        record = {"subject": cell.subject, "kind": cell.kind, "prompt_index": cell.prompt_index, "prompt": cell.prompt,
+                  "eval_caption": cell.eval_caption, "seed": row["seed"], "image_uri": row["image_uri"]}
+        if row["status"] == "ok":
+            todo.append(record)
+        else:
+            failed.append({**record, **{c: None for c in SCORE_COLUMNS}, "status": "error", "error": row["error"]})
+    if not todo:
+        return failed
+    gpus = _gpus(config)
+    backbones = MetricBackbones(dino=config.dino, clip=config.clip)
+    dataset = ray.data.from_arrow(pa.Table.from_pylist(todo, schema=pa.schema(list(scores_schema())[:7])))
+    scored = dataset.map_batches(
+        ScoreActor, fn_constructor_args=(backbones, sources, config.score_batch_size), batch_format="pyarrow",
+        batch_size=config.score_batch_size, compute=ray.data.ActorPoolStrategy(size=config.actors),
+        num_gpus=gpus, num_cpus=config.cpus_per_actor or (1.0 if gpus else 0.5),
+    )
+    return scored.take_all() + failed
+
+
+def write_scores(uri: str, rows: Sequence[dict]) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    ordered = sorted(rows, key=lambda r: (r["subject"], r["prompt_index"], r["seed"]))
+    buffer = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(ordered, schema=scores_schema()), buffer)
+    storage.write_bytes(uri, buffer.getvalue())
+
+
+def run_evaluation(config: EvaluationConfig) -> EvaluationResult:
+    """The whole protocol on the current Ray (``pipelines.ray_runtime.init_ray``); every stage is incremental."""
+    start = time.perf_counter()
+    config.validate()
+    sources = subject_sources(config)
+    logger.info("DreamBench: %d subjects x %d prompts x %d images", len(sources), config.prompts_per_subject,
+                config.images_per_prompt)
+    caches = config.caches or cache_references(config, sources)
+    generation = generate(config, caches)
+    from .generation import read_manifest
+
+    manifest = read_manifest(generation.manifest_uri)
+    rows = score_images(config, manifest, sources)
+    scored = [r for r in rows if r["status"] == "ok"]
+    if not scored:
+        raise RuntimeError(f"no image could be scored; see {generation.manifest_uri}")
+    scores_uri = config.uri("scores.parquet")
+    write_scores(scores_uri, rows)
+    summary = summarize_scores(scored)
+    markdown = summary_markdown(summary, _backbone_name(config))
+    details = {"config": {k: v for k, v in asdict(config).items() if k != "subjects"}, "subjects": list(sources),
+               "summary": summary, "images_failed": len(rows) - len(scored),
+               "generation_manifest": generation.manifest_uri, "per_subject_kind": {s: subject_kind(s) for s in sources}}
+    summary_uri = config.uri("summary.md")
+    storage.write_bytes(config.uri("summary.json"), json.dumps(details, indent=2, default=str).encode())
+    storage.write_bytes(summary_uri, markdown.encode())
+    return EvaluationResult(summary=summary, scores_uri=scores_uri, summary_uri=summary_uri,
+                            generation_manifest_uri=generation.manifest_uri,
+                            contact_sheet_uri=generation.contact_sheet_uri, images_scored=len(scored),
+                            images_failed=len(rows) - len(scored), elapsed_s=time.perf_counter() - start,
+                            markdown=markdown)
+
+
+# -- command line (shared by jobs/evaluate.py and a `dreamcache evaluate` subcommand) ------------------------------
+def add_evaluation_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", required=True, help="DreamBooth dataset folder: <subject>/<NN>.jpg (path or s3://)")
+    p.add_argument("--model", required=True, help="diffusers Stable Diffusion folder (path or s3://)")
+    p.add_argument("--adapter", required=True, help="adapter safetensors file")
+    p.add_argument("--out", required=True, help="output folder or s3:// prefix")
+    p.add_argument("--dino", required=True, help="transformers DINO ViT-S/16 folder (path or s3://)")
+    p.add_argument("--clip", required=True, help="transformers CLIP ViT-B/32 folder (path or s3://)")
+    p.add_argument("--references", help="reference images <subject>/<image> or <subject>.<ext> (e.g. background "
+                                        "removed); default: the keep-list image of the dataset")
+    p.add_argument("--caches", help="precomputed caches (prefix or caching manifest): skip the caching stage")
+    p.add_argument("--subjects", help="comma-separated subset of the 30 subjects")
+    p.add_argument("--prompts-per-subject", type=int, default=PROMPTS_PER_SUBJECT, help="below 25: a smoke run")
+    p.add_argument("--images-per-prompt", type=int, default=IMAGES_PER_PROMPT)
+    p.add_argument("--seed", type=int, default=0, help="image i of a prompt uses seed + i")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--guidance-scale", type=float, default=7.5)
+    p.add_argument("--image-guidance-scale", type=float, default=0.4)
+    p.add_argument("--guidance-mode", choices=["compositional", "joint"], default="compositional")
+    p.add_argument("--negative-prompt", default=OFFICIAL_NEGATIVE_PROMPT)
+    p.add_argument("--cache-prompt", default="", help='"" as the paper; the negative prompt as the official sampler')
+    p.add_argument("--height", type=int)
+    p.add_argument("--width", type=int)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--actors", type=int, default=1, help="actors per stage (caching, generation, scoring)")
+    p.add_argument("--gpus-per-actor", type=float, help="default: 1 if the cluster has GPUs, else 0")
+    p.add_argument("--cpus-per-actor", type=float)
+    p.add_argument("--dtype", choices=["auto", "fp16", "bf16", "fp32"], default="auto")
+    p.add_argument("--score-batch-size", type=int, default=32)
+    p.add_argument("--backbone", choices=["SD 2.1", "SD 1.5"], help="paper row to compare with (default: detected)")
+    p.add_argument("--run-id")
+
+
+def evaluation_from_args(args: argparse.Namespace) -> EvaluationConfig:
+    subjects = [s.strip() for s in args.subjects.split(",") if s.strip()] if args.subjects else None
+    config = EvaluationConfig(
+        dataset=args.dataset, model=args.model, adapter=args.adapter, out=args.out, dino=args.dino, clip=args.clip,
+        references=args.references, caches=args.caches, subjects=subjects,
+        prompts_per_subject=args.prompts_per_subject, images_per_prompt=args.images_per_prompt, seed=args.seed,
+        steps=args.steps, guidance_scale=args.guidance_scale, image_guidance_scale=args.image_guidance_scale,
+        guidance=args.guidance_mode, negative_prompt=args.negative_prompt, cache_prompt=args.cache_prompt,
+        height=args.height, width=args.width, batch_size=args.batch_size, actors=args.actors,
+        gpus_per_actor=args.gpus_per_actor, cpus_per_actor=args.cpus_per_actor, dtype=args.dtype,
+        score_batch_size=args.score_batch_size, backbone=args.backbone, run_id=args.run_id,
+    )
+    config.validate()
+    return config
+
+
+def result_lines(result: EvaluationResult) -> list[str]:
+    lines = [result.markdown,
+             f"scores:  {result.scores_uri}  ({result.images_scored} images scored, {result.images_failed} failed)",
+             f"summary: {result.summary_uri}"]
+    if result.contact_sheet_uri:
+        lines.append(f"contact sheet: {result.contact_sheet_uri}")
+    return lines

@@ -1,0 +1,304 @@
+"""Adapter training on Ray Train: DDP over the workers (GPUs) of a Ray cluster, data prepared by Ray Data.
+
+Ray Data reads the triplet Parquet files (local or s3://) and builds each training sample (decode, the reference
+construction of spec 3.2, caption dropout) in CPU tasks, off the training workers; ``TorchTrainer`` starts one
+worker per GPU (or CPU worker), sets up the process group, and each worker runs ``dreamcache.training.train`` on
+its shard of the stream. ``train`` wraps the adapters in DDP, so gradients are averaged over all workers; rank 0
+writes the checkpoints and the final adapter file to ``--out``, which must be storage every worker can reach
+(s3:// on a multi-node cluster).
+
+A failed worker group is restarted up to ``max_failures`` times and resumes from the last checkpoint under
+``--out``; a resubmitted job does the same. Ray Data's streaming split is not replayable, so a resumed Ray run
+continues at the checkpointed step on a freshly shuffled pass of the data (the in-process path, ``run_local``,
+resumes at the exact sample).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from dreamcache import storage
+from dreamcache.images import ImageLimits
+from dreamcache.triplets import ReferenceAugment, TripletBatch, TripletError, parquet_files, pixels_to_tensor, prepare_triplet
+
+if TYPE_CHECKING:  # the training loop pulls in diffusers: Ray Data's preparation tasks must not pay for that import
+    from dreamcache.training import AdapterTrainer, TrainingConfig, TrainingResult
+
+from .ray_runtime import init_ray
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ScaleConfig:
+    """How many training workers, with what resources, and how often a failed group is restarted."""
+
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    max_failures: int = 0
+    data_cpus: float = 0.5  # per Ray Data preparation task
+    storage_path: str | None = None  # Ray Train's run folder (local path or s3://); default: a temp folder
+    ray_address: str | None = None
+
+    def validate(self) -> None:
+        if self.num_workers < 1:
+            raise ValueError(f"num_workers must be >= 1, got {self.num_workers}")
+        if self.cpus_per_worker <= 0 or self.data_cpus <= 0:
+            raise ValueError("cpus_per_worker and data_cpus must be > 0")
+        if self.max_failures < 0:
+            raise ValueError(f"max_failures must be >= 0, got {self.max_failures}")
+
+
+def run_local(config: TrainingConfig) -> TrainingResult:
+    """Train in this process (one GPU or the CPU), reading the data with the replayable local stream."""
+    from dreamcache.training import train
+
+    return train(config)
+
+
+# -- Ray Data: rows -> prepared samples ---------------------------------------------------------------------------
+def prepare_batch(batch: dict[str, np.ndarray], resolution: int, augment: ReferenceAugment, caption_dropout: float,
+                  limits: ImageLimits = ImageLimits()) -> dict[str, np.ndarray]:
+    """A Ray Data batch of triplet rows -> ``target``/``reference`` uint8 ``[n, H, W, 3]`` and ``caption``.
+
+    Bad rows are dropped with a warning (the run goes on). The augmentation draws fresh randomness on every pass,
+    so each epoch sees new references.
+    """
+    columns = list(batch)
+    count = len(batch[columns[0]]) if columns else 0
+    rng = np.random.default_rng()
+    targets, references, captions = [], [], []
+    for i in range(count):
+        row = {name: batch[name][i] for name in columns}
+        try:
+            sample = prepare_triplet(row, resolution, rng, augment, caption_dropout, limits)
+        except TripletError as exc:
+            logger.warning("skipping a triplet: %s", exc)
+            continue
+        targets.append(sample.target)
+        references.append(sample.reference)
+        captions.append(sample.caption)
+    empty = np.zeros((0, resolution, resolution, 3), dtype=np.uint8)
+    return {
+        "target": np.stack(targets) if targets else empty,
+        "reference": np.stack(references) if references else empty,
+        "caption": np.array(captions, dtype=object),
+    }
+
+
+def triplet_dataset(config: TrainingConfig, resolution: int, data_cpus: float = 0.5):
+    """The prepared-sample dataset of ``config.data`` (a lazy Ray Dataset)."""
+    import ray.data
+
+    files = parquet_files(config.data)
+    filesystem, _ = storage.pyarrow_filesystem(files[0])
+    paths = [storage.pyarrow_filesystem(f)[1] for f in files]
+    dataset = ray.data.read_parquet(paths, filesystem=filesystem)
+    return dataset.map_batches(
+        prepare_batch, batch_format="numpy", batch_size=32, num_cpus=data_cpus,
+        fn_kwargs={"resolution": resolution, "augment": config.augment, "caption_dropout": config.caption_dropout},
+    )
+
+
+@dataclass
+class RayShardSource:
+    """``BatchSource`` over a Ray Train dataset shard: pass after pass, fixed-size batches."""
+
+    shard: object  # ray.data.DataIterator
+    batch_size: int
+    shuffle_buffer: int = 256
+
+    def batches(self, start: Mapping | None) -> Iterator[tuple[TripletBatch, dict]]:
+        # A resumed run starts a new pass: the shard's order cannot be replayed.
+        epoch = int(start["epoch"]) + 1 if start and "epoch" in start else 0
+        while True:
+            count = 0
+            for batch in self.shard.iter_batches(batch_size=self.batch_size, batch_format="numpy", drop_last=True,
+                                                 local_shuffle_buffer_size=self.shuffle_buffer):
+                count += 1
+                yield (TripletBatch(pixels_to_tensor(batch["target"]), pixels_to_tensor(batch["reference"]),
+                                    [str(c) for c in batch["caption"]]),
+                       {"epoch": epoch, "batches": count})
+            if count == 0:
+                raise RuntimeError(f"the data shard holds fewer than {self.batch_size} usable triplets")
+            epoch += 1
+
+
+def _worker_loop(loop_config: dict) -> None:
+    """Runs on every Ray Train worker."""
+    import ray.train
+    import ray.train.torch
+
+    from dreamcache.training import AdapterTrainer, train
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config: TrainingConfig = replace(loop_config["config"], device=str(ray.train.torch.get_device()))
+    source = RayShardSource(ray.train.get_dataset_shard("train"), config.batch_size)
+    trainer = AdapterTrainer(config)
+    result = train(config, source=source, report=ray.train.report, trainer=trainer)
+    check_replicas_agree(trainer)
+    if ray.train.get_context().get_world_rank() == 0:
+        logger.info("training finished: %s", result)
+
+
+def check_replicas_agree(trainer: AdapterTrainer) -> None:
+    """Every worker must end with the same adapters (DDP kept them in step), else rank 0's file is not *the* result."""
+    import torch.distributed as dist
+
+    if trainer.world.size == 1:
+        return
+    digest = hashlib.sha256()
+    for key, value in sorted(trainer.pipe.adapters.state_dict().items()):
+        digest.update(key.encode())
+        digest.update(value.detach().float().cpu().numpy().tobytes())
+    digests: list = [None] * trainer.world.size
+    dist.all_gather_object(digests, digest.hexdigest())
+    if len(set(digests)) != 1:
+        raise RuntimeError(f"the {trainer.world.size} training replicas ended with different adapters: {digests}")
+    logger.info("all %d replicas hold identical adapters (%s)", trainer.world.size, digests[0][:12])
+
+
+def run_training(config: TrainingConfig, scale: ScaleConfig = ScaleConfig()) -> dict:
+    """Train on Ray Train (a cluster via RAY_ADDRESS / ``scale.ray_address``, else a local Ray); returns a summary."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    config.validate()
+    scale.validate()
+    _start_ray(scale)
+    resolution = config.resolution or _native_resolution(config.model)
+    config = replace(config, resolution=resolution)
+    # Ray Train keeps only run state there (checkpoints go to --out): a temp folder is removed after the run.
+    storage_path = scale.storage_path or tempfile.mkdtemp(prefix="dreamcache-ray-train-")
+    storage_kwargs = {"storage_path": storage_path}
+    if storage.is_s3(storage_path):
+        filesystem, path = storage.pyarrow_filesystem(storage_path)
+        storage_kwargs = {"storage_path": path, "storage_filesystem": filesystem}
+    trainer = TorchTrainer(
+        _worker_loop,
+        train_loop_config={"config": config},
+        scaling_config=ray.train.ScalingConfig(num_workers=scale.num_workers, use_gpu=scale.use_gpu,
+                                               resources_per_worker={"CPU": scale.cpus_per_worker}),
+        run_config=ray.train.RunConfig(name=f"dreamcache-adapters-{uuid.uuid4().hex[:8]}",
+                                       failure_config=ray.train.FailureConfig(max_failures=scale.max_failures),
+                                       **storage_kwargs),
+        datasets={"train": triplet_dataset(config, resolution, scale.data_cpus)},
+    )
+    logger.info("training on %d Ray Train worker(s) (gpu=%s); output %s", scale.num_workers, scale.use_gpu, config.out)
+    try:
+        result = trainer.fit()
+    finally:
+        if scale.storage_path is None:
+            shutil.rmtree(storage_path, ignore_errors=True)
+    adapter_uri = storage.join_uri(config.out, "adapter.safetensors")
+    if not storage.exists(adapter_uri):
+        raise RuntimeError(f"training ended without writing {adapter_uri}: {result.error}")
+    latest = json.loads(storage.read_bytes(storage.join_uri(config.out, "checkpoints", "latest.json")))
+    return {"adapter_uri": adapter_uri, "workers": scale.num_workers, "step": latest["step"],
+            "checkpoint": latest["checkpoint"], **dict(result.metrics or {})}
+
+
+def _start_ray(scale: ScaleConfig) -> None:
+    """Connect to a cluster, or start a local Ray with room for the workers AND the data tasks.
+
+    Ray Data gets only what the training workers leave: on a 2-core laptop two 1-CPU workers would leave the
+    preparation tasks nothing, and the run would wait forever. A local Ray therefore gets enough logical CPUs;
+    a cluster that is too small is named in a warning (an autoscaler may still add nodes).
+    """
+    import ray
+
+    needed = scale.num_workers * scale.cpus_per_worker + scale.data_cpus
+    local = not (scale.ray_address or os.environ.get("RAY_ADDRESS")) and not ray.is_initialized()
+    init_ray(scale.ray_address, num_cpus=max(os.cpu_count() or 1, math.ceil(needed + scale.data_cpus)) if local else None)
+    resources = ray.cluster_resources()
+    if resources.get("CPU", 0) < needed:
+        logger.warning("the Ray cluster has %s CPUs; %d worker(s) x %s CPU + %s for data need %s: the run waits "
+                       "until the cluster grows", resources.get("CPU", 0), scale.num_workers, scale.cpus_per_worker,
+                       scale.data_cpus, needed)
+    if scale.use_gpu and resources.get("GPU", 0) < scale.num_workers:
+        logger.warning("the Ray cluster has %s GPUs for %d GPU worker(s)", resources.get("GPU", 0), scale.num_workers)
+
+
+def _native_resolution(model: str) -> int:
+    """The model's native image size from its configs (so Ray Data tasks need not load the model)."""
+    unet = json.loads(storage.read_bytes(storage.join_uri(model, "unet", "config.json")))
+    vae = json.loads(storage.read_bytes(storage.join_uri(model, "vae", "config.json")))
+    return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+
+
+# -- command line (shared by jobs/train_adapters.py and a `dreamcache train-adapters` subcommand) ------------------
+def add_training_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="diffusers Stable Diffusion folder (path or s3://)")
+    p.add_argument("--data", required=True, help="triplet Parquet file, folder or s3:// prefix")
+    p.add_argument("--out", required=True, help="folder or s3:// prefix for checkpoints/ and adapter.safetensors")
+    p.add_argument("--steps", type=int, required=True, help="optimizer steps")
+    p.add_argument("--batch-size", type=int, default=8, help="samples per worker and micro-batch")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--lr", type=float, default=1e-5)
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--resolution", type=int, help="training image size (default: the model's)")
+    p.add_argument("--mixed-precision", choices=["auto", "no", "fp16", "bf16"], default="auto")
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints")
+    p.add_argument("--keep-checkpoints", type=int, default=2)
+    p.add_argument("--resume", default="auto", help="auto (last checkpoint under --out), never, or a checkpoint URI")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--caption-dropout", type=float, default=0.07)
+    p.add_argument("--init-adapter", help="start from this adapter file instead of a fresh initialisation")
+    p.add_argument("--adapter-init", choices=["default", "identity"], default="default",
+                   help="fresh init of linear_cat: the official default, or identity (deviation A7)")
+    p.add_argument("--save-dtype", choices=["fp16", "fp32"], default="fp16", help="of the final adapter file")
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--max-grad-norm", type=float, help="clip gradients (the official run does not)")
+    p.add_argument("--workers", type=int, default=1, help="Ray Train workers (one per GPU with --gpu)")
+    p.add_argument("--gpu", action="store_true", help="one GPU per worker")
+    p.add_argument("--cpus-per-worker", type=float, default=1.0)
+    p.add_argument("--data-cpus", type=float, default=0.5, help="CPUs per Ray Data preparation task")
+    p.add_argument("--max-failures", type=int, default=0, help="restarts of a failed worker group (each resumes)")
+    p.add_argument("--ray-storage", help="Ray Train run folder (default: a temp folder)")
+    p.add_argument("--ray-address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--no-ray", action="store_true", help="train in this process (local data path, exact resume)")
+
+
+def training_from_args(args: argparse.Namespace) -> tuple[TrainingConfig, ScaleConfig]:
+    from dreamcache.training import TrainingConfig
+
+    config = TrainingConfig(
+        model=args.model, data=args.data, out=args.out, steps=args.steps, batch_size=args.batch_size,
+        grad_accum=args.grad_accum, lr=args.lr, weight_decay=args.weight_decay, resolution=args.resolution,
+        mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing,
+        checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints, resume=args.resume,
+        seed=args.seed, caption_dropout=args.caption_dropout, init_adapter=args.init_adapter,
+        adapter_init=args.adapter_init, save_dtype=args.save_dtype, log_every=args.log_every,
+        max_grad_norm=args.max_grad_norm,
+    )
+    scale = ScaleConfig(num_workers=args.workers, use_gpu=args.gpu, cpus_per_worker=args.cpus_per_worker,
+                        data_cpus=args.data_cpus, max_failures=args.max_failures, storage_path=args.ray_storage,
+                        ray_address=args.ray_address)
+    config.validate()
+    scale.validate()
+    return config, scale
+
+
+def run_from_args(args: argparse.Namespace) -> dict:
+    """Train as the command line asks: on Ray Train, or in this process with ``--no-ray``; returns a summary."""
+    config, scale = training_from_args(args)
+    if args.no_ray:
+        result = run_local(config)
+        return {"adapter_uri": result.adapter_uri, "step": result.steps, "loss": result.final_loss,
+                "samples_per_s": result.samples_per_s}
+    return run_training(config, scale)
