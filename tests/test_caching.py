@@ -224,6 +224,11 @@ def test_ray_job_submit_on_a_started_cluster(catalog, model_uri, s3_prefix):
            "RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     env.pop("RAY_ADDRESS", None)
     gcs, dashboard = _free_port(), _free_port()
+    # Every listener of this second cluster on its own port: the session's local Ray already holds the defaults
+    # (a dashboard agent on the default port would leave this cluster with "No available agent to submit job").
+    own_ports = [f"--{flag}={_free_port()}" for flag in (
+        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port", "runtime-env-agent-port",
+        "ray-client-server-port", "node-manager-port", "object-manager-port")]
     temp_dir = tempfile.mkdtemp(prefix="rj-", dir="/tmp")  # short: Ray's unix socket paths must fit in 107 bytes
     log = open(os.path.join(temp_dir, "head.log"), "w")
     # --block keeps `ray start` in the foreground: stopping its process group stops this cluster only
@@ -231,7 +236,7 @@ def test_ray_job_submit_on_a_started_cluster(catalog, model_uri, s3_prefix):
     head = subprocess.Popen(
         [str(bin_dir / "ray"), "start", "--head", "--block", f"--port={gcs}", "--num-cpus=2",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--disable-usage-stats",
-         "--node-ip-address=127.0.0.1", f"--temp-dir={temp_dir}", "--include-dashboard=true"],
+         "--node-ip-address=127.0.0.1", f"--temp-dir={temp_dir}", "--include-dashboard=true", *own_ports],
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
     try:
