@@ -33,6 +33,7 @@ from diffusers.models.attention_processor import Attention
 from torch import nn
 
 from .layers import CachedLayer, select_layers
+from .safetensors_header import read_metadata
 
 ADAPTER_MODULES = ("norm2_mem", "attn_mem", "linear_cat")
 ADAPTER_FORMAT = "dreamcache-adapter"
@@ -288,16 +289,9 @@ def parse_adapter_file(data: bytes, source: str) -> tuple[dict[str, torch.Tensor
 
     try:
         state = load(data)
-        metadata = _safetensors_metadata(data)
+        metadata = read_metadata(data)
     except (SafetensorError, ValueError, RuntimeError) as exc:
         raise AdapterError(f"{source} is not a readable safetensors adapter file ({exc})") from None
     if metadata.get("format") != ADAPTER_FORMAT:
         raise AdapterError(f"{source} is not a DreamCache adapter file (metadata format={metadata.get('format')!r})")
     return state, metadata
-
-
-def _safetensors_metadata(data: bytes) -> dict[str, str]:
-    import struct
-
-    (header_len,) = struct.unpack("<Q", data[:8])
-    return json.loads(data[8 : 8 + header_len]).get("__metadata__", {}) or {}

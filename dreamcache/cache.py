@@ -17,6 +17,7 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 
 from .layers import CachedLayer
+from .safetensors_header import read_metadata
 
 CACHE_FORMAT = "dreamcache-cache"
 CACHE_FORMAT_VERSION = "1"
@@ -125,8 +126,7 @@ class FeatureCache:
 
         try:
             tensors = load(data)
-            header_len = int.from_bytes(data[:8], "little")
-            meta = json.loads(data[8 : 8 + header_len]).get("__metadata__") or {}
+            meta = read_metadata(data)
         except (SafetensorError, ValueError, RuntimeError, json.JSONDecodeError) as exc:
             raise CacheError(f"{source}: not a readable cache file (truncated or corrupt: {exc})") from None
         if meta.get("format") != CACHE_FORMAT:

@@ -9,7 +9,6 @@ Without a Ray cluster (no RAY_ADDRESS) the same command starts a local Ray. Ends
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
@@ -54,19 +53,15 @@ def config_from_args(args: argparse.Namespace) -> CachingJobConfig:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from dreamcache.storage import StorageError
-    from pipelines.ray_runtime import init_ray
+    from pipelines.ray_runtime import init_ray, run_entrypoint
 
-    try:
+    def work() -> list[str]:
         config = config_from_args(args)
         init_ray(args.ray_address)
-        summary = run_caching(config)
-    except (JobInputError, StorageError) as exc:
-        print(f"cache_catalog: error: {exc}", file=sys.stderr)
-        return 2
-    print(summary.line())
-    return 0
+        return [run_caching(config).line()]
+
+    return run_entrypoint("cache_catalog", work, (JobInputError, StorageError))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ Without a Ray cluster (no RAY_ADDRESS) the same command starts a local Ray.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
@@ -30,19 +29,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from dreamcache.storage import StorageError
-    from pipelines.ray_runtime import init_ray
+    from pipelines.ray_runtime import init_ray, run_entrypoint
 
-    try:
+    def work() -> list[str]:
         config = evaluation_from_args(args)
         init_ray(args.ray_address)
-        result = run_evaluation(config)
-    except (ValueError, StorageError) as exc:
-        print(f"evaluate: error: {exc}", file=sys.stderr)
-        return 2
-    print("\n".join(result_lines(result)))
-    return 0
+        return result_lines(run_evaluation(config))
+
+    return run_entrypoint("evaluate", work, (ValueError, StorageError))
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from pathlib import Path
 
@@ -35,20 +34,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from dreamcache import storage
     from dreamcache.cli import USER_ERRORS
+    from pipelines.ray_runtime import run_entrypoint
 
-    try:
+    def work() -> list[str]:
         summary = run_generation(config_from_args(args))
         if args.summary_json:
             storage.write_bytes(args.summary_json, json.dumps(summary.as_dict(), indent=2).encode())
-    except USER_ERRORS as exc:
-        print(f"generate_batch: error: {exc}", file=sys.stderr)
-        return 2
-    print("\n".join(summary_lines(summary)))
-    return 0
+        return summary_lines(summary)
+
+    return run_entrypoint("generate_batch", work, USER_ERRORS, quiet=args.quiet)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from pathlib import Path
 
@@ -31,18 +30,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from dreamcache.adapters import AdapterError
     from dreamcache.storage import StorageError
     from dreamcache.triplets import TripletError
+    from pipelines.ray_runtime import run_entrypoint
 
-    try:
-        summary = run_from_args(args)
-    except (ValueError, FileNotFoundError, StorageError, TripletError, AdapterError) as exc:
-        print(f"train_adapters: error: {exc}", file=sys.stderr)
-        return 2
-    print("train_adapters: " + json.dumps(summary, default=str))
-    return 0
+    return run_entrypoint(
+        "train_adapters", lambda: ["train_adapters: " + json.dumps(run_from_args(args), default=str)],
+        (ValueError, FileNotFoundError, StorageError, TripletError, AdapterError),
+    )
 
 
 if __name__ == "__main__":

@@ -362,13 +362,14 @@ class CacheActor:
     def _already_cached(self, row: dict) -> bool:
         """A resumed run: the store already holds this subject's cache from the same sources, model, settings."""
         from dreamcache.cache import CacheInfo
+        from dreamcache.safetensors_header import header_length, read_metadata
 
         try:
-            header_len = int.from_bytes(storage.read_range(row["cache_uri"], 0, 8), "little")
-            if not 0 < header_len < 1 << 20:
-                return False
-            header = json.loads(storage.read_range(row["cache_uri"], 8, header_len))
-            info = CacheInfo.from_metadata(header.get("__metadata__") or {})
+            # One ranged GET covers a cache's header (about 1 KiB); a second one only for an unusual header.
+            head = storage.read_range(row["cache_uri"], 0, 1 << 16)
+            if len(head) < 8 + header_length(head):
+                head = storage.read_range(row["cache_uri"], 0, 8 + header_length(head))
+            info = CacheInfo.from_metadata(read_metadata(head))
         except (storage.StorageError, ValueError, KeyError, TypeError):
             return False
         same = (list(info.source_hashes) == row["source_hashes"] and info.base_model == self.pipe.base_model

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
+from collections.abc import Callable, Iterable
 
 logger = logging.getLogger(__name__)
 
@@ -38,3 +40,17 @@ def init_ray(address: str | None = None, num_cpus: float | None = None, **kwargs
     # address="local": a stale cluster file from an earlier `ray start` must not make this connect there.
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **kwargs)
     logger.info("started a local Ray: %s", ray.cluster_resources())
+
+
+def run_entrypoint(name: str, work: Callable[[], Iterable[str]], user_errors: tuple[type[BaseException], ...],
+                   quiet: bool = False) -> int:
+    """What every `jobs/*.py` main does: log to stderr, run, print the summary lines; bad input -> exit 2."""
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        lines = list(work())
+    except user_errors as exc:
+        print(f"{name}: error: {exc}", file=sys.stderr)
+        return 2
+    print("\n".join(lines))
+    return 0

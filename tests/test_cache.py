@@ -139,3 +139,11 @@ def test_caches_of_different_models_cannot_be_combined(cache_bytes):
     other = FeatureCache(cache_bytes.features, CacheInfo(**{**cache_bytes.info.__dict__, "base_model": "other"}))
     with pytest.raises(CacheError):
         FeatureCache.concat([cache_bytes, other])
+
+
+def test_header_reader_refuses_short_and_implausible_headers():
+    from dreamcache.safetensors_header import read_metadata
+
+    for bad in (b"", b"\x00" * 7, (2**40).to_bytes(8, "little"), (50).to_bytes(8, "little") + b"{}"):
+        with pytest.raises(ValueError):
+            read_metadata(bad)

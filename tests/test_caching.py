@@ -164,6 +164,10 @@ def test_catalog_file_input(ray_cluster, catalog, model_uri, s3_prefix):
     assert rows["cat"]["num_references"] == 2 and rows["cat"]["status"] == "ok"
     assert "not found" in rows["ghost"]["error"] and "subject id" in rows["../escape"]["error"]
     assert not storage.list_files(f"{s3_prefix}/escape")
+    # A run killed before its manifest: the caches it wrote are found by their headers, not recomputed.
+    storage.delete(f"{out}/{MANIFEST_NAME}")
+    resumed = run_caching(CachingJobConfig(out=out, model=model_uri, catalog=catalog_uri, batch_size=2))
+    assert (resumed.computed, manifest(out)["cat"]["action"]) == (0, "skipped")
 
 
 def test_unusable_inputs_fail_the_job_clearly(ray_cluster, model_uri, s3_prefix):

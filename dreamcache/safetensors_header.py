@@ -1,0 +1,29 @@
+"""Read a safetensors file's header (tensor table and string metadata) without loading its tensors.
+
+Adapter files, cache files and the caching job's resume check all need the metadata; one parser serves them.
+"""
+
+from __future__ import annotations
+
+import json
+
+MAX_HEADER = 100 * 2**20  # safetensors' own limit
+
+
+def header_length(data: bytes) -> int:
+    """The JSON header's length, from the first 8 bytes (little-endian u64)."""
+    if len(data) < 8:
+        raise ValueError("too short to be a safetensors file")
+    length = int.from_bytes(data[:8], "little")
+    if not 0 < length <= MAX_HEADER:
+        raise ValueError(f"implausible safetensors header length {length}")
+    return length
+
+
+def read_metadata(data: bytes) -> dict[str, str]:
+    """The ``__metadata__`` of a file whose first bytes (at least the header) are ``data``."""
+    length = header_length(data)
+    if len(data) < 8 + length:
+        raise ValueError("truncated safetensors header")
+    header = json.loads(data[8 : 8 + length])
+    return header.get("__metadata__") or {}
