@@ -21,17 +21,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the SeaweedFS launcher for --s3
 
 
-def make_model(kind: str, folder: Path) -> str:
+def make_model(kind: str, folder: Path, device: str) -> str:
+    import torch
+
     from dreamcache.models import write_tiny_model
 
     if kind == "tiny":
         return str(write_tiny_model(folder))
-    from diffusers import StableDiffusionPipeline
-    from method import sd21_random_components
+    from method import write_sd21_random
 
-    StableDiffusionPipeline(**sd21_random_components(), safety_checker=None, feature_extractor=None,
-                            requires_safety_checker=False).save_pretrained(folder)
-    return str(folder)
+    return str(write_sd21_random(folder, torch.float16 if device == "cuda" else torch.float32, device))
 
 
 def make_references(root: str, count: int, size: int) -> None:
@@ -72,6 +71,25 @@ def bare_loop(refs: str, out: str, model: str, batch: int, device: str) -> float
     return time.perf_counter() - start
 
 
+def report_job(summary, concurrency: int, bare_s: float, subjects: int) -> None:
+    """The job's rates against the bare loop, and where its time went (manifest timings, summed per stage)."""
+    import pyarrow.parquet as pq
+
+    from dreamcache import storage
+
+    print(f"  Ray Data job, {concurrency} call(s)/actor, whole run {subjects / summary.seconds:8.2f} subjects/s   "
+          f"{bare_s / summary.seconds:.3f}x   ({summary.first_result_s:.1f} s to the first batch: Ray start-up of the "
+          f"actor pool and model load)")
+    if summary.after_first and summary.seconds > summary.first_result_s:
+        steady = summary.after_first / (summary.seconds - summary.first_result_s)
+        print(f"  Ray Data job, {concurrency} call(s)/actor, after 1st batch {steady:8.2f} subjects/s   "
+              f"{steady * bare_s / subjects:.3f}x")
+    rows = pq.read_table(io.BytesIO(storage.read_bytes(summary.manifest_uri))).to_pylist()
+    stages = {stage: sum(row[f"{stage}_s"] or 0.0 for row in rows) for stage in ("read", "compute", "write")}
+    print("    summed over subjects: " + ", ".join(f"{k} {v:.1f} s" for k, v in stages.items())
+          + f"; job wall {summary.seconds:.1f} s")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", choices=["tiny", "sd21-random"], default="tiny")
@@ -79,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--actors", type=int, default=1)
     p.add_argument("--gpus-per-actor", type=float, default=0.0)
+    p.add_argument("--actor-concurrency", type=lambda v: [int(x) for x in v.split(",")], default=[2],
+                   help="batches in flight per actor, comma-separated to compare (1: no overlap)")
     p.add_argument("--s3", action="store_true", help="read and write through a local SeaweedFS S3 server")
     args = p.parse_args(argv)
 
@@ -99,24 +119,21 @@ def main(argv: list[str] | None = None) -> int:
     else:
         root = str(work / "store")
     try:
-        model = make_model(args.model, work / "model")
+        model = make_model(args.model, work / "model", device)
         size = 64 if args.model == "tiny" else 512
         refs = f"{root}/refs"
         make_references(refs, args.subjects, size)
         bare_s = bare_loop(refs, f"{root}/bare", model, args.batch_size, device)
         init_ray()
-        summary = run_caching(CachingJobConfig(out=f"{root}/job", model=model, images=refs, actors=args.actors,
-                                               gpus_per_actor=args.gpus_per_actor, batch_size=args.batch_size))
-        job_s = summary.seconds
         name = torch.cuda.get_device_name() if device == "cuda" else f"CPU ({os.cpu_count()} cores)"
         print(f"caching job   {args.subjects} subjects, batch {args.batch_size}, {args.model}, {name}, "
               f"{'S3 (SeaweedFS)' if args.s3 else 'local folder'}")
         print(f"  bare in-process loop (baseline) {args.subjects / bare_s:8.2f} subjects/s   1.000x")
-        print(f"  Ray Data job, whole run         {args.subjects / job_s:8.2f} subjects/s   {bare_s / job_s:.3f}x"
-              f"   (includes Ray start-up of the actor pool and model load: {summary.first_result_s:.1f} s to the first batch)")
-        if summary.after_first and summary.seconds > summary.first_result_s:
-            steady = summary.after_first / (summary.seconds - summary.first_result_s)
-            print(f"  Ray Data job, after 1st batch   {steady:8.2f} subjects/s   {steady * bare_s / args.subjects:.3f}x")
+        for concurrency in args.actor_concurrency:
+            summary = run_caching(CachingJobConfig(
+                out=f"{root}/job-{concurrency}", model=model, images=refs, actors=args.actors,
+                gpus_per_actor=args.gpus_per_actor, batch_size=args.batch_size, actor_concurrency=concurrency))
+            report_job(summary, concurrency, bare_s, args.subjects)
     finally:
         if server is not None:
             server.__exit__(None, None, None)

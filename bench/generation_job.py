@@ -33,31 +33,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from dreamcache.adapters import DreamCacheAdapters, adapter_file_bytes  # noqa: E402
 from dreamcache.cache_store import CacheStore  # noqa: E402
 from dreamcache.models import write_tiny_model  # noqa: E402
 from dreamcache.pipeline import DreamCachePipeline  # noqa: E402
 from pipelines.generation import GenerationJobConfig, build_plan, read_manifest, run_generation  # noqa: E402
 
+from method import write_sd21_random  # noqa: E402
+
 PROMPTS = ["a photo of a toy on the beach", "a photo of a toy in the snow", "a toy on a wooden table",
            "a toy in the jungle"]
 COLOURS = ["red", "blue", "green", "orange", "purple", "teal", "gray", "yellow"]
-
-
-def write_sd21_random(folder: Path, dtype: torch.dtype) -> Path:
-    from diffusers import StableDiffusionPipeline
-    from method import sd21_random_components
-
-    components = sd21_random_components()
-    if dtype != torch.float32:  # fp16 halves the bytes to write and to load
-        for name in ("unet", "vae", "text_encoder"):
-            components[name].to(dtype)
-    StableDiffusionPipeline(**components, safety_checker=None, feature_extractor=None,
-                            requires_safety_checker=False).save_pretrained(folder, safe_serialization=True)
-    adapters = DreamCacheAdapters(components["unet"])
-    (folder / "adapter.safetensors").write_bytes(adapter_file_bytes(adapters, dtype=dtype))
-    adapters.remove()
-    return folder
 
 
 def bare_loop(pipe, rows, caches, args, out: Path) -> tuple[float, int]:
@@ -118,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
 
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="bench-generation-"))
-    model_dir = write_tiny_model(work / "model") if args.model == "tiny" else write_sd21_random(work / "model", dtype)
+    model_dir = write_tiny_model(work / "model") if args.model == "tiny" else write_sd21_random(work / "model", dtype, args.device)
     adapter = str(model_dir / "adapter.safetensors")
     pipe = DreamCachePipeline.from_pretrained(str(model_dir), adapter=adapter, torch_dtype=dtype).to(args.device)
     pipe.set_progress_bar_config(disable=True)

@@ -29,6 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus-per-actor", type=float, default=0.0, help="0 = CPU actors")
     p.add_argument("--cpus-per-actor", type=float, default=0.5)
     p.add_argument("--batch-size", type=int, default=8, help="subjects per actor batch (and images per UNet call)")
+    p.add_argument("--actor-concurrency", type=int, default=CachingJobConfig.actor_concurrency,
+                   help="batches in flight per actor: input prep and serialization overlap the GPU work")
     p.add_argument("--resolution", type=int, help="reference size in pixels (default: the model's)")
     p.add_argument("--preprocess", choices=["resize", "pad"], default="resize")
     p.add_argument("--cache-prompt", default="")
@@ -45,7 +47,8 @@ def config_from_args(args: argparse.Namespace) -> CachingJobConfig:
     return CachingJobConfig(
         out=args.out, model=args.model, images=args.images, catalog=args.catalog, actors=args.actors,
         gpus_per_actor=args.gpus_per_actor, cpus_per_actor=args.cpus_per_actor, batch_size=args.batch_size,
-        resolution=args.resolution, preprocess=args.preprocess, cache_prompt=args.cache_prompt, seed=args.seed,
+        actor_concurrency=args.actor_concurrency, resolution=args.resolution, preprocess=args.preprocess,
+        cache_prompt=args.cache_prompt, seed=args.seed,
         dtype=args.dtype, max_image_pixels=args.max_image_pixels, max_image_bytes=args.max_image_bytes,
         max_references=args.max_references,
     )

@@ -20,6 +20,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import threading
 import time
 import uuid
 from collections import OrderedDict
@@ -63,6 +64,7 @@ WORK_SCHEMA = pa.schema(list(MANIFEST_SCHEMA) + [
     ("pixels", pa.list_(pa.binary())),  # prepared RGB references (read -> compute)
     ("prior", pa.string()),  # JSON of this subject's row in the last manifest (plan -> read)
     ("cache_bytes", pa.binary()),  # the cache file (compute -> write)
+    ("stored_cache", pa.string()),  # JSON of a cache already in the store for these sources (read -> compute)
 ])
 
 
@@ -81,6 +83,9 @@ class CachingJobConfig:
     cpus_per_actor: float = 0.5  # fractional: on a 2-CPU machine two 1-CPU actors would starve the read tasks
     read_cpus: float = 0.25
     batch_size: int = 8  # subjects per actor batch
+    # Batches in flight per actor: while one is on the GPU, another's input is prepared and the last one's
+    # caches are serialized (the GPU part itself runs one batch at a time, see CacheActor).
+    actor_concurrency: int = 2
     resolution: int | None = None
     preprocess: str = "resize"
     cache_prompt: str = ""
@@ -94,8 +99,8 @@ class CachingJobConfig:
     def __post_init__(self) -> None:
         if (self.images is None) == (self.catalog is None):
             raise JobInputError("give exactly one of images (a prefix) or catalog (a file)")
-        if self.actors < 1 or self.batch_size < 1:
-            raise JobInputError("actors and batch_size must be >= 1")
+        if self.actors < 1 or self.batch_size < 1 or self.actor_concurrency < 1:
+            raise JobInputError("actors, batch_size and actor_concurrency must be >= 1")
         if self.preprocess not in ("resize", "pad"):
             raise JobInputError(f"preprocess must be resize or pad, got {self.preprocess!r}")
 
@@ -291,8 +296,36 @@ def _read_subject(row: dict, config: CachingJobConfig, size: tuple[int, int], li
         row.update(source_hashes=hashes, pixels=pixels)
     except (ImageDecodeError, storage.StorageError) as exc:
         _fail(row, str(exc), retryable=_retryable(exc))
+    else:
+        row["stored_cache"] = _stored_cache(row, config, size)
     row["read_s"] = time.perf_counter() - start
     return row
+
+
+def _stored_cache(row: dict, config: CachingJobConfig, size: tuple[int, int]) -> str | None:
+    """A resumed run (killed before its manifest): the store may already hold this subject's cache from these
+    very sources and settings. Its header is read here, in the parallel CPU stage, so that the actor only
+    compares the base-model fingerprint (known once the model is loaded) and its GPU never waits on storage."""
+    from dreamcache.cache import CacheInfo
+    from dreamcache.safetensors_header import header_length, read_metadata
+
+    try:
+        # One ranged GET covers a cache's header (about 1 KiB); a second one only for an unusual header.
+        head = storage.read_range(row["cache_uri"], 0, 1 << 16)
+        if len(head) < 8 + header_length(head):
+            head = storage.read_range(row["cache_uri"], 0, 8 + header_length(head))
+        info = CacheInfo.from_metadata(read_metadata(head))
+    except (storage.StorageError, ValueError, KeyError, TypeError):
+        return None
+    same = (list(info.source_hashes) == row["source_hashes"] and info.cache_prompt == config.cache_prompt
+            and info.preprocess == config.preprocess and info.seed == config.seed and info.resolution == size)
+    if not same:
+        return None
+    try:
+        size_bytes = storage.size(row["cache_uri"])
+    except storage.StorageError:
+        return None
+    return json.dumps({"base_model": info.base_model, "bytes": size_bytes})
 
 
 def version_stage(batch: pa.Table) -> pa.Table:
@@ -326,7 +359,13 @@ def split_unchanged(rows: list[dict]) -> tuple[list[dict], list[dict]]:
 
 
 class CacheActor:
-    """GPU (or CPU) actor: loads the pipeline once, turns batches of subjects into cache files' bytes."""
+    """GPU (or CPU) actor: loads the pipeline once, turns batches of subjects into cache files' bytes.
+
+    Ray Data may run ``actor_concurrency`` calls at once in this actor's threads. Only the part that uses the
+    model (VAE encode, UNet, copy back to the host) holds ``_model_lock``, because the feature hooks live on
+    the shared UNet; building the input images and serializing the caches run outside it, overlapped with
+    the next batch's GPU work.
+    """
 
     def __init__(self, config: CachingJobConfig) -> None:
         import torch
@@ -335,10 +374,12 @@ class CacheActor:
         from dreamcache.pipeline import DreamCachePipeline
 
         self.config = config
-        device = torch.device("cuda" if config.gpus_per_actor > 0 and torch.cuda.is_available() else "cpu")
-        self.pipe = DreamCachePipeline.from_pretrained(config.model, torch_dtype=pick_dtype(config.dtype, device)).to(device)
+        self.device = torch.device("cuda" if config.gpus_per_actor > 0 and torch.cuda.is_available() else "cpu")
+        self.pipe = DreamCachePipeline.from_pretrained(config.model, torch_dtype=pick_dtype(config.dtype, self.device))
+        self.pipe.to(self.device)
         self.pipe.set_progress_bar_config(disable=True)  # Ray Data shows the job's progress
         self.resolution = config.resolution or self.pipe.default_resolution
+        self._model_lock = threading.Lock()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
@@ -360,24 +401,12 @@ class CacheActor:
         return pa.Table.from_pylist(rows, schema=WORK_SCHEMA)
 
     def _already_cached(self, row: dict) -> bool:
-        """A resumed run: the store already holds this subject's cache from the same sources, model, settings."""
-        from dreamcache.cache import CacheInfo
-        from dreamcache.safetensors_header import header_length, read_metadata
-
-        try:
-            # One ranged GET covers a cache's header (about 1 KiB); a second one only for an unusual header.
-            head = storage.read_range(row["cache_uri"], 0, 1 << 16)
-            if len(head) < 8 + header_length(head):
-                head = storage.read_range(row["cache_uri"], 0, 8 + header_length(head))
-            info = CacheInfo.from_metadata(read_metadata(head))
-        except (storage.StorageError, ValueError, KeyError, TypeError):
+        """The read stage found a cache of these sources and settings; it counts if the model is this one."""
+        stored = json.loads(row["stored_cache"]) if row["stored_cache"] else None
+        if stored is None or stored["base_model"] != self.pipe.base_model:
             return False
-        same = (list(info.source_hashes) == row["source_hashes"] and info.base_model == self.pipe.base_model
-                and info.cache_prompt == self.config.cache_prompt and info.preprocess == self.config.preprocess
-                and info.seed == self.config.seed and info.resolution == (self.resolution, self.resolution))
-        if same:
-            row.update(action="skipped", base_model=info.base_model, bytes=storage.size(row["cache_uri"]))
-        return same
+        row.update(action="skipped", base_model=stored["base_model"], bytes=stored["bytes"])
+        return True
 
     def _compute(self, rows: list[dict]) -> list[bytes]:
         """All references of the batch through the UNet together, then regrouped into one cache per subject."""
@@ -389,12 +418,27 @@ class CacheActor:
         shape = (self.resolution, self.resolution, 3)
         images = [Image.fromarray(np.frombuffer(p, np.uint8).reshape(shape)) for row in rows for p in row["pixels"]]
         hashes = [h for row in rows for h in row["source_hashes"]]
-        caches = iter(self.pipe.build_caches(
-            images, hashes, resolution=self.resolution, preprocess=self.config.preprocess,
-            cache_prompt=self.config.cache_prompt, seed=self.config.seed, batch_size=self.config.batch_size,
-        ))
+        with self._model_lock:
+            built = self.pipe.build_caches(
+                images, hashes, resolution=self.resolution, preprocess=self.config.preprocess,
+                cache_prompt=self.config.cache_prompt, seed=self.config.seed, batch_size=self.config.batch_size,
+            )
+            # Back on the host before the lock goes: a later copy would queue behind the next batch's kernels.
+            caches = iter([cache.to("cpu") for cache in built])
         return [FeatureCache.concat([next(caches) for _ in row["pixels"]], subject_id=row["subject_id"]).to_bytes()
                 for row in rows]
+
+
+def actor_pool(config: CachingJobConfig):
+    """The compute stage's pool, with ``actor_concurrency`` calls per actor where this Ray supports it."""
+    import ray
+
+    try:
+        return ray.data.ActorPoolStrategy(size=config.actors, max_concurrent_calls_per_actor=config.actor_concurrency,
+                                          enable_true_multi_threading=config.actor_concurrency > 1)
+    except TypeError:  # an older Ray: one call at a time
+        logger.warning("this Ray has no concurrent actor calls in Ray Data; actor_concurrency ignored")
+        return ray.data.ActorPoolStrategy(size=config.actors)
 
 
 def write_stage(batch: pa.Table) -> pa.Table:
@@ -467,7 +511,7 @@ def run_caching(config: CachingJobConfig) -> JobSummary:
                             batch_format="pyarrow", batch_size=max(1, config.batch_size), num_cpus=config.read_cpus)
         ds = ds.map_batches(
             CacheActor, fn_constructor_args=(config,), batch_format="pyarrow", batch_size=config.batch_size,
-            compute=ray.data.ActorPoolStrategy(size=config.actors), num_gpus=config.gpus_per_actor,
+            compute=actor_pool(config), num_gpus=config.gpus_per_actor,
             num_cpus=config.cpus_per_actor,
             # Ray Data's actor pools restart a killed actor and retry its batch (max_restarts and
             # max_task_retries default to -1 there): no subject is lost; tests/test_caching.py kills one.
