@@ -37,8 +37,8 @@ from dreamcache.cache_store import CacheStore  # noqa: E402
 from dreamcache.models import write_tiny_model  # noqa: E402
 from dreamcache.pipeline import DreamCachePipeline  # noqa: E402
 from pipelines.generation import GenerationJobConfig, build_plan, read_manifest, run_generation  # noqa: E402
-
-from method import write_sd21_random  # noqa: E402
+from method import write_sd21_random  # noqa: E402 - bench/method.py
+from timing import sync  # noqa: E402 - bench/timing.py
 
 PROMPTS = ["a photo of a toy on the beach", "a photo of a toy in the snow", "a toy on a wooden table",
            "a toy in the jungle"]
@@ -77,11 +77,6 @@ def steady_state(manifest: list[dict]) -> tuple[float, int]:
     if len(ends) < 2:
         raise SystemExit("the job rendered fewer than two batches: raise --images")
     return ends[-1][0] - ends[0][0], sum(n for _, n in ends[1:])
-
-
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -26,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dreamcache.models import ddim_scheduler, offline_clip_tokenizer, tiny_components  # noqa: E402
 from dreamcache.pipeline import DreamCachePipeline  # noqa: E402
+from timing import timed_runs  # noqa: E402 - bench/timing.py (the script's folder is on sys.path)
 
 
 def sd21_random_components() -> dict:
@@ -70,21 +70,8 @@ def write_sd21_random(folder: Path, dtype: torch.dtype, device: str = "cpu") -> 
     return folder
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def best_of(fn, device: torch.device, repeat: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeat):
-        sync(device)
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(timed_runs(fn, device, repeat))
 
 
 def bench_generation(pipe, sd, cache, args, device) -> None:

@@ -27,7 +27,6 @@ import shutil
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +42,7 @@ from dreamcache.models import tiny_components  # noqa: E402
 from dreamcache.pipeline import DreamCachePipeline  # noqa: E402
 from dreamcache.training import AdapterTrainer, TrainingConfig, train  # noqa: E402
 from dreamcache.triplets import write_triplets  # noqa: E402
+from timing import timed_runs  # noqa: E402 - bench/timing.py
 
 
 def synthetic_rows(count: int, size: int, seed: int = 0) -> list[dict]:
@@ -60,11 +60,6 @@ def synthetic_rows(count: int, size: int, seed: int = 0) -> list[dict]:
         (ImageDraw.Draw(mask).ellipse if i % 2 else ImageDraw.Draw(mask).rectangle)(box, fill=255)
         rows.append({"id": f"bench-{i}", "caption": f"a shape number {i}", "target": target, "mask": mask})
     return rows
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def bare_loop(trainer: AdapterTrainer, batch_size: int, steps: int) -> list[float]:
@@ -98,15 +93,7 @@ def bare_loop(trainer: AdapterTrainer, batch_size: int, steps: int) -> list[floa
         trainer.optimizer.step()
         trainer.optimizer.zero_grad(set_to_none=True)
 
-    step()
-    times = []
-    for _ in range(steps):
-        sync(device)
-        start = time.perf_counter()
-        step()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return times
+    return timed_runs(step, device, steps)
 
 
 def train_loop(trainer: AdapterTrainer, config: TrainingConfig, steps: int) -> float:

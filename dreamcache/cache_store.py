@@ -7,9 +7,13 @@ layout; the subject id is validated before it becomes a key.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
 from . import storage
-from .cache import FeatureCache
 from .layers import CachedLayer
+
+if TYPE_CHECKING:  # .cache loads torch and diffusers: listing or naming caches (a job's planner) needs neither
+    from .cache import FeatureCache
 
 CACHE_SUFFIX = ".safetensors"
 
@@ -33,6 +37,8 @@ class CacheStore:
 
     def read(self, subject_id: str, layers: list[CachedLayer] | None = None, base_model: str | None = None) -> FeatureCache:
         """Read and validate; raises storage.ObjectNotFound for an unknown subject, CacheError for a bad file."""
+        from .cache import FeatureCache
+
         uri = self.uri_for(subject_id)
         return FeatureCache.from_bytes(storage.read_bytes(uri), uri, layers, base_model)
 

@@ -14,22 +14,36 @@ import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from . import storage
-from .adapters import AdapterError
-from .cache import CacheError
-from .images import ImageDecodeError, decode_image, sha256_hex
+# torch, diffusers and the S3 client are imported by the commands that use them, not here: building the parser
+# (and so `dreamcache --help`) must not pay seconds of imports.
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger("dreamcache")
-
-USER_ERRORS = (ImageDecodeError, CacheError, AdapterError, storage.StorageError, ValueError, FileNotFoundError,
-               NotADirectoryError, IsADirectoryError)
 
 
 class UsageError(Exception):
     """A bad command line value found after parsing."""
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions that mean bad input (exit 2, one line), not a bug. Importing them loads torch."""
+    from . import storage
+    from .adapters import AdapterError
+    from .cache import CacheError
+    from .images import ImageDecodeError
+
+    return (ImageDecodeError, CacheError, AdapterError, storage.StorageError, ValueError, FileNotFoundError,
+            NotADirectoryError, IsADirectoryError)
+
+
+def __getattr__(name: str) -> Any:
+    # ``USER_ERRORS`` stays importable for callers of the old constant, built only when asked for.
+    if name == "USER_ERRORS":
+        return user_errors()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def quiet_libraries() -> None:
@@ -43,12 +57,16 @@ def quiet_libraries() -> None:
 
 
 def pick_device(name: str) -> torch.device:
+    import torch
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
 
 
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    import torch
+
     if name == "auto":
         return torch.float16 if device.type == "cuda" else torch.float32
     return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[name]
@@ -78,6 +96,9 @@ def cmd_tiny_model(args: argparse.Namespace) -> None:
 
 
 def cmd_cache(args: argparse.Namespace) -> None:
+    from . import storage
+    from .images import decode_image, sha256_hex
+
     images, hashes, names = [], [], []
     for uri in args.images:
         data = storage.read_bytes(uri)
@@ -106,6 +127,10 @@ def cmd_cache(args: argparse.Namespace) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
+    import torch
+
+    from . import storage
+
     pipe = load_pipeline(args, adapter=args.adapter)
     cache = pipe.load_cache(args.cache)
     subject = cache.info.subject_id or PurePosixPath(storage.parse_uri(args.cache).path).stem
@@ -125,6 +150,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def cmd_convert_official(args: argparse.Namespace) -> None:
+    from . import storage
     from .convert import convert_official_checkpoint
 
     data = storage.read_bytes(args.checkpoint)
@@ -194,7 +220,7 @@ def main(argv: list[str] | None = None, extend: Callable[[argparse._SubParsersAc
         quiet_libraries()
     try:
         args.func(args)
-    except (UsageError, *USER_ERRORS) as exc:
+    except (UsageError, *user_errors()) as exc:  # evaluated only when an exception gets here
         print(f"dreamcache: error: {exc}", file=sys.stderr)
         return 2
     return 0

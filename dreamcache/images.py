@@ -28,11 +28,13 @@ import struct
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+if TYPE_CHECKING:  # torch is imported by to_tensor alone: decoding and limits (job parsers, readers) need none
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -216,6 +218,8 @@ def prepare_reference(
 
 def to_tensor(images: Sequence[Image.Image]) -> torch.Tensor:
     """Stack same-sized images into a float32 ``[N, 3, H, W]`` tensor in ``[-1, 1]``."""
+    import torch
+
     if isinstance(images, Image.Image):
         images = [images]
     if len(images) == 0:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `ray job submit --working-dir .` runs from the root
 
-from pipelines.evaluation import add_evaluation_arguments, evaluation_from_args, result_lines, run_evaluation  # noqa: E402
+from pipelines.evaluation_args import add_evaluation_arguments  # noqa: E402 - light: build_parser() needs no torch
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from dreamcache.storage import StorageError
+    from pipelines.evaluation import evaluation_from_args, result_lines, run_evaluation
     from pipelines.ray_runtime import init_ray, run_entrypoint
 
     def work() -> list[str]:

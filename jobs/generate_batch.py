@@ -21,7 +21,9 @@ _ROOT = str(Path(__file__).resolve().parents[1])
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
-from pipelines.generation import add_generation_arguments, config_from_args, run_generation, summary_lines  # noqa: E402
+# Only the light command-line module here: build_parser() (and the manifest checks of tests/test_infra.py)
+# must not import Ray or torch.
+from pipelines.generation_args import add_generation_arguments, config_from_args, summary_lines  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from dreamcache import storage
-    from dreamcache.cli import USER_ERRORS
+    from dreamcache.cli import user_errors
+    from pipelines.generation import run_generation
     from pipelines.ray_runtime import run_entrypoint
 
     def work() -> list[str]:
@@ -44,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
             storage.write_bytes(args.summary_json, json.dumps(summary.as_dict(), indent=2).encode())
         return summary_lines(summary)
 
-    return run_entrypoint("generate_batch", work, USER_ERRORS, quiet=args.quiet)
+    return run_entrypoint("generate_batch", work, user_errors(), quiet=args.quiet)
 
 
 if __name__ == "__main__":

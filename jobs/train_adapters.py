@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `ray job submit --working-dir .` runs from the root
 
-from pipelines.training import add_training_arguments, run_from_args  # noqa: E402
+from pipelines.training_args import add_training_arguments  # noqa: E402 - light: build_parser() needs no torch
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     from dreamcache.storage import StorageError
     from dreamcache.triplets import TripletError
     from pipelines.ray_runtime import run_entrypoint
+    from pipelines.training import run_from_args
 
     return run_entrypoint(
         "train_adapters", lambda: ["train_adapters: " + json.dumps(run_from_args(args), default=str)],

@@ -9,7 +9,8 @@ from dreamcache.cli import main as method_main
 
 
 def add_ray_commands(sub: argparse._SubParsersAction) -> None:
-    """Ray-backed subcommands; each module registers its own parser and imports Ray only when run."""
+    """Ray-backed subcommands. Their parsers come from light ``*_args`` modules; Ray, torch and diffusers are
+    imported by the command functions, so ``dreamcache --help`` stays fast."""
     _add_serve_command(sub)
     _add_generate_batch_command(sub)
     _add_training_commands(sub)
@@ -17,8 +18,8 @@ def add_ray_commands(sub: argparse._SubParsersAction) -> None:
 
 # -- dreamcache train-adapters / evaluate ----------------------------------------------------------------------
 def _add_training_commands(sub: argparse._SubParsersAction) -> None:
-    from pipelines.evaluation import add_evaluation_arguments
-    from pipelines.training import add_training_arguments
+    from pipelines.evaluation_args import add_evaluation_arguments
+    from pipelines.training_args import add_training_arguments
 
     p = sub.add_parser("train-adapters", help="train the conditioning adapters on triplet data (Ray Train)")
     add_training_arguments(p)
@@ -48,7 +49,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
 
 # -- dreamcache generate-batch ---------------------------------------------------------------------------------
 def _add_generate_batch_command(sub: argparse._SubParsersAction) -> None:
-    from pipelines.generation import add_generation_arguments
+    from pipelines.generation_args import add_generation_arguments
 
     p = sub.add_parser("generate-batch", help="render subjects x prompts x seeds on Ray: PNGs, manifest, contact sheet")
     add_generation_arguments(p)
@@ -56,7 +57,8 @@ def _add_generate_batch_command(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_generate_batch(args: argparse.Namespace) -> None:
-    from pipelines.generation import config_from_args, run_generation, summary_lines
+    from pipelines.generation import run_generation
+    from pipelines.generation_args import config_from_args, summary_lines
 
     print("\n".join(summary_lines(run_generation(config_from_args(args)))))
 

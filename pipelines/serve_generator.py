@@ -107,6 +107,16 @@ def _batch_across_subjects() -> Iterator[None]:
         variable.reset(token)
 
 
+def _cache_failure(exc: CacheError | storage.StorageError, subject_id: str, unknown_hint: str = "",
+                   unusable: str = "is unusable") -> Failure:
+    """The answer when a subject's stored cache cannot be had: not there (404), not usable (409), store down (503)."""
+    if isinstance(exc, storage.ObjectNotFound):
+        return Failure(404, f"unknown subject {subject_id!r}{unknown_hint}")
+    if isinstance(exc, CacheError):
+        return Failure(409, f"the stored cache of {subject_id!r} {unusable}: {exc}")
+    return Failure(503, f"the cache store is unavailable: {exc}")
+
+
 def _png(image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", compress_level=4)
@@ -171,12 +181,8 @@ class Generator:
                 return subject_metadata(subject_id, held, uri, await asyncio.to_thread(storage.size, uri))
             data = await asyncio.to_thread(storage.read_bytes, uri)
             return subject_metadata(subject_id, FeatureCache.from_bytes(data, uri), uri, len(data))
-        except storage.ObjectNotFound:
-            return Failure(404, f"unknown subject {subject_id!r}")
-        except CacheError as exc:
-            return Failure(409, f"the stored cache of {subject_id!r} is unusable: {exc}")
-        except storage.StorageError as exc:
-            return Failure(503, f"the cache store is unavailable: {exc}")
+        except (CacheError, storage.StorageError) as exc:
+            return _cache_failure(exc, subject_id)
 
     async def generate(self, job: GenerateJob) -> GenerateResult | Failure:
         held = await self._cache_of(job.subject_id)
@@ -242,17 +248,14 @@ class Generator:
 
     async def _cache_of(self, subject_id: str) -> tuple[FeatureCache, str] | Failure:
         state = "hit" if subject_id in self._resident else "loaded"
+        hint = ": register it with POST /v1/subjects"
         try:
             # An unknown subject must not cost a resident one its LRU slot: check before the LRU loads.
             if state == "loaded" and not await asyncio.to_thread(self.store.exists, subject_id):
-                return Failure(404, f"unknown subject {subject_id!r}: register it with POST /v1/subjects")
+                return Failure(404, f"unknown subject {subject_id!r}{hint}")
             held: ResidentCache = await self._hold(subject_id)
-        except storage.ObjectNotFound:
-            return Failure(404, f"unknown subject {subject_id!r}: register it with POST /v1/subjects")
-        except CacheError as exc:
-            return Failure(409, f"the stored cache of {subject_id!r} cannot be used with this model: {exc}")
-        except storage.StorageError as exc:
-            return Failure(503, f"the cache store is unavailable: {exc}")
+        except (CacheError, storage.StorageError) as exc:
+            return _cache_failure(exc, subject_id, unknown_hint=hint, unusable="cannot be used with this model")
         return held.cache, state
 
     async def _existing(self, subject_id: str, hashes: tuple[str, ...]) -> SubjectOutcome | Failure | None:
@@ -263,7 +266,7 @@ class Generator:
         except storage.ObjectNotFound:
             return None
         except storage.StorageError as exc:
-            return Failure(503, f"the cache store is unavailable: {exc}")
+            return _cache_failure(exc, subject_id)
         try:
             cache = FeatureCache.from_bytes(data, uri)
         except CacheError as exc:

@@ -3,6 +3,7 @@
 import io
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -85,3 +86,21 @@ def test_help_everywhere(command, capsys):
 def test_console_entry_point_runs():
     done = subprocess.run([sys.executable, "-m", "dreamcache.cli", "--help"], capture_output=True, text=True)
     assert done.returncode == 0 and "convert-official" in done.stdout
+
+
+def test_parsers_build_without_heavy_imports():
+    """`dreamcache --help` and the jobs' build_parser() (which tests/test_infra.py runs over the manifests) must
+    stay fast: no torch, diffusers or Ray until a command runs."""
+    code = (
+        "import sys\n"
+        "from dreamcache.cli import build_parser\n"
+        "from pipelines.cli import add_ray_commands\n"
+        "import jobs.cache_catalog, jobs.evaluate, jobs.generate_batch, jobs.train_adapters\n"
+        "build_parser(add_ray_commands)\n"
+        "for job in (jobs.cache_catalog, jobs.evaluate, jobs.generate_batch, jobs.train_adapters):\n"
+        "    job.build_parser()\n"
+        "print(sorted(m for m in ('torch', 'diffusers', 'transformers', 'ray') if m in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr

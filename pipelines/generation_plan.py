@@ -1,0 +1,313 @@
+"""The plan of a generation run: subjects x prompts x seeds (or an explicit plan file) -> rows, each with the
+deterministic name of its image, and the check of which images are already rendered.
+
+An image's name hashes everything that decides its pixels, so "the image exists" means "this row was rendered
+with these parameters" (see ``pipelines.generation``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from dreamcache import storage
+from dreamcache.cache_store import CacheStore
+
+from .generation_manifest import MANIFEST_NAME
+from .generation_settings import GenerationJobConfig, check_seed
+
+logger = logging.getLogger(__name__)
+
+# Bump when the naming or the rendering changes in a way that should re-render every image.
+GENERATION_FORMAT = "dreamcache-generation-1"
+RESERVED_SUBJECT_IDS = frozenset({MANIFEST_NAME})
+PROMPT_KEYS = frozenset({"prompt", "negative_prompt", "guidance_scale", "image_guidance_scale"})
+PLAN_KEYS = PROMPT_KEYS | {"subject_id", "seed"}
+
+
+@dataclass(frozen=True)
+class PromptSpec:
+    prompt: str
+    negative_prompt: str
+    guidance_scale: float
+    image_guidance_scale: float
+
+
+@dataclass(frozen=True)
+class SubjectSource:
+    """Where a subject's cache is, or why there is none."""
+
+    subject_id: str
+    cache_uri: str | None
+    cache_version: str = ""  # hash of the reference images when a caching manifest names them
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class PlanRow:
+    plan_index: int
+    subject_id: str
+    prompt_index: int
+    prompt: PromptSpec
+    seed: int
+    cache_uri: str | None
+    row_key: str
+    image_uri: str | None
+    parameters: str  # JSON of everything hashed into row_key
+    error: str | None = None  # known before rendering (no cache, caching failed, unsafe id)
+
+    def record(self) -> dict:
+        """The Arrow row sent to the actors."""
+        return {
+            "plan_index": self.plan_index, "row_key": self.row_key, "subject_id": self.subject_id,
+            "prompt_index": self.prompt_index, "prompt": self.prompt.prompt,
+            "negative_prompt": self.prompt.negative_prompt, "seed": self.seed,
+            "guidance_scale": self.prompt.guidance_scale, "image_guidance_scale": self.prompt.image_guidance_scale,
+            "parameters": self.parameters, "cache_uri": self.cache_uri, "image_uri": self.image_uri,
+        }
+
+
+def read_text(uri: str, what: str) -> str:
+    try:
+        return storage.read_bytes(uri).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{what} {uri} is not UTF-8 text: {exc}") from None
+
+
+def _json_lines(text: str, source: str) -> list[dict]:
+    rows = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{source} line {number}: not JSON ({exc.msg})") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{source} line {number}: expected a JSON object, got {type(row).__name__}")
+        rows.append(row | {"__line__": number})
+    return rows
+
+
+def _is_jsonl(uri: str, text: str) -> bool:
+    if uri.lower().endswith((".jsonl", ".ndjson", ".json")):
+        return True
+    first = next((line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")), "")
+    return first.startswith("{")
+
+
+def _number(value: Any, name: str, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{where}: {name} must be a number, got {value!r}")
+    return float(value)
+
+
+def prompt_spec(entry: str | Mapping[str, Any], config: GenerationJobConfig, where: str) -> PromptSpec:
+    """One prompt with the job's defaults filled in; unknown keys are refused (a typo must not pass silently)."""
+    if isinstance(entry, str):
+        entry = {"prompt": entry}
+    unknown = set(entry) - PROMPT_KEYS - {"__line__", "subject_id", "seed"}
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {sorted(unknown)}; allowed: {sorted(PROMPT_KEYS)}")
+    prompt = entry.get("prompt")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ValueError(f"{where}: 'prompt' must be a non-empty string, got {prompt!r}")
+    negative = entry.get("negative_prompt", config.negative_prompt)
+    if negative is not None and not isinstance(negative, str):
+        raise ValueError(f"{where}: negative_prompt must be a string, got {negative!r}")
+    return PromptSpec(
+        prompt=prompt.strip(),
+        negative_prompt=(negative or "").strip(),
+        guidance_scale=_number(entry.get("guidance_scale", config.guidance_scale), "guidance_scale", where),
+        image_guidance_scale=_number(entry.get("image_guidance_scale", config.image_guidance_scale),
+                                     "image_guidance_scale", where),
+    )
+
+
+def load_prompts(config: GenerationJobConfig) -> list[PromptSpec]:
+    """The prompts of ``config.prompts`` (a file URI or values), duplicates dropped, order kept."""
+    source = config.prompts
+    if isinstance(source, str):
+        text = read_text(source, "prompts file")
+        if _is_jsonl(source, text):
+            entries: list = _json_lines(text, source)
+            places = [f"{source} line {e['__line__']}" for e in entries]
+        else:
+            numbered = [(n, line.strip()) for n, line in enumerate(text.splitlines(), 1)]
+            entries = [line for _, line in numbered if line and not line.startswith("#")]
+            places = [f"{source} line {n}" for n, line in numbered if line and not line.startswith("#")]
+    else:
+        entries = list(source or [])
+        places = [f"prompt {i}" for i in range(len(entries))]
+    specs = list(dict.fromkeys(prompt_spec(e, config, where) for e, where in zip(entries, places)))
+    if not specs:
+        raise ValueError(f"no prompts in {source!r}")
+    return specs
+
+
+def _caching_manifest_subjects(uri: str) -> list[SubjectSource]:
+    """Subjects of a caching job's manifest: ``ok`` rows point at their cache, ``error`` rows carry the reason."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(pa.BufferReader(storage.read_bytes(uri)))
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise ValueError(f"caching manifest {uri} is not a readable Parquet file: {exc}") from None
+    missing = {"subject_id", "status", "cache_uri"} - set(table.column_names)
+    if missing:
+        raise ValueError(f"caching manifest {uri} lacks column(s) {sorted(missing)}")
+    sources: dict[str, SubjectSource] = {}
+    for row in table.to_pylist():
+        subject = row["subject_id"]
+        if subject in sources:
+            logger.warning("caching manifest %s lists subject %r twice; using its first row", uri, subject)
+            continue
+        hashes = row.get("source_hashes") or []
+        version = hashlib.sha256(json.dumps([row.get("base_model") or "", list(hashes)]).encode()).hexdigest()[:16] \
+            if hashes else ""
+        if row["status"] != "ok" or not row["cache_uri"]:
+            reason = row.get("error") or f"status {row['status']!r} without a cache"
+            sources[subject] = SubjectSource(subject, None, version, f"caching failed: {reason}")
+        else:
+            sources[subject] = SubjectSource(subject, row["cache_uri"], version)
+    return list(sources.values())
+
+
+def load_subjects(config: GenerationJobConfig) -> dict[str, SubjectSource]:
+    """Every subject the caches know, by id (a caching manifest if ``caches`` ends in .parquet, else the
+    ``<subject_id>.safetensors`` files under the prefix)."""
+    if config.caches.lower().endswith(".parquet"):
+        sources = _caching_manifest_subjects(config.caches)
+    else:
+        store = CacheStore(config.caches)
+        sources = [SubjectSource(s, store.uri_for(s)) for s in store.subjects()]
+    return {s.subject_id: s for s in sources}
+
+
+def id_problem(subject_id: Any) -> str | None:
+    """Why ``subject_id`` cannot name a folder under ``out`` (None when it can)."""
+    try:
+        storage.validate_id(subject_id)
+    except storage.InvalidId as exc:
+        return str(exc)
+    if subject_id in RESERVED_SUBJECT_IDS:
+        return f"subject id {subject_id!r} is reserved in the output layout"
+    return None
+
+
+def _subject_source(subject_id: Any, known: Mapping[str, SubjectSource], caches: str) -> SubjectSource:
+    problem = id_problem(subject_id)
+    if problem is not None:
+        return SubjectSource(str(subject_id), None, error=problem)
+    return known.get(subject_id) or SubjectSource(subject_id, None, error=f"no cache for subject {subject_id!r} in {caches}")
+
+
+def _plan_file_rows(source: str | Sequence[Mapping[str, Any]]) -> list[tuple[dict, str]]:
+    """(row, where) from a JSONL or Parquet plan file, or from dicts."""
+    if not isinstance(source, str):
+        return [(dict(row), f"plan row {i}") for i, row in enumerate(source)]
+    if source.lower().endswith(".parquet"):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        try:
+            rows = pq.read_table(pa.BufferReader(storage.read_bytes(source))).to_pylist()
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise ValueError(f"plan {source} is not a readable Parquet file: {exc}") from None
+        return [({k: v for k, v in r.items() if v is not None}, f"{source} row {i}") for i, r in enumerate(rows)]
+    return [(row, f"{source} line {row['__line__']}") for row in _json_lines(read_text(source, "plan file"), source)]
+
+
+def _requested_rows(config: GenerationJobConfig) -> Iterable[tuple[Any, PromptSpec, int]]:
+    """(subject id, prompt, seed) in plan order, before any lookup."""
+    if config.plan is None:
+        prompts = load_prompts(config)
+        subjects = list(config.subjects) if config.subjects is not None else sorted(load_subjects(config))
+        if not subjects:
+            raise ValueError(f"no subjects: {config.caches} holds no caches")
+        for subject in dict.fromkeys(subjects):
+            for prompt in prompts:
+                for seed in config.seeds:
+                    yield subject, prompt, seed
+        return
+    rows = _plan_file_rows(config.plan)
+    if not rows:
+        raise ValueError(f"the plan {config.plan!r} has no rows")
+    wanted = set(config.subjects) if config.subjects is not None else None
+    for row, where in rows:
+        unknown = set(row) - PLAN_KEYS - {"__line__"}
+        if unknown:
+            raise ValueError(f"{where}: unknown key(s) {sorted(unknown)}; allowed: {sorted(PLAN_KEYS)}")
+        if "subject_id" not in row:
+            raise ValueError(f"{where}: 'subject_id' is required")
+        if wanted is not None and row["subject_id"] not in wanted:
+            continue
+        prompt = prompt_spec(row, config, where)
+        seeds = [check_seed(row["seed"])] if "seed" in row else list(config.seeds)
+        for seed in seeds:
+            yield row["subject_id"], prompt, seed
+
+
+def row_parameters(config: GenerationJobConfig, subject: SubjectSource, prompt: PromptSpec, seed: int) -> dict:
+    """Everything that decides an image's pixels; its hash names the image."""
+    return {
+        "format": GENERATION_FORMAT, "subject_id": subject.subject_id, "cache_version": subject.cache_version,
+        "prompt": prompt.prompt, "negative_prompt": prompt.negative_prompt, "seed": seed,
+        "guidance_scale": prompt.guidance_scale, "image_guidance_scale": prompt.image_guidance_scale,
+        "guidance": config.guidance, "steps": config.steps, "height": config.height, "width": config.width,
+        "model": storage.parse_uri(config.model).uri, "adapter": storage.parse_uri(config.adapter).uri,
+        "dtype": config.dtype,
+    }
+
+
+def _slug(text: str, limit: int = 48) -> str:
+    slug = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit].strip("-")
+    return slug or "prompt"
+
+
+def image_name(parameters: Mapping[str, Any]) -> tuple[str, str]:
+    """(row key, file name): readable prefix, hash of the parameters."""
+    key = hashlib.sha256(json.dumps(parameters, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    return key, f"{_slug(parameters['prompt'])}-s{parameters['seed']}-{key[:16]}.png"
+
+
+def build_plan(config: GenerationJobConfig) -> list[PlanRow]:
+    """Every row of the run, in plan order, each with its image URI (or the reason it cannot be rendered).
+    Rows with the same parameters appear once."""
+    known = load_subjects(config)
+    prompt_index: dict[PromptSpec, int] = {}
+    rows: list[PlanRow] = []
+    seen: set[str] = set()
+    for subject_id, prompt, seed in _requested_rows(config):
+        subject = _subject_source(subject_id, known, config.caches)
+        parameters = row_parameters(config, subject, prompt, seed)
+        key, name = image_name(parameters)
+        if key in seen:
+            continue
+        seen.add(key)
+        image_uri = storage.join_uri(config.out, subject.subject_id, name) if id_problem(subject.subject_id) is None else None
+        rows.append(PlanRow(
+            plan_index=len(rows), subject_id=subject.subject_id, prompt_index=prompt_index.setdefault(prompt, len(prompt_index)),
+            prompt=prompt, seed=seed, cache_uri=subject.cache_uri, row_key=key, image_uri=image_uri,
+            parameters=json.dumps(parameters, sort_keys=True), error=subject.error,
+        ))
+    return rows
+
+
+def existing_images(out: str, subjects: Iterable[str], threads: int = 16) -> set[str]:
+    """URIs of the PNGs already in the subjects' folders under ``out``: one listing per subject folder (in
+    parallel), not one request per row, and never the growing ``_runs/`` folder."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    folders = [storage.join_uri(out, s) for s in dict.fromkeys(subjects) if id_problem(s) is None]
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        listings = pool.map(storage.list_files, folders)
+        found = {uri for listing in listings for uri in listing if uri.endswith(".png")}
+    logger.info("%d images already under %s (%d subject folders listed)", len(found), out, len(folders))
+    return found
