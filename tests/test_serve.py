@@ -258,6 +258,7 @@ def test_a_batch_mixes_subjects_each_sample_with_its_own_cache(api):
             responses = list(pool.map(lambda job: generate(client, job[0], seed=job[1], **params), jobs))
     assert [r.status_code for r in responses] == [200] * len(jobs)
     bodies = [r.json() for r in responses]
+    # Serve would split a batch by subject (multiplexed id); serve_batching.outside_request is what mixes them.
     assert max(b["server"]["batch_subjects"] for b in bodies) >= 2, [b["server"] for b in bodies]
     for (subject, seed), body in zip(jobs, bodies):
         if seed == 7:  # same seed and parameters as alone: the same image, up to batch-size rounding
@@ -435,3 +436,44 @@ def test_device_queue_merges_what_waits_while_the_device_is_busy():
     asyncio.run(scenario())
     assert calls[:3] == [[1], [2, 3, 4, 5], [6]]  # merged up to max_size; the cancelled 7 never ran
     assert calls[3:] == [[13, 14], [8, 9]]
+
+
+def test_outside_request_drops_the_callers_context_and_is_cancelled_with_it():
+    """The half of mixed batching that is plain Python: the enqueue sees none of the request's context variables
+    (Serve's multiplexed id is one), and a cancelled request cancels it. The Serve half is checked by
+    test_a_batch_mixes_subjects_each_sample_with_its_own_cache."""
+    import contextvars
+
+    from pipelines.serve_batching import outside_request
+
+    request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
+
+    async def read() -> str:
+        return request_id.get()
+
+    async def scenario():
+        request_id.set("request-1")
+        assert await outside_request(read()) == ""
+        assert request_id.get() == "request-1"
+
+        started, cancelled = asyncio.Event(), asyncio.Event()
+
+        async def enqueued() -> None:
+            started.set()
+            try:
+                await asyncio.sleep(60)
+            except asyncio.CancelledError:
+                cancelled.set()
+                raise
+
+        async def handler() -> None:
+            await outside_request(enqueued())
+
+        request = asyncio.ensure_future(handler())
+        await started.wait()
+        request.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await request
+        assert cancelled.is_set()
+
+    asyncio.run(scenario())
