@@ -11,7 +11,7 @@ import uuid
 
 import pytest
 
-from serve_fixtures import reference_png, running_app, tiny_app_args
+from serve_fixtures import Api, reference_png
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
@@ -22,11 +22,10 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(scope="module")
-def page_url(ray_cluster, tiny_model_dir, tmp_path_factory):
-    caches = tmp_path_factory.mktemp("web-caches")
-    with running_app(tiny_app_args(tiny_model_dir, str(caches), batch_wait_timeout_s=0.01), "dreamcache-web") as url:
-        yield url + "/"
+@pytest.fixture
+def page_url(open_api: Api) -> str:
+    """The page of the session's app without auth (serve_fixtures)."""
+    return open_api.url + "/"
 
 
 @pytest.fixture
