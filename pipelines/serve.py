@@ -51,7 +51,9 @@ from .serve_settings import ServeSettings, resolve_api_token
 logger = logging.getLogger(__name__)
 
 PAGE = Path(__file__).with_name("static") / "index.html"
-OPEN_PATHS = frozenset({"/healthz"})  # reachable without the bearer token
+# Reachable without the bearer token: health checks, and the web page, which a browser loads without any header
+# (it is static and holds no data; it asks for the token and sends it with every API call).
+OPEN_PATHS = frozenset({"/healthz", "/"})
 SMALL_BODY_BYTES = 1 * 2**20  # JSON requests other than subject uploads
 TIMEOUT_HEADER = "X-DreamCache-Timeout"  # seconds; lowers (never raises) the server's deadline for one request
 
@@ -107,7 +109,7 @@ def prefers_png(accept: str | None) -> bool:
 
 # -- ASGI guards: auth and body size, before any route runs --------------------------------------------------------
 class Guard:
-    """Bearer-token check (every path but /healthz) and a request-body limit (413 before reading it all)."""
+    """Bearer-token check (every path but OPEN_PATHS) and a request-body limit (413 before reading it all)."""
 
     def __init__(self, app, token: str | None, subject_body_bytes: int) -> None:
         self.app = app

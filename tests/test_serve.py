@@ -53,9 +53,12 @@ def field_of(response: httpx.Response) -> list[str]:
 
 
 # -- ops, docs, auth ------------------------------------------------------------------------------------------------
-def test_healthz_is_open_and_openapi_lists_the_v1_routes(auth_api):
+def test_healthz_and_the_page_are_open_and_openapi_lists_the_v1_routes(auth_api):
     with auth_api.client(token=None) as anonymous:
         assert anonymous.get("/healthz").json() == {"status": "ok"}
+        page = anonymous.get("/")  # a browser loads the page without a header; the page then asks for the token
+        assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+        assert auth_api.token not in page.text
     with auth_api.client() as client:
         assert client.get("/docs").status_code == 200
         paths = client.get("/openapi.json").json()["paths"]
@@ -65,14 +68,14 @@ def test_healthz_is_open_and_openapi_lists_the_v1_routes(auth_api):
 
 
 @pytest.mark.parametrize("token", [None, "wrong-token"])
-def test_every_route_but_healthz_needs_the_bearer_token(auth_api, token):
+def test_every_route_but_healthz_and_the_page_needs_the_bearer_token(auth_api, token):
     with auth_api.client(token=token) as client:
-        calls = [client.get("/"), client.get("/docs"), client.get("/openapi.json"),
+        calls = [client.get("/docs"), client.get("/openapi.json"),
                  client.get("/v1/subjects/anything"), generate(client, "anything"),
                  register(client, "anything", reference_png(0))]
         assert [r.status_code for r in calls] == [401] * len(calls)
         assert all(r.headers["www-authenticate"] == "Bearer" for r in calls)
-        assert client.get("/healthz").status_code == 200
+        assert client.get("/healthz").status_code == 200 and client.get("/").status_code == 200
 
 
 # -- subjects ---------------------------------------------------------------------------------------------------------
