@@ -137,15 +137,17 @@ class Generator:
             counts = dict(self._counts)
         return {"replica": self.replica, "resident": sorted(self._resident), **counts}
 
-    async def subject_info(self, subject_id: str) -> dict[str, Any] | Failure:
+    async def subject_info(self, subject_id: str) -> SubjectOutcome | Failure:
         """A subject's metadata; read from the store unless resident, and never loaded into the LRU for it."""
         uri = self.store.uri_for(subject_id)
         try:
             held = self._peek(subject_id)
             if held is not None:
-                return subject_metadata(subject_id, held, uri, await asyncio.to_thread(storage.size, uri))
-            data = await asyncio.to_thread(storage.read_bytes, uri)
-            return subject_metadata(subject_id, FeatureCache.from_bytes(data, uri), uri, len(data))
+                metadata = subject_metadata(subject_id, held, uri, await asyncio.to_thread(storage.size, uri))
+            else:
+                data = await asyncio.to_thread(storage.read_bytes, uri)
+                metadata = subject_metadata(subject_id, FeatureCache.from_bytes(data, uri), uri, len(data))
+            return SubjectOutcome(False, metadata, self.replica)
         except storage.ObjectNotFound:
             return Failure(404, f"unknown subject {subject_id!r}")
         except CacheError as exc:
@@ -193,7 +195,7 @@ class Generator:
             self._fresh[subject_id] = cache
             await self._hold(subject_id)
             self._fresh.pop(subject_id, None)  # left over when the subject was resident already
-            return SubjectOutcome(True, subject_metadata(subject_id, cache, uri, nbytes))
+            return SubjectOutcome(True, subject_metadata(subject_id, cache, uri, nbytes), self.replica)
 
     # -- subject caches -------------------------------------------------------------------------------------
     def _make_cache_loader(self):
@@ -251,7 +253,7 @@ class Generator:
             cache.validate(uri, self.pipe.layers, self.pipe.base_model)
         except CacheError as exc:
             return Failure(409, f"subject {subject_id!r} was cached for another model: {exc}", "subject_id")
-        return SubjectOutcome(False, subject_metadata(subject_id, cache, uri, len(data)))
+        return SubjectOutcome(False, subject_metadata(subject_id, cache, uri, len(data)), self.replica)
 
     # -- batched generation ---------------------------------------------------------------------------------
     # Batches go on to the device queue, which merges those that wait for the device: many may be in flight.

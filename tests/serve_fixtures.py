@@ -11,7 +11,8 @@ Two apps, because auth is app-wide:
 
 * ``auth`` at ``/``: bearer-token auth on, one generator replica with an LRU of :data:`AUTH_LRU_SLOTS`
   subjects, small upload limits and a small queue, so that every contract of the API can be reached.
-* ``open`` at ``/open``: no auth, default limits (the web page without a token, and under a route prefix).
+* ``open`` at ``/open``: no auth, default limits, :data:`OPEN_REPLICAS` generator replicas (routing by subject
+  across replicas; the web page without a token, and under a route prefix).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from PIL import Image
 
 AUTH_LRU_SLOTS = 2
 AUTH_MAX_UPLOAD = 100_000
+OPEN_REPLICAS = 2  # at 0.25 CPU each: both fit the session's 4-CPU Ray next to the auth app
 
 
 class _AppToken:
@@ -118,7 +120,7 @@ def serve_test_apps(model_dir: Path, s3_bucket: str, workdir: Path) -> dict[str,
         request_timeout_s=120,
     )
     open_caches = str(workdir / "open-caches")  # a local folder: the store's path backend, next to S3 above
-    open_ = tiny_app_args(model_dir, open_caches, batch_wait_timeout_s=0.01)
+    open_ = tiny_app_args(model_dir, open_caches, replicas=OPEN_REPLICAS, batch_wait_timeout_s=0.01)
     return {
         "auth": AppSpec("dreamcache-test", "/", auth, f"{root}/caches", f"{root}/uploads", token),
         "open": AppSpec("dreamcache-open", "/open", open_, open_caches),

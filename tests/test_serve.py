@@ -3,7 +3,7 @@
 The session's auth app (``auth_api``, see serve_fixtures): auth on (every client here sends the token), an LRU
 of 2 subjects on its one replica, a small upload limit and a small queue, so that each contract of the API can be
 reached: errors case by case, auth, the LRU, batches that mix subjects, concurrency, overload (503) and timeouts
-(504).
+(504). Routing by subject across replicas runs on the app with two generator replicas (``open_api``).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import base64
 import io
 import json
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -24,7 +25,7 @@ from PIL import Image
 from dreamcache import storage
 from serve_fixtures import AUTH_LRU_SLOTS as LRU_SLOTS
 from serve_fixtures import AUTH_MAX_UPLOAD as MAX_UPLOAD
-from serve_fixtures import Api, reference_png
+from serve_fixtures import OPEN_REPLICAS, Api, reference_png
 
 def generator_stats(api: Api) -> dict:
     """Counters of the app's generator replica (the auth app has one)."""
@@ -257,6 +258,57 @@ def test_concurrent_requests_for_several_subjects(auth_api):
             responses = list(pool.map(lambda job: generate(client, job[0], seed=job[1], num_images=1), jobs))
     assert [r.status_code for r in responses] == [200] * len(jobs), [r.text[:200] for r in responses]
     assert [r.json()["subject_id"] for r in responses] == [s for s, _ in jobs]
+
+
+# -- routing across replicas ------------------------------------------------------------------------------------------
+REPLICA = "x-dreamcache-replica"
+
+
+def wait_until_routed(client: httpx.Client, subject_id: str, holder: str, streak: int = 20,
+                      timeout: float = 60) -> None:
+    """Until the ingress's router knows that ``holder`` holds the subject: GET /v1/subjects/{id} (routed by subject
+    like a generate, but it loads nothing) answered from ``holder`` ``streak`` times in a row.
+
+    Replicas report the subjects they hold every 0.1 s, through the controller; until a report reaches the router,
+    it sends the subject's requests to a replica holding the fewest subjects it knows of, which may be the holder
+    by chance. The wait starts 1.5 s after the registration, ten times the usual delay, so that a streak is not
+    such chance."""
+    time.sleep(1.5)
+    deadline, run = time.monotonic() + timeout, 0
+    while run < streak:
+        assert time.monotonic() < deadline, f"requests for {subject_id} never settled on replica {holder}"
+        answer = client.get(f"/v1/subjects/{subject_id}")
+        assert answer.status_code == 200, answer.text
+        run = run + 1 if answer.headers[REPLICA] == holder else 0
+
+
+def test_requests_for_a_subject_go_to_the_replica_that_holds_its_cache(open_api):
+    """Two generator replicas. A new subject goes to a replica holding the fewest subjects (so three subjects use
+    both replicas, whatever the web tests left there: at most one subject more on one replica), and every later
+    request for it, one after another or concurrent, to the replica that holds its cache (a cache hit there)."""
+    tag = uuid.uuid4().hex[:6]
+    with open_api.client() as client:
+        holders: dict[str, str] = {}
+        for i in range(3):
+            subject = f"route-{tag}-{i}"
+            created = register(client, subject, reference_png(90 + i))
+            assert created.status_code == 201, created.text
+            holders[subject] = created.headers[REPLICA]
+            wait_until_routed(client, subject, holders[subject])
+        assert len(set(holders.values())) == OPEN_REPLICAS, holders
+
+        for seed in (1, 2):
+            for subject, holder in holders.items():
+                answer = generate(client, subject, seed=seed, steps=1)
+                assert answer.status_code == 200, answer.text
+                server = answer.json()["server"]
+                assert (server["replica"], answer.headers[REPLICA], server["cache"]) == (holder, holder, "hit")
+
+        jobs = [subject for subject in holders for _ in range(2)]
+        with ThreadPoolExecutor(len(jobs)) as pool:
+            answers = list(pool.map(lambda subject: generate(client, subject, steps=1), jobs))
+        assert [(a.status_code, a.json()["server"]["replica"], a.json()["server"]["cache"]) for a in answers] == \
+            [(200, holders[subject], "hit") for subject in jobs]
 
 
 def test_overload_answers_503_with_retry_after(auth_api):
