@@ -271,9 +271,10 @@ def wait_until_routed(client: httpx.Client, subject_id: str, holder: str, streak
 
     Replicas report the subjects they hold every 0.1 s, through the controller; until a report reaches the router,
     it sends the subject's requests to a replica holding the fewest subjects it knows of, which may be the holder
-    by chance. The wait starts 1.5 s after the registration, ten times the usual delay, so that a streak is not
-    such chance."""
-    time.sleep(1.5)
+    by chance (a streak of 20 such chances: one in a million) or by rule (the replica that got the subject for
+    holding the fewest still does, until another report arrives); the wait starts 1 s after the registration,
+    ten times the report period, so that the last report is in."""
+    time.sleep(1.0)
     deadline, run = time.monotonic() + timeout, 0
     while run < streak:
         assert time.monotonic() < deadline, f"requests for {subject_id} never settled on replica {holder}"

@@ -24,16 +24,18 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-@pytest.fixture
-def browser(tmp_path):
+@pytest.fixture(scope="module")
+def chromium(tmp_path_factory):
+    """One Chromium for the module (it takes seconds to start here); ``browser`` resets it between tests."""
     from selenium import webdriver  # a test dependency (pyproject [test])
     from selenium.webdriver.chrome.service import Service
 
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
+    profile = tmp_path_factory.mktemp("chromium-profile")
     for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-dev-shm-usage", f"--user-data-dir={tmp_path / 'chromium-profile'}"):
+                 "--disable-dev-shm-usage", f"--user-data-dir={profile}"):
         options.add_argument(flag)
     # An explicit driver path: Selenium Manager must not try to download one.
     driver = webdriver.Chrome(options=options, service=Service(executable_path=CHROMEDRIVER))
@@ -42,6 +44,16 @@ def browser(tmp_path):
         yield driver
     finally:
         driver.quit()
+
+
+@pytest.fixture
+def browser(chromium):
+    """The module's Chromium; afterwards the page's storage (the token) is cleared, so no test sees another's."""
+    yield chromium
+    if chromium.current_url.startswith("http"):
+        chromium.execute_script("window.sessionStorage.clear(); window.localStorage.clear();")
+    chromium.delete_all_cookies()
+    chromium.get("about:blank")
 
 
 def _type(browser, element_id: str, text: str) -> None:
