@@ -78,7 +78,7 @@ class AppSpec:
     route_prefix: str
     args: dict[str, Any]
     caches: str
-    uploads: str = ""  # where JSON image URIs may point ("" where they are not accepted)
+    uploads: str = ""  # a prefix the app accepts JSON image URIs under, for the tests that send some
     token: str | None = None
 
 
