@@ -9,7 +9,8 @@ fields of :class:`pipelines.serve_settings.ServeSettings`.
 HTTP API v1 (OpenAPI at /docs): ``POST /v1/subjects``, ``GET /v1/subjects/{id}``, ``POST /v1/generate``,
 ``GET /healthz``, and the web page at ``/``. The ingress validates, authenticates and routes: each request goes
 to the generator with ``multiplexed_model_id=subject_id``, so it lands on a replica that holds the subject's
-cache. Every request has a server-side deadline (504 after it); a full queue answers 503 with Retry-After.
+cache; its answer names that replica in ``X-DreamCache-Replica``. Every request has a server-side deadline (504
+after it); a full queue answers 503 with Retry-After.
 """
 
 # No `from __future__ import annotations` here: the ingress class is pickled by value into its replica, where
@@ -51,9 +52,13 @@ from .serve_settings import ServeSettings, resolve_api_token
 logger = logging.getLogger(__name__)
 
 PAGE = Path(__file__).with_name("static") / "index.html"
-OPEN_PATHS = frozenset({"/healthz"})  # reachable without the bearer token
+# Reachable without the bearer token: health checks, and the web page, which a browser loads without any header
+# (it is static and holds no data; it asks for the token and sends it with every API call).
+OPEN_PATHS = frozenset({"/healthz", "/"})
 SMALL_BODY_BYTES = 1 * 2**20  # JSON requests other than subject uploads
 TIMEOUT_HEADER = "X-DreamCache-Timeout"  # seconds; lowers (never raises) the server's deadline for one request
+# The generator replica that answered (subjects and generate): shows where routing by subject sent a request.
+REPLICA_HEADER = "X-DreamCache-Replica"
 
 
 def build_app(args: dict[str, Any]):
@@ -107,7 +112,7 @@ def prefers_png(accept: str | None) -> bool:
 
 # -- ASGI guards: auth and body size, before any route runs --------------------------------------------------------
 class Guard:
-    """Bearer-token check (every path but /healthz) and a request-body limit (413 before reading it all)."""
+    """Bearer-token check (every path but OPEN_PATHS) and a request-body limit (413 before reading it all)."""
 
     def __init__(self, app, token: str | None, subject_body_bytes: int) -> None:
         self.app = app
@@ -205,7 +210,8 @@ class Ingress:
             if isinstance(outcome, Failure):
                 return self._failure(outcome)
             assert isinstance(outcome, SubjectOutcome)
-            return JSONResponse(outcome.metadata, status_code=201 if outcome.created else 200)
+            return JSONResponse(outcome.metadata, status_code=201 if outcome.created else 200,
+                                headers={REPLICA_HEADER: outcome.replica})
 
         @api.get("/v1/subjects/{subject_id}", tags=["subjects"])
         async def get_subject(subject_id: str) -> Response:
@@ -218,7 +224,8 @@ class Ingress:
                                        .subject_info.remote(subject_id))
             if isinstance(outcome, Failure):
                 return self._failure(outcome)
-            return JSONResponse(outcome)
+            assert isinstance(outcome, SubjectOutcome)
+            return JSONResponse(outcome.metadata, headers={REPLICA_HEADER: outcome.replica})
 
         @api.post("/v1/generate", tags=["generation"],
                   responses={200: {"content": {"image/png": {}}, "description": "JSON, or one PNG with Accept: image/png"}})
@@ -238,7 +245,8 @@ class Ingress:
             assert isinstance(outcome, GenerateResult)
             if png:
                 return Response(outcome.pngs[0], media_type="image/png",
-                                headers={"X-DreamCache-Seed": str(job.seed), "X-DreamCache-Subject": job.subject_id})
+                                headers={"X-DreamCache-Seed": str(job.seed), "X-DreamCache-Subject": job.subject_id,
+                                         REPLICA_HEADER: outcome.replica})
             return JSONResponse({
                 "subject_id": job.subject_id,
                 "media_type": "image/png",
@@ -246,7 +254,7 @@ class Ingress:
                 "parameters": job.parameters(),
                 "server": {"replica": outcome.replica, "cache": outcome.cache, "batch_images": outcome.batch_images,
                            "batch_subjects": outcome.batch_subjects, "seconds": round(outcome.seconds, 4)},
-            })
+            }, headers={REPLICA_HEADER: outcome.replica})
 
         return Guard(api, self.token, settings.max_request_bytes())
 

@@ -5,20 +5,42 @@ previous one still runs: behind a device call of seconds, batches are only as la
 window, and they queue up small. :class:`DeviceQueue` sits between ``@serve.batch`` and the device: batches are
 submitted to it, and whenever the device becomes free it takes every waiting item, up to the batch size, into
 one call. At low load a request runs at once; under sustained load every call is full.
+
+:func:`outside_request` lets requests of different subjects share one ``@serve.batch`` batch.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 from collections import deque
-from collections.abc import Awaitable, Callable
-from typing import Generic, TypeVar
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, Generic, TypeVar
 
 logger = logging.getLogger(__name__)
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
+T = TypeVar("T")
+
+
+def outside_request(call: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
+    """Run ``call`` as a task outside the current request's context, e.g. to enqueue into ``@serve.batch``.
+
+    Serve splits every ``@serve.batch`` batch by the multiplexed model id of the request that enqueued each item
+    (documented with ``serve.get_multiplexed_model_id``): one model per batch. The generator multiplexes subject
+    caches, not models, and its pipeline takes one cache per sample, so that split would only shrink batches to
+    one subject each. A call made outside any request (a fresh ``contextvars.Context``, plain Python) has no
+    multiplexed id, so its items share batches whatever their subject. No Serve internals are touched; what is
+    lost for the enqueue is the request's context (its id in Serve's logs, its tracing context).
+
+    Cancelling the awaiting request cancels the task too (an awaited task is cancelled with its awaiter), and
+    ``@serve.batch`` drops cancelled items from the batch. tests/test_serve.py checks both halves: this function
+    (a unit test), and batches that do mix subjects on a real Serve app, which fails if a Ray upgrade takes the
+    batch's model id from somewhere a fresh context does not clear.
+    """
+    return contextvars.Context().run(asyncio.ensure_future, call)
 
 
 class DeviceQueue(Generic[Item, Result]):

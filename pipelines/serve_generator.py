@@ -4,9 +4,10 @@
   request with ``multiplexed_model_id=subject_id``, so Serve routes it to a replica that already holds the
   subject when one has room.
 * Requests are batched with ``@serve.batch`` ACROSS subjects: every sample attends to its own cache (the
-  pipeline takes one cache per prompt), so one UNet call per step serves many subjects. Ray splits a batch by
-  multiplexed model id; that would mean one subject per batch, so requests enter the batch queue with the id
-  cleared (see :func:`_batch_across_subjects`). Batches then pass through a :class:`DeviceQueue`, which merges
+  pipeline takes one cache per prompt), so one UNet call per step serves many subjects. Serve splits a batch by
+  multiplexed model id; that would mean one subject per batch, so requests enter the batch queue from outside
+  their request context, with no model id (``serve_batching.outside_request``); each item carries its subject's
+  cache, looked up by explicit id in the LRU. Batches then pass through a :class:`DeviceQueue`, which merges
   the batches that wait while the device is busy into one call (``serve_batching``).
 * New subjects are cached here too (the GPU replica runs the caching pass) and written to the cache store.
 * One pipeline call at a time per replica (the scheduler is stateful, the GPU is one); the calls run in a
@@ -16,8 +17,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import dataclasses
 import io
 import logging
 import threading
@@ -35,7 +34,7 @@ from dreamcache.cache import CacheError, FeatureCache
 from dreamcache.cache_store import CacheStore
 from dreamcache.images import ImageDecodeError, ImageLimits, decode_image, sha256_hex
 
-from .serve_batching import DeviceQueue
+from .serve_batching import DeviceQueue, outside_request
 from .serve_schema import (
     Failure,
     GenerateJob,
@@ -81,30 +80,6 @@ class ResidentCache:
 def _images_in(items: list[_BatchItem]) -> int:
     """Batch size in images, not requests: the UNet batch is what the GPU pays for."""
     return sum(item.job.num_images for item in items)
-
-
-@contextlib.contextmanager
-def _batch_across_subjects() -> Iterator[None]:
-    """Enqueue into ``@serve.batch`` without the request's multiplexed id.
-
-    Serve's batcher groups a batch by the multiplexed model id of each request (one model per batch). Here the
-    "model" is a subject cache and the pipeline takes one cache per sample, so the grouping would only shrink
-    the batches. The id has done its job by now (routing, and the LRU lookup above), so it is cleared from the
-    request context for the enqueue. This touches Serve's request-context variable; tests/test_serve.py checks
-    that batches do mix subjects, so a Serve upgrade that changes it fails loudly.
-    """
-    from ray.serve import context as serve_context
-
-    variable = getattr(serve_context, "_serve_request_context", None)
-    current = variable.get() if variable is not None else None
-    if current is None or not dataclasses.is_dataclass(current) or not current.multiplexed_model_id:
-        yield
-        return
-    token = variable.set(dataclasses.replace(current, multiplexed_model_id=""))
-    try:
-        yield
-    finally:
-        variable.reset(token)
 
 
 def _cache_failure(exc: CacheError | storage.StorageError, subject_id: str, unknown_hint: str = "",
@@ -172,15 +147,17 @@ class Generator:
             counts = dict(self._counts)
         return {"replica": self.replica, "resident": sorted(self._resident), **counts}
 
-    async def subject_info(self, subject_id: str) -> dict[str, Any] | Failure:
+    async def subject_info(self, subject_id: str) -> SubjectOutcome | Failure:
         """A subject's metadata; read from the store unless resident, and never loaded into the LRU for it."""
         uri = self.store.uri_for(subject_id)
         try:
             held = self._peek(subject_id)
             if held is not None:
-                return subject_metadata(subject_id, held, uri, await asyncio.to_thread(storage.size, uri))
-            data = await asyncio.to_thread(storage.read_bytes, uri)
-            return subject_metadata(subject_id, FeatureCache.from_bytes(data, uri), uri, len(data))
+                metadata = subject_metadata(subject_id, held, uri, await asyncio.to_thread(storage.size, uri))
+            else:
+                data = await asyncio.to_thread(storage.read_bytes, uri)
+                metadata = subject_metadata(subject_id, FeatureCache.from_bytes(data, uri), uri, len(data))
+            return SubjectOutcome(False, metadata, self.replica)
         except (CacheError, storage.StorageError) as exc:
             return _cache_failure(exc, subject_id)
 
@@ -189,8 +166,8 @@ class Generator:
         if isinstance(held, Failure):
             return held
         cache, state = held
-        with _batch_across_subjects():
-            return await self._run_batch(_BatchItem(job, cache, state))
+        # Enqueued with no multiplexed id, so that the batch may mix subjects (see outside_request).
+        return await outside_request(self._run_batch(_BatchItem(job, cache, state)))
 
     async def create_subject(self, subject_id: str, uploads: list[Upload]) -> SubjectOutcome | Failure:
         """Cache a subject from its reference images and write it to the store; the same images again: 200."""
@@ -224,7 +201,7 @@ class Generator:
             self._fresh[subject_id] = cache
             await self._hold(subject_id)
             self._fresh.pop(subject_id, None)  # left over when the subject was resident already
-            return SubjectOutcome(True, subject_metadata(subject_id, cache, uri, nbytes))
+            return SubjectOutcome(True, subject_metadata(subject_id, cache, uri, nbytes), self.replica)
 
     # -- subject caches -------------------------------------------------------------------------------------
     def _make_cache_loader(self):
@@ -279,7 +256,7 @@ class Generator:
             cache.validate(uri, self.pipe.layers, self.pipe.base_model)
         except CacheError as exc:
             return Failure(409, f"subject {subject_id!r} was cached for another model: {exc}", "subject_id")
-        return SubjectOutcome(False, subject_metadata(subject_id, cache, uri, len(data)))
+        return SubjectOutcome(False, subject_metadata(subject_id, cache, uri, len(data)), self.replica)
 
     # -- batched generation ---------------------------------------------------------------------------------
     # Batches go on to the device queue, which merges those that wait for the device: many may be in flight.

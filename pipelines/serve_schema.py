@@ -112,8 +112,11 @@ class GenerateResult:
 
 @dataclass(frozen=True)
 class SubjectOutcome:
-    created: bool  # False: the same images were already cached, nothing was computed
+    """A subject registered (``created``) or looked up, and the replica that answered."""
+
+    created: bool  # False: the same images were already cached (nothing was computed), or a lookup
     metadata: dict[str, Any] = field(default_factory=dict)
+    replica: str = ""
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ if str(Path(__file__).parent) not in sys.path:
     sys.path.insert(0, str(Path(__file__).parent))
 
 from s3_server import SeaweedS3  # noqa: E402
+from serve_fixtures import Api, ServeApps, serve_test_apps  # noqa: E402
 
 # Quiet, offline, local-only defaults; a caller's explicit setting wins.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -98,3 +99,47 @@ def ray_cluster(s3_server):
     init_ray(num_cpus=4)
     yield ray
     ray.shutdown()
+
+
+# -- the Serve test apps, shared by the session (see serve_fixtures) ---------------------------------------------------
+_SERVE_APPS = pytest.StashKey[ServeApps]()
+_LAST_SERVE_USER = pytest.StashKey[bool]()
+
+
+@pytest.fixture(scope="session")
+def serve_apps(request, ray_cluster, s3_server, tiny_model_dir, tmp_path_factory) -> Iterator[ServeApps]:
+    apps = ServeApps(serve_test_apps(tiny_model_dir, s3_server.bucket, tmp_path_factory.mktemp("serve")))
+    request.config.stash[_SERVE_APPS] = apps  # for the early shutdown below
+    try:
+        yield apps
+    finally:
+        apps.close()
+
+
+@pytest.fixture
+def auth_api(serve_apps) -> Api:
+    """The app with bearer-token auth and small limits, at /."""
+    return serve_apps.api("auth")
+
+
+@pytest.fixture
+def open_api(serve_apps) -> Api:
+    """The app without auth, at /open."""
+    return serve_apps.api("open")
+
+
+@pytest.hookimpl(trylast=True)  # after -k/-m deselection and any reordering
+def pytest_collection_modifyitems(items) -> None:
+    """Mark the last test that uses the Serve apps: Serve is shut down right after it (below), so its replicas
+    hold no CPUs while later tests run Ray jobs."""
+    for item in reversed(items):
+        if "serve_apps" in getattr(item, "fixturenames", ()):
+            item.stash[_LAST_SERVE_USER] = True
+            break
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_teardown(item, nextitem):
+    yield  # the test's own fixtures first
+    if item.stash.get(_LAST_SERVE_USER, False) and _SERVE_APPS in item.config.stash:
+        item.config.stash[_SERVE_APPS].close()

@@ -1,18 +1,43 @@
-"""Helpers for the Serve tests: a real Serve app on 127.0.0.1 (free port) on the session's local Ray, and
-reference images. Each test module starts its own app and shuts Serve down when it ends, so no Serve actor
-holds CPUs while other modules run Ray Data jobs."""
+"""Helpers for the Serve tests: the test apps, one Serve instance shared by every test module that uses them,
+and reference images.
+
+Starting Serve and deploying an app (a replica loading the model) costs most of a Serve test module's time on
+this 2-core machine, so the apps are shared by the session (the ``serve_apps`` fixture in conftest.py): Serve
+starts, on a free loopback port, with all the apps, when the first test needs one.
+conftest.py shuts Serve down right after the last test that uses it, so no Serve replica holds CPUs while later
+tests run Ray Data or Ray Train jobs; a use after that starts it again.
+
+Two apps, because auth is app-wide:
+
+* ``auth`` at ``/``: bearer-token auth on, one generator replica with an LRU of :data:`AUTH_LRU_SLOTS`
+  subjects, small upload limits and a small queue, so that every contract of the API can be reached.
+* ``open`` at ``/open``: no auth, default limits, :data:`OPEN_REPLICAS` generator replicas (routing by subject
+  across replicas; the web page without a token, and under a route prefix).
+"""
 
 from __future__ import annotations
 
-import contextlib
 import io
 import socket
-from collections.abc import Iterator
+import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
+import httpx
 import numpy as np
 from PIL import Image
+
+AUTH_LRU_SLOTS = 2
+AUTH_MAX_UPLOAD = 100_000
+OPEN_REPLICAS = 2  # at 0.25 CPU each: both fit the session's 4-CPU Ray next to the auth app
+
+
+class _AppToken:
+    """The default of :meth:`Api.client`: the app's own token (None where auth is off)."""
+
+
+APP_TOKEN: Final = _AppToken()
 
 
 def free_port() -> int:
@@ -45,17 +70,100 @@ def tiny_app_args(model_dir: Path, caches: str, **overrides: Any) -> dict[str, A
     return args
 
 
-@contextlib.contextmanager
-def running_app(app_args: dict[str, Any], name: str) -> Iterator[str]:
-    """Serve on a free loopback port with one app at /; yields its base URL; Serve is shut down afterwards."""
-    from ray import serve
+@dataclass(frozen=True)
+class AppSpec:
+    """One test app: its Serve name, route prefix and application args, and what its tests need to know."""
 
-    from pipelines.serve import build_app
+    name: str
+    route_prefix: str
+    args: dict[str, Any]
+    caches: str
+    uploads: str = ""  # a prefix the app accepts JSON image URIs under, for the tests that send some
+    token: str | None = None
 
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    try:
-        serve.run(build_app(app_args), name=name, route_prefix="/")
-        yield f"http://127.0.0.1:{port}"
-    finally:
+
+@dataclass(frozen=True)
+class Api:
+    """A deployed test app as its tests see it."""
+
+    url: str  # base URL, route prefix included, no trailing slash
+    name: str  # the Serve application name (for deployment handles)
+    caches: str
+    uploads: str
+    token: str | None = field(default=None, repr=False)
+
+    def client(self, token: str | None | _AppToken = APP_TOKEN) -> httpx.Client:
+        """An HTTP client on the app; with the app's token unless another (or None: no header) is given."""
+        token = self.token if isinstance(token, _AppToken) else token
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=180)
+
+
+def serve_test_apps(model_dir: Path, s3_bucket: str, workdir: Path) -> dict[str, AppSpec]:
+    """The session's apps (see the module docstring); caches and uploads under fresh prefixes."""
+    root = f"s3://{s3_bucket}/serve-{uuid.uuid4().hex[:8]}"
+    token = "test-token-" + uuid.uuid4().hex
+    token_file = workdir / "token"
+    token_file.write_text(token + "\n")
+    auth = tiny_app_args(
+        model_dir, f"{root}/caches",
+        api_token_file=str(token_file),
+        max_caches_per_replica=AUTH_LRU_SLOTS,
+        batch_wait_timeout_s=0.2,  # long enough that concurrent test requests share batches
+        max_ongoing_requests=8,
+        # Serve counts a request as queued until it is assigned, so a burst larger than this is refused at
+        # once: 16 lets the 8-request bursts of the tests through, and the overload test sends 40.
+        max_queued_requests=16,
+        max_upload_bytes=AUTH_MAX_UPLOAD,
+        max_references=3,
+        allowed_image_prefixes=[f"{root}/uploads/"],
+        request_timeout_s=120,
+    )
+    open_caches = str(workdir / "open-caches")  # a local folder: the store's path backend, next to S3 above
+    open_ = tiny_app_args(model_dir, open_caches, replicas=OPEN_REPLICAS, batch_wait_timeout_s=0.01)
+    return {
+        "auth": AppSpec("dreamcache-test", "/", auth, f"{root}/caches", f"{root}/uploads", token),
+        "open": AppSpec("dreamcache-open", "/open", open_, open_caches),
+    }
+
+
+class ServeApps:
+    """Serve on a free loopback port with the given apps; :meth:`close` shuts it down, and a later :meth:`api`
+    starts it again.
+
+    All apps are deployed together on first use (``serve.run_many``): their replicas then start side by side,
+    which is quicker than one app after the other, and every Serve test module uses both apps anyway."""
+
+    def __init__(self, specs: dict[str, AppSpec]) -> None:
+        self._specs = specs
+        self._port: int | None = None
+
+    def api(self, key: str) -> Api:
+        if self._port is None:
+            self._start()
+        spec = self._specs[key]
+        url = f"http://127.0.0.1:{self._port}{spec.route_prefix.rstrip('/')}"
+        return Api(url, spec.name, spec.caches, spec.uploads, spec.token)
+
+    def _start(self) -> None:
+        from ray import serve
+
+        from pipelines.serve import build_app
+
+        port = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        try:
+            serve.run_many([serve.RunTarget(build_app(spec.args), name=spec.name, route_prefix=spec.route_prefix)
+                            for spec in self._specs.values()])
+        except BaseException:
+            serve.shutdown()
+            raise
+        self._port = port
+
+    def close(self) -> None:
+        if self._port is None:
+            return
+        from ray import serve
+
+        self._port = None
         serve.shutdown()

@@ -1,8 +1,9 @@
 """The Serve app over real HTTP: a real local Serve app (tiny model, CPU) with its caches on the real S3 server.
 
-One app for the module, with auth on (every client here sends the token), an LRU of 2 subjects per replica, a
-small upload limit and a small queue, so that each contract of the API can be reached: errors case by case,
-auth, the LRU, batches that mix subjects, concurrency, overload (503) and timeouts (504).
+The session's auth app (``auth_api``, see serve_fixtures): auth on (every client here sends the token), an LRU
+of 2 subjects on its one replica, a small upload limit and a small queue, so that each contract of the API can be
+reached: errors case by case, auth, the LRU, batches that mix subjects, concurrency, overload (503) and timeouts
+(504). Routing by subject across replicas runs on the app with two generator replicas (``open_api``).
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import json
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import httpx
 import numpy as np
@@ -23,52 +23,15 @@ import yaml
 from PIL import Image
 
 from dreamcache import storage
-from serve_fixtures import reference_png, running_app, tiny_app_args
+from serve_fixtures import AUTH_LRU_SLOTS as LRU_SLOTS
+from serve_fixtures import AUTH_MAX_UPLOAD as MAX_UPLOAD
+from serve_fixtures import OPEN_REPLICAS, Api, reference_png
 
-APP = "dreamcache-test"
-TOKEN = "test-token-" + uuid.uuid4().hex
-LRU_SLOTS = 2
-MAX_UPLOAD = 100_000
-
-
-@dataclass
-class Api:
-    url: str
-    caches: str
-    uploads: str
-
-    def client(self, token: str | None = TOKEN) -> httpx.Client:
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        return httpx.Client(base_url=self.url, headers=headers, timeout=180)
-
-
-@pytest.fixture(scope="module")
-def api(ray_cluster, s3_server, tiny_model_dir, tmp_path_factory):
-    root = f"s3://{s3_server.bucket}/serve-{uuid.uuid4().hex[:8]}"
-    token_file = tmp_path_factory.mktemp("serve-auth") / "token"
-    token_file.write_text(TOKEN + "\n")
-    args = tiny_app_args(
-        tiny_model_dir, f"{root}/caches",
-        api_token_file=str(token_file),
-        max_caches_per_replica=LRU_SLOTS,
-        batch_wait_timeout_s=0.2,  # long enough that concurrent test requests share batches
-        max_ongoing_requests=8,
-        # Serve counts a request as queued until it is assigned, so a burst larger than this is refused at
-        # once: 16 lets the 8-request bursts below through, and the overload test sends 40.
-        max_queued_requests=16,
-        max_upload_bytes=MAX_UPLOAD,
-        max_references=3,
-        allowed_image_prefixes=[f"{root}/uploads/"],
-        request_timeout_s=120,
-    )
-    with running_app(args, APP) as url:
-        yield Api(url, f"{root}/caches", f"{root}/uploads")
-
-
-def generator_stats() -> dict:
+def generator_stats(api: Api) -> dict:
+    """Counters of the app's generator replica (the auth app has one)."""
     from ray import serve
 
-    return serve.get_deployment_handle("Generator", APP).stats.remote().result(timeout_s=60)
+    return serve.get_deployment_handle("Generator", api.name).stats.remote().result(timeout_s=60)
 
 
 def register(client: httpx.Client, subject_id: str, *pngs: bytes) -> httpx.Response:
@@ -91,10 +54,13 @@ def field_of(response: httpx.Response) -> list[str]:
 
 
 # -- ops, docs, auth ------------------------------------------------------------------------------------------------
-def test_healthz_is_open_and_openapi_lists_the_v1_routes(api):
-    with api.client(token=None) as anonymous:
+def test_healthz_and_the_page_are_open_and_openapi_lists_the_v1_routes(auth_api):
+    with auth_api.client(token=None) as anonymous:
         assert anonymous.get("/healthz").json() == {"status": "ok"}
-    with api.client() as client:
+        page = anonymous.get("/")  # a browser loads the page without a header; the page then asks for the token
+        assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+        assert auth_api.token not in page.text
+    with auth_api.client() as client:
         assert client.get("/docs").status_code == 200
         paths = client.get("/openapi.json").json()["paths"]
     assert {"/v1/subjects", "/v1/subjects/{subject_id}", "/v1/generate", "/healthz"} <= set(paths)
@@ -103,30 +69,30 @@ def test_healthz_is_open_and_openapi_lists_the_v1_routes(api):
 
 
 @pytest.mark.parametrize("token", [None, "wrong-token"])
-def test_every_route_but_healthz_needs_the_bearer_token(api, token):
-    with api.client(token=token) as client:
-        calls = [client.get("/"), client.get("/docs"), client.get("/openapi.json"),
+def test_every_route_but_healthz_and_the_page_needs_the_bearer_token(auth_api, token):
+    with auth_api.client(token=token) as client:
+        calls = [client.get("/docs"), client.get("/openapi.json"),
                  client.get("/v1/subjects/anything"), generate(client, "anything"),
                  register(client, "anything", reference_png(0))]
         assert [r.status_code for r in calls] == [401] * len(calls)
         assert all(r.headers["www-authenticate"] == "Bearer" for r in calls)
-        assert client.get("/healthz").status_code == 200
+        assert client.get("/healthz").status_code == 200 and client.get("/").status_code == 200
 
 
 # -- subjects ---------------------------------------------------------------------------------------------------------
-def test_register_subject_then_same_images_again_is_200_without_recomputing(api):
+def test_register_subject_then_same_images_again_is_200_without_recomputing(auth_api):
     reference = reference_png(11)
-    with api.client() as client:
+    with auth_api.client() as client:
         created = register(client, "dog-11", reference)
         assert created.status_code == 201, created.text
         meta = created.json()
         assert meta["subject_id"] == "dog-11" and meta["num_references"] == 1
-        assert meta["cache_uri"] == f"{api.caches}/dog-11.safetensors" and storage.exists(meta["cache_uri"])
-        computed = generator_stats()["subjects_created"]
+        assert meta["cache_uri"] == f"{auth_api.caches}/dog-11.safetensors" and storage.exists(meta["cache_uri"])
+        computed = generator_stats(auth_api)["subjects_created"]
 
         again = register(client, "dog-11", reference)
         assert again.status_code == 200 and again.json()["source_hashes"] == meta["source_hashes"]
-        assert generator_stats()["subjects_created"] == computed  # nothing was recomputed
+        assert generator_stats(auth_api)["subjects_created"] == computed  # nothing was recomputed
 
         fetched = client.get("/v1/subjects/dog-11")
         assert fetched.status_code == 200 and fetched.json()["source_hashes"] == meta["source_hashes"]
@@ -135,32 +101,32 @@ def test_register_subject_then_same_images_again_is_200_without_recomputing(api)
         assert taken.status_code == 409 and taken.json()["field"] == "subject_id"
 
 
-def test_register_multi_reference_subject_and_from_image_uris(api):
-    with api.client() as client:
+def test_register_multi_reference_subject_and_from_image_uris(auth_api):
+    with auth_api.client() as client:
         multi = register(client, "cat-multi", reference_png(21), reference_png(22))
         assert multi.status_code == 201 and multi.json()["num_references"] == 2
 
-        uri = f"{api.uploads}/cat.png"
+        uri = f"{auth_api.uploads}/cat.png"
         storage.write_bytes(uri, reference_png(23))
         from_uri = client.post("/v1/subjects", json={"subject_id": "cat-uri", "image_uris": [uri]})
         assert from_uri.status_code == 201, from_uri.text
         assert from_uri.json()["num_references"] == 1
 
-        for bad_uri in ("/etc/passwd", f"{api.uploads}/../caches/cat-multi.safetensors", f"{api.caches}/x.png",
-                        f"{api.uploads}/missing.png", "http://example.com/a.png"):
+        for bad_uri in ("/etc/passwd", f"{auth_api.uploads}/../caches/cat-multi.safetensors", f"{auth_api.caches}/x.png",
+                        f"{auth_api.uploads}/missing.png", "http://example.com/a.png"):
             refused = client.post("/v1/subjects", json={"subject_id": "cat-bad", "image_uris": [bad_uri]})
             assert refused.status_code == 422, (bad_uri, refused.text)
             assert field_of(refused) == ["0"] and refused.json()["detail"][0]["loc"][1] == "image_uris"
         assert client.get("/v1/subjects/cat-bad").status_code == 404
 
 
-def test_upload_errors_get_their_status_and_name_the_field(api):
+def test_upload_errors_get_their_status_and_name_the_field(auth_api):
     truncated = reference_png(31)[:200]
     big = np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8)
     buffer = io.BytesIO()
     Image.fromarray(big).save(buffer, format="PNG")
     assert len(buffer.getvalue()) > MAX_UPLOAD
-    with api.client() as client:
+    with auth_api.client() as client:
         not_image = register(client, "x-text", b"this is not an image at all")
         assert not_image.status_code == 415 and not_image.json()["field"] == "images.0"
         assert register(client, "x-trunc", truncated).status_code == 422
@@ -183,7 +149,7 @@ def test_upload_errors_get_their_status_and_name_the_field(api):
         assert bad_path.status_code == 422 and bad_path.json()["detail"][0]["loc"] == ["path", "subject_id"]
         assert client.get("/v1/subjects/never-registered").status_code == 404
         for subject in ("x-text", "x-trunc", "x-big", "x-many"):  # nothing was stored for a refused upload
-            assert not storage.exists(f"{api.caches}/{subject}.safetensors")
+            assert not storage.exists(f"{auth_api.caches}/{subject}.safetensors")
 
 
 # -- generation -------------------------------------------------------------------------------------------------------
@@ -196,16 +162,16 @@ def test_upload_errors_get_their_status_and_name_the_field(api):
     ({"seed": -1}, "seed"), ({"prompt": ""}, "prompt"), ({"prompt": None}, "prompt"), ({"colour": "red"}, "colour"),
     ({"subject_id": "../secrets"}, "subject_id"), ({"subject_id": "a b"}, "subject_id"),
 ])
-def test_generate_out_of_range_input_is_422_naming_the_field(api, change, field):
+def test_generate_out_of_range_input_is_422_naming_the_field(auth_api, change, field):
     body = {"subject_id": "dog-11", "prompt": "a photo", "steps": 2, **change}
-    with api.client() as client:
+    with auth_api.client() as client:
         response = client.post("/v1/generate", json=body)
     assert response.status_code == 422, response.text
     assert field in field_of(response)
 
 
-def test_generate_other_client_errors(api):
-    with api.client() as client:
+def test_generate_other_client_errors(auth_api):
+    with auth_api.client() as client:
         assert generate(client, "nobody-registered-this").status_code == 404
         assert client.post("/v1/generate", content=b'{"subject_id": ', headers={"Content-Type": "application/json"}).status_code == 422
         assert field_of(client.post("/v1/generate", json={"prompt": "x"})) == ["subject_id"]
@@ -217,8 +183,8 @@ def test_generate_other_client_errors(api):
         assert bad_timeout.status_code == 422 and bad_timeout.json()["detail"][0]["loc"][0] == "header"
 
 
-def test_generate_json_and_png_same_seed_same_image(api):
-    with api.client() as client:
+def test_generate_json_and_png_same_seed_same_image(auth_api):
+    with auth_api.client() as client:
         assert register(client, "fox", reference_png(51)).status_code == 201
         first = generate(client, "fox", num_images=2, seed=123, height=128, width=64)
         assert first.status_code == 200, first.text
@@ -245,10 +211,10 @@ def test_generate_json_and_png_same_seed_same_image(api):
         assert again.json()["images"] == unseeded["images"]  # the seed a request got is enough to redo it
 
 
-def test_a_batch_mixes_subjects_each_sample_with_its_own_cache(api):
+def test_a_batch_mixes_subjects_each_sample_with_its_own_cache(auth_api):
     # A strong image guidance makes the cache visible in the tiny model's pixels.
     params = {"image_guidance_scale": 30.0, "steps": 3, "prompt": "a toy"}
-    with api.client() as client:
+    with auth_api.client() as client:
         for subject, seed in (("mix-a", 61), ("mix-b", 62)):
             assert register(client, subject, reference_png(seed)).status_code == 201
         alone = {s: pixels(generate(client, s, seed=7, **params).json()["images"][0]) for s in ("mix-a", "mix-b")}
@@ -258,6 +224,7 @@ def test_a_batch_mixes_subjects_each_sample_with_its_own_cache(api):
             responses = list(pool.map(lambda job: generate(client, job[0], seed=job[1], **params), jobs))
     assert [r.status_code for r in responses] == [200] * len(jobs)
     bodies = [r.json() for r in responses]
+    # Serve would split a batch by subject (multiplexed id); serve_batching.outside_request is what mixes them.
     assert max(b["server"]["batch_subjects"] for b in bodies) >= 2, [b["server"] for b in bodies]
     for (subject, seed), body in zip(jobs, bodies):
         if seed == 7:  # same seed and parameters as alone: the same image, up to batch-size rounding
@@ -267,25 +234,25 @@ def test_a_batch_mixes_subjects_each_sample_with_its_own_cache(api):
             assert own.mean() < np.abs(pixels(body["images"][0]) - alone[other]).mean() / 4
 
 
-def test_lru_with_more_subjects_than_slots(api):
+def test_lru_with_more_subjects_than_slots(auth_api):
     subjects = [f"lru-{i}" for i in range(LRU_SLOTS + 1)]
-    with api.client() as client:
+    with auth_api.client() as client:
         for i, subject in enumerate(subjects):
             assert register(client, subject, reference_png(70 + i)).status_code == 201
-        stats = generator_stats()
+        stats = generator_stats(auth_api)
         assert subjects[0] not in stats["resident"] and set(subjects[1:]) <= set(stats["resident"])
         assert len(stats["resident"]) == LRU_SLOTS
 
         reloaded = generate(client, subjects[0]).json()
         assert reloaded["server"]["cache"] == "loaded"  # read back from the store
         assert generate(client, subjects[0]).json()["server"]["cache"] == "hit"
-        after = generator_stats()
+        after = generator_stats(auth_api)
     assert after["loads"] > stats["loads"] and after["evictions"] > stats["evictions"]
     assert len(after["resident"]) == LRU_SLOTS and subjects[0] in after["resident"]
 
 
-def test_concurrent_requests_for_several_subjects(api):
-    with api.client() as client:
+def test_concurrent_requests_for_several_subjects(auth_api):
+    with auth_api.client() as client:
         jobs = [("fox", 1), ("mix-a", 2), ("lru-0", 3), ("fox", 4), ("mix-b", 5), ("cat-uri", 6)]
         with ThreadPoolExecutor(len(jobs)) as pool:
             responses = list(pool.map(lambda job: generate(client, job[0], seed=job[1], num_images=1), jobs))
@@ -293,8 +260,60 @@ def test_concurrent_requests_for_several_subjects(api):
     assert [r.json()["subject_id"] for r in responses] == [s for s, _ in jobs]
 
 
-def test_overload_answers_503_with_retry_after(api):
-    with api.client() as client, ThreadPoolExecutor(31) as pool:
+# -- routing across replicas ------------------------------------------------------------------------------------------
+REPLICA = "x-dreamcache-replica"
+
+
+def wait_until_routed(client: httpx.Client, subject_id: str, holder: str, streak: int = 20,
+                      timeout: float = 60) -> None:
+    """Until the ingress's router knows that ``holder`` holds the subject: GET /v1/subjects/{id} (routed by subject
+    like a generate, but it loads nothing) answered from ``holder`` ``streak`` times in a row.
+
+    Replicas report the subjects they hold every 0.1 s, through the controller; until a report reaches the router,
+    it sends the subject's requests to a replica holding the fewest subjects it knows of, which may be the holder
+    by chance (a streak of 20 such chances: one in a million) or by rule (the replica that got the subject for
+    holding the fewest still does, until another report arrives); the wait starts 1 s after the registration,
+    ten times the report period, so that the last report is in."""
+    time.sleep(1.0)
+    deadline, run = time.monotonic() + timeout, 0
+    while run < streak:
+        assert time.monotonic() < deadline, f"requests for {subject_id} never settled on replica {holder}"
+        answer = client.get(f"/v1/subjects/{subject_id}")
+        assert answer.status_code == 200, answer.text
+        run = run + 1 if answer.headers[REPLICA] == holder else 0
+
+
+def test_requests_for_a_subject_go_to_the_replica_that_holds_its_cache(open_api):
+    """Two generator replicas. A new subject goes to a replica holding the fewest subjects (so three subjects use
+    both replicas, whatever the web tests left there: at most one subject more on one replica), and every later
+    request for it, one after another or concurrent, to the replica that holds its cache (a cache hit there)."""
+    tag = uuid.uuid4().hex[:6]
+    with open_api.client() as client:
+        holders: dict[str, str] = {}
+        for i in range(3):
+            subject = f"route-{tag}-{i}"
+            created = register(client, subject, reference_png(90 + i))
+            assert created.status_code == 201, created.text
+            holders[subject] = created.headers[REPLICA]
+            wait_until_routed(client, subject, holders[subject])
+        assert len(set(holders.values())) == OPEN_REPLICAS, holders
+
+        for seed in (1, 2):
+            for subject, holder in holders.items():
+                answer = generate(client, subject, seed=seed, steps=1)
+                assert answer.status_code == 200, answer.text
+                server = answer.json()["server"]
+                assert (server["replica"], answer.headers[REPLICA], server["cache"]) == (holder, holder, "hit")
+
+        jobs = [subject for subject in holders for _ in range(2)]
+        with ThreadPoolExecutor(len(jobs)) as pool:
+            answers = list(pool.map(lambda subject: generate(client, subject, steps=1), jobs))
+        assert [(a.status_code, a.json()["server"]["replica"], a.json()["server"]["cache"]) for a in answers] == \
+            [(200, holders[subject], "hit") for subject in jobs]
+
+
+def test_overload_answers_503_with_retry_after(auth_api):
+    with auth_api.client() as client, ThreadPoolExecutor(31) as pool:
         # Keep the replica's device busy for a few seconds (the request is abandoned at its 3 s deadline)...
         busy = pool.submit(client.post, "/v1/generate", headers={"X-DreamCache-Timeout": "3"},
                            json={"subject_id": "fox", "prompt": "x", "steps": 150, "num_images": 8})
@@ -308,9 +327,9 @@ def test_overload_answers_503_with_retry_after(api):
     assert all(r.headers["retry-after"].isdigit() for r in responses if r.status_code == 503)
 
 
-def test_timeout_answers_504_and_stops_the_work(api):
-    before = generator_stats()["abandoned"]
-    with api.client() as client:
+def test_timeout_answers_504_and_stops_the_work(auth_api):
+    before = generator_stats(auth_api)["abandoned"]
+    with auth_api.client() as client:
         started = time.monotonic()
         slow = client.post("/v1/generate", headers={"X-DreamCache-Timeout": "1"},
                            json={"subject_id": "fox", "prompt": "x", "steps": 150, "num_images": 8, "seed": 1})
@@ -318,7 +337,7 @@ def test_timeout_answers_504_and_stops_the_work(api):
         assert time.monotonic() - started < 60
         # The replica stopped the abandoned batch between steps and serves the next request.
         assert generate(client, "fox").status_code == 200
-    assert generator_stats()["abandoned"] > before
+    assert generator_stats(auth_api)["abandoned"] > before
 
 
 # -- settings, config and CLI (no Ray needed) -------------------------------------------------------------------------
@@ -435,3 +454,44 @@ def test_device_queue_merges_what_waits_while_the_device_is_busy():
     asyncio.run(scenario())
     assert calls[:3] == [[1], [2, 3, 4, 5], [6]]  # merged up to max_size; the cancelled 7 never ran
     assert calls[3:] == [[13, 14], [8, 9]]
+
+
+def test_outside_request_drops_the_callers_context_and_is_cancelled_with_it():
+    """The half of mixed batching that is plain Python: the enqueue sees none of the request's context variables
+    (Serve's multiplexed id is one), and a cancelled request cancels it. The Serve half is checked by
+    test_a_batch_mixes_subjects_each_sample_with_its_own_cache."""
+    import contextvars
+
+    from pipelines.serve_batching import outside_request
+
+    request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
+
+    async def read() -> str:
+        return request_id.get()
+
+    async def scenario():
+        request_id.set("request-1")
+        assert await outside_request(read()) == ""
+        assert request_id.get() == "request-1"
+
+        started, cancelled = asyncio.Event(), asyncio.Event()
+
+        async def enqueued() -> None:
+            started.set()
+            try:
+                await asyncio.sleep(60)
+            except asyncio.CancelledError:
+                cancelled.set()
+                raise
+
+        async def handler() -> None:
+            await outside_request(enqueued())
+
+        request = asyncio.ensure_future(handler())
+        await started.wait()
+        request.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await request
+        assert cancelled.is_set()
+
+    asyncio.run(scenario())

@@ -1,5 +1,6 @@
-"""The web page at / in a real headless Chromium (Debian's chromium + chromium-driver, driven by Selenium):
-upload a reference, type a prompt, generate, and the images appear.
+"""The web page in a real headless Chromium (Debian's chromium + chromium-driver, driven by Selenium): upload a
+reference, type a prompt, generate, and the images appear; on the session's app with bearer-token auth (the page
+asks for the token) and on the one without (under a route prefix). See serve_fixtures for the apps.
 
 `scripts/install_test_browser.sh` installs the browser; the test is skipped only when it is absent.
 """
@@ -8,10 +9,11 @@ from __future__ import annotations
 
 import shutil
 import uuid
+from pathlib import Path
 
 import pytest
 
-from serve_fixtures import reference_png, running_app, tiny_app_args
+from serve_fixtures import Api, reference_png
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
@@ -23,22 +25,17 @@ pytestmark = pytest.mark.skipif(
 
 
 @pytest.fixture(scope="module")
-def page_url(ray_cluster, tiny_model_dir, tmp_path_factory):
-    caches = tmp_path_factory.mktemp("web-caches")
-    with running_app(tiny_app_args(tiny_model_dir, str(caches), batch_wait_timeout_s=0.01), "dreamcache-web") as url:
-        yield url + "/"
-
-
-@pytest.fixture
-def browser(tmp_path):
+def chromium(tmp_path_factory):
+    """One Chromium for the module (it takes seconds to start here); ``browser`` resets it between tests."""
     from selenium import webdriver  # a test dependency (pyproject [test])
     from selenium.webdriver.chrome.service import Service
 
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
+    profile = tmp_path_factory.mktemp("chromium-profile")
     for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-dev-shm-usage", f"--user-data-dir={tmp_path / 'chromium-profile'}"):
+                 "--disable-dev-shm-usage", f"--user-data-dir={profile}"):
         options.add_argument(flag)
     # An explicit driver path: Selenium Manager must not try to download one.
     driver = webdriver.Chrome(options=options, service=Service(executable_path=CHROMEDRIVER))
@@ -49,55 +46,106 @@ def browser(tmp_path):
         driver.quit()
 
 
-def test_upload_generate_and_the_images_appear(page_url, browser, tmp_path):
+@pytest.fixture
+def browser(chromium):
+    """The module's Chromium; afterwards the page's storage (the token) is cleared, so no test sees another's."""
+    yield chromium
+    if chromium.current_url.startswith("http"):
+        chromium.execute_script("window.sessionStorage.clear(); window.localStorage.clear();")
+    chromium.delete_all_cookies()
+    chromium.get("about:blank")
+
+
+def _type(browser, element_id: str, text: str) -> None:
+    from selenium.webdriver.common.by import By
+
+    box = browser.find_element(By.ID, element_id)
+    box.clear()
+    box.send_keys(text)
+
+
+def _status_shows(browser, text: str, timeout: float = 120) -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import WebDriverWait
 
-    reference = tmp_path / "reference.png"
-    reference.write_bytes(reference_png(5))
-    subject = f"web-{uuid.uuid4().hex[:6]}"
-    wait = WebDriverWait(browser, 120)
+    WebDriverWait(browser, timeout).until(ec.text_to_be_present_in_element((By.ID, "status"), text))
 
-    browser.get(page_url)
-    assert browser.title == "DreamCache"
-    subject_box = browser.find_element(By.ID, "subject-id")
-    subject_box.clear()
-    subject_box.send_keys(subject)
+
+def _upload(browser, subject: str, reference: Path) -> None:
+    from selenium.webdriver.common.by import By
+
+    _type(browser, "subject-id", subject)
     browser.find_element(By.ID, "reference").send_keys(str(reference))
     browser.find_element(By.ID, "upload").click()
-    wait.until(ec.text_to_be_present_in_element((By.ID, "status"), f"Subject {subject} ready"))
 
-    prompt = browser.find_element(By.ID, "prompt")
-    prompt.clear()
-    prompt.send_keys("a photo of the subject in the snow")
+
+def _generate_and_see_the_images(browser) -> None:
+    """Generate 2 images (seed 3) for the subject in the form; they appear, decoded by the browser."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    _type(browser, "prompt", "a photo of the subject in the snow")
     for field, value in (("num-images", "2"), ("steps", "2"), ("seed", "3")):
-        box = browser.find_element(By.ID, field)
-        box.clear()
-        box.send_keys(value)
+        _type(browser, field, value)
     browser.find_element(By.ID, "generate").click()
-    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#gallery img.generated")) == 2)
-
+    WebDriverWait(browser, 120).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#gallery img.generated")) == 2)
     images = browser.find_elements(By.CSS_SELECTOR, "#gallery img.generated")
-    # Decoded by the browser: a real PNG of the model's size, not a broken image icon.
+    # A real PNG of the model's size, not a broken image icon.
     sizes = [browser.execute_script("return [arguments[0].complete, arguments[0].naturalWidth, "
                                     "arguments[0].naturalHeight];", img) for img in images]
     assert sizes == [[True, 64, 64]] * 2
     assert "seed 3" in browser.find_element(By.ID, "status").text
 
 
-def test_the_page_shows_api_errors(page_url, browser):
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support import expected_conditions as ec
-    from selenium.webdriver.support.ui import WebDriverWait
+@pytest.fixture
+def reference(tmp_path) -> Path:
+    path = tmp_path / "reference.png"
+    path.write_bytes(reference_png(5))
+    return path
 
-    browser.get(page_url)
-    subject_box = browser.find_element(By.ID, "subject-id")
-    subject_box.clear()
-    subject_box.send_keys("never-uploaded")
-    browser.find_element(By.ID, "steps").clear()
-    browser.find_element(By.ID, "steps").send_keys("2")
+
+def test_without_auth_upload_generate_and_the_images_appear(open_api: Api, browser, reference):
+    """The app without auth, its page under a route prefix (/open/): the API calls go under it too."""
+    subject = f"web-{uuid.uuid4().hex[:6]}"
+    browser.get(open_api.url + "/")
+    assert browser.title == "DreamCache"
+    _upload(browser, subject, reference)  # the token field left empty
+    _status_shows(browser, f"Subject {subject} ready")
+    _generate_and_see_the_images(browser)
+
+
+def test_with_auth_the_page_asks_for_the_token_then_works(auth_api: Api, browser, reference):
+    from selenium.webdriver.common.by import By
+
+    subject = f"web-auth-{uuid.uuid4().hex[:6]}"
+    browser.get(auth_api.url + "/")  # the page itself is served without the token
+    assert browser.title == "DreamCache"
+    _upload(browser, subject, reference)
+    _status_shows(browser, "Upload failed (401): this server needs an API token", timeout=60)
+    assert browser.find_element(By.ID, "status").get_attribute("class") == "error"
+    assert browser.switch_to.active_element == browser.find_element(By.ID, "token")
+
+    _type(browser, "token", "not-the-token")
+    browser.find_element(By.ID, "upload").click()
+    _status_shows(browser, "Upload failed (401): the API token was refused", timeout=60)
+
+    _type(browser, "token", auth_api.token)
+    browser.find_element(By.ID, "upload").click()
+    _status_shows(browser, f"Subject {subject} ready")
+    _generate_and_see_the_images(browser)
+
+    browser.refresh()  # the token is kept for the tab (sessionStorage)
+    assert browser.find_element(By.ID, "token").get_attribute("value") == auth_api.token
+
+
+def test_the_page_shows_api_errors(open_api: Api, browser):
+    from selenium.webdriver.common.by import By
+
+    browser.get(open_api.url + "/")
+    _type(browser, "subject-id", "never-uploaded")
+    _type(browser, "steps", "2")
     browser.find_element(By.ID, "generate").click()
-    WebDriverWait(browser, 60).until(ec.text_to_be_present_in_element((By.ID, "status"), "Generation failed (404)"))
+    _status_shows(browser, "Generation failed (404)", timeout=60)
     assert browser.find_element(By.ID, "status").get_attribute("class") == "error"
     assert browser.find_elements(By.CSS_SELECTOR, "#gallery img") == []
