@@ -10,68 +10,23 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 
+# The cache file's metadata lives in a torch-free module: the caching job's CPU stages read headers with it.
+from .cache_info import (  # noqa: F401 - re-exported: dreamcache.cache is the public home of these names
+    CACHE_FORMAT,
+    CACHE_FORMAT_VERSION,
+    CACHE_TIMESTEP,
+    CacheError,
+    CacheInfo,
+    library_version,
+)
 from .layers import CachedLayer
 from .safetensors_header import read_metadata
-
-CACHE_FORMAT = "dreamcache-cache"
-CACHE_FORMAT_VERSION = "1"
-CACHE_TIMESTEP = 1  # 0-based DDPM index: the second-least-noisy level (sigma 0.041), as the official code
-
-
-class CacheError(ValueError):
-    """A cache that cannot be used: unreadable, malformed, or made with another base model."""
-
-
-def library_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("dreamcache")
-    except PackageNotFoundError:
-        return "0+unknown"
-
-
-@dataclass(frozen=True)
-class CacheInfo:
-    """What a cache was made from; stored as safetensors metadata (all strings)."""
-
-    base_model: str  # fingerprint of the UNet/VAE/text encoder weights
-    resolution: tuple[int, int]  # (height, width) of the preprocessed reference in pixels
-    source_hashes: tuple[str, ...]  # sha256 of each reference image's bytes, in cache order
-    timestep: int = CACHE_TIMESTEP
-    cache_prompt: str = ""
-    preprocess: str = "resize"
-    seed: int = 0
-    subject_id: str = ""
-    library_version: str = field(default_factory=library_version)
-    format_version: str = CACHE_FORMAT_VERSION
-
-    def to_metadata(self) -> dict[str, str]:
-        data = asdict(self)
-        meta = {k: json.dumps(v) if isinstance(v, (list, tuple)) else str(v) for k, v in data.items()}
-        meta["format"] = CACHE_FORMAT
-        return meta
-
-    @classmethod
-    def from_metadata(cls, meta: Mapping[str, str]) -> CacheInfo:
-        return cls(
-            base_model=meta["base_model"],
-            resolution=tuple(json.loads(meta["resolution"])),
-            source_hashes=tuple(json.loads(meta["source_hashes"])),
-            timestep=int(meta["timestep"]),
-            cache_prompt=meta["cache_prompt"],
-            preprocess=meta["preprocess"],
-            seed=int(meta["seed"]),
-            subject_id=meta.get("subject_id", ""),
-            library_version=meta["library_version"],
-            format_version=meta["format_version"],
-        )
 
 
 @dataclass

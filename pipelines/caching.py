@@ -306,7 +306,7 @@ def _stored_cache(row: dict, config: CachingJobConfig, size: tuple[int, int]) ->
     """A resumed run (killed before its manifest): the store may already hold this subject's cache from these
     very sources and settings. Its header is read here, in the parallel CPU stage, so that the actor only
     compares the base-model fingerprint (known once the model is loaded) and its GPU never waits on storage."""
-    from dreamcache.cache import CacheInfo
+    from dreamcache.cache_info import CacheInfo
     from dreamcache.safetensors_header import header_length, read_metadata
 
     try:

@@ -1,0 +1,64 @@
+"""What a feature cache was made from, as stored in its safetensors metadata; no torch, so that CPU-only stages
+(the caching job's read stage, listings) can check a cache's header without loading the model stack."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+
+CACHE_FORMAT = "dreamcache-cache"
+CACHE_FORMAT_VERSION = "1"
+CACHE_TIMESTEP = 1  # 0-based DDPM index: the second-least-noisy level (sigma 0.041), as the official code
+
+
+class CacheError(ValueError):
+    """A cache that cannot be used: unreadable, malformed, or made with another base model."""
+
+
+def library_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("dreamcache")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+@dataclass(frozen=True)
+class CacheInfo:
+    """What a cache was made from; stored as safetensors metadata (all strings)."""
+
+    base_model: str  # fingerprint of the UNet/VAE/text encoder weights
+    resolution: tuple[int, int]  # (height, width) of the preprocessed reference in pixels
+    source_hashes: tuple[str, ...]  # sha256 of each reference image's bytes, in cache order
+    timestep: int = CACHE_TIMESTEP
+    cache_prompt: str = ""
+    preprocess: str = "resize"
+    seed: int = 0
+    subject_id: str = ""
+    library_version: str = field(default_factory=library_version)
+    format_version: str = CACHE_FORMAT_VERSION
+
+    def to_metadata(self) -> dict[str, str]:
+        data = asdict(self)
+        meta = {k: json.dumps(v) if isinstance(v, (list, tuple)) else str(v) for k, v in data.items()}
+        meta["format"] = CACHE_FORMAT
+        return meta
+
+    @classmethod
+    def from_metadata(cls, meta: Mapping[str, str]) -> CacheInfo:
+        return cls(
+            base_model=meta["base_model"],
+            resolution=tuple(json.loads(meta["resolution"])),
+            source_hashes=tuple(json.loads(meta["source_hashes"])),
+            timestep=int(meta["timestep"]),
+            cache_prompt=meta["cache_prompt"],
+            preprocess=meta["preprocess"],
+            seed=int(meta["seed"]),
+            subject_id=meta.get("subject_id", ""),
+            library_version=meta["library_version"],
+            format_version=meta["format_version"],
+        )
+
+
