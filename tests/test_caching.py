@@ -272,3 +272,48 @@ def test_ray_job_submit_on_a_started_cluster(catalog, model_uri, s3_prefix):
             os.killpg(head.pid, signal.SIGKILL)
         log.close()
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+# -- the resume check, without Ray: what counts as "this cache is already in the store" ----------------------------
+def _resume_row(tmp_path, blob: bytes | None, hashes: list[str]) -> dict:
+    uri = str(tmp_path / "s.safetensors")
+    if blob is not None:
+        storage.write_bytes(uri, blob)
+    return {"cache_uri": uri, "source_hashes": hashes}
+
+
+def test_resume_check_trusts_only_a_matching_dreamcache_header(tmp_path, tiny_pipe):
+    import dataclasses
+    from types import SimpleNamespace
+
+    from safetensors.torch import save
+
+    from pipelines.caching import CacheActor, _stored_cache
+
+    [cache] = tiny_pipe.build_caches([Image.new("RGB", (64, 64), "red")], ["h1"])
+    config = CachingJobConfig(out=str(tmp_path), model="unused", images="unused")
+    size = cache.info.resolution
+    stored = _stored_cache(_resume_row(tmp_path, cache.to_bytes(), ["h1"]), config, size)
+    assert json.loads(stored) == {"base_model": tiny_pipe.base_model, "bytes": len(cache.to_bytes())}
+
+    # The actor compares the fingerprint: the same model skips, another model recomputes.
+    for base_model, skipped in [(tiny_pipe.base_model, True), ("another-model", False)]:
+        row = {"stored_cache": stored}
+        actor = SimpleNamespace(pipe=SimpleNamespace(base_model=base_model))
+        assert CacheActor._already_cached(actor, row) is skipped
+        assert row.get("action") == ("skipped" if skipped else None)
+
+    tensors = {k: v.contiguous() for k, v in cache.features.items()}
+    not_ours = {**cache.info.to_metadata(), "format": "something-else"}
+    cases = {
+        "other sources": (cache.to_bytes(), ["h2"]),
+        "other settings": (FeatureCache(cache.features, dataclasses.replace(cache.info, seed=7)).to_bytes(), ["h1"]),
+        "other format version": (FeatureCache(cache.features, dataclasses.replace(cache.info, format_version="0"))
+                                 .to_bytes(), ["h1"]),
+        "foreign safetensors": (save(tensors, metadata=not_ours), ["h1"]),
+        "header not an object": (len(b"[1]").to_bytes(8, "little") + b"[1]", ["h1"]),
+        "truncated": (cache.to_bytes()[:20], ["h1"]),
+        "missing": (None, ["h1"]),
+    }
+    for name, (blob, hashes) in cases.items():
+        assert _stored_cache(_resume_row(tmp_path / name.replace(" ", "-"), blob, hashes), config, size) is None, name
