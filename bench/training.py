@@ -96,8 +96,8 @@ def bare_loop(trainer: AdapterTrainer, batch_size: int, steps: int) -> list[floa
     return timed_runs(step, device, steps)
 
 
-def train_loop(trainer: AdapterTrainer, config: TrainingConfig, steps: int) -> float:
-    """samples/s of train() over ``steps`` steps, after a first logging window of the same length (warm-up)."""
+def train_loop(trainer: AdapterTrainer, config: TrainingConfig) -> float:
+    """samples/s of train() over its last logging window (``config.steps`` is two windows: warm-up, measured)."""
     reports: list[dict] = []
     train(config, report=reports.append, trainer=trainer)
     return reports[-1]["samples_per_s"]
@@ -142,7 +142,7 @@ def _measure(args: argparse.Namespace, device: torch.device, pipe: DreamCachePip
             bare_peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
-            ours = train_loop(trainer, config, args.steps)
+            ours = train_loop(trainer, config)
             ours_peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
             # The baseline is measured before and after: on a shared machine a load change hits both sides.
             bare = batch_size / statistics.median(bare_times + bare_loop(trainer, batch_size, args.steps))

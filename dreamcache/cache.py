@@ -9,7 +9,6 @@ one. One safetensors object per subject: tensor names are the blocks' diffusers 
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
@@ -82,18 +81,9 @@ class FeatureCache:
         try:
             tensors = load(data)
             meta = read_metadata(data)
-        except (SafetensorError, ValueError, RuntimeError, json.JSONDecodeError) as exc:
+        except (SafetensorError, ValueError, RuntimeError) as exc:
             raise CacheError(f"{source}: not a readable cache file (truncated or corrupt: {exc})") from None
-        if meta.get("format") != CACHE_FORMAT:
-            raise CacheError(f"{source}: not a DreamCache feature cache (format={meta.get('format')!r})")
-        if meta.get("format_version") != CACHE_FORMAT_VERSION:
-            raise CacheError(f"{source}: cache format version {meta.get('format_version')!r} is not supported "
-                             f"(this library reads version {CACHE_FORMAT_VERSION})")
-        try:
-            info = CacheInfo.from_metadata(meta)
-        except (KeyError, ValueError, TypeError) as exc:
-            raise CacheError(f"{source}: cache metadata is incomplete ({exc})") from None
-        cache = cls(tensors, info)
+        cache = cls(tensors, CacheInfo.from_file_metadata(meta, source))
         cache.validate(source, layers, base_model)
         return cache
 

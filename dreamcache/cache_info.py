@@ -47,6 +47,19 @@ class CacheInfo:
         return meta
 
     @classmethod
+    def from_file_metadata(cls, meta: Mapping[str, str], source: str) -> CacheInfo:
+        """The info of a cache file's metadata; CacheError if it is not a DreamCache cache this library reads."""
+        if meta.get("format") != CACHE_FORMAT:
+            raise CacheError(f"{source}: not a DreamCache feature cache (format={meta.get('format')!r})")
+        if meta.get("format_version") != CACHE_FORMAT_VERSION:
+            raise CacheError(f"{source}: cache format version {meta.get('format_version')!r} is not supported "
+                             f"(this library reads version {CACHE_FORMAT_VERSION})")
+        try:
+            return cls.from_metadata(meta)
+        except (KeyError, ValueError, TypeError) as exc:
+            raise CacheError(f"{source}: cache metadata is incomplete ({exc})") from None
+
+    @classmethod
     def from_metadata(cls, meta: Mapping[str, str]) -> CacheInfo:
         return cls(
             base_model=meta["base_model"],

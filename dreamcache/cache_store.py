@@ -10,12 +10,28 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from . import storage
+from .cache_info import CacheError, CacheInfo
 from .layers import CachedLayer
 
 if TYPE_CHECKING:  # .cache loads torch and diffusers: listing or naming caches (a job's planner) needs neither
     from .cache import FeatureCache
 
 CACHE_SUFFIX = ".safetensors"
+
+
+def read_cache_info(uri: str) -> CacheInfo:
+    """What a stored cache was made from, from its header alone (about 1 KiB, one ranged GET; a second only for an
+    unusual header), not its 6 MB of tensors. ObjectNotFound if absent, CacheError if not a cache we read."""
+    from .safetensors_header import header_length, read_metadata
+
+    try:
+        head = storage.read_range(uri, 0, 1 << 16)
+        if len(head) < 8 + header_length(head):
+            head = storage.read_range(uri, 0, 8 + header_length(head))
+        meta = read_metadata(head)
+    except ValueError as exc:
+        raise CacheError(f"{uri}: not a readable cache file ({exc})") from None
+    return CacheInfo.from_file_metadata(meta, uri)
 
 
 @dataclass(frozen=True)

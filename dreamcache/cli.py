@@ -14,7 +14,7 @@ import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 # torch, diffusers and the S3 client are imported by the commands that use them, not here: building the parser
 # (and so `dreamcache --help`) must not pay seconds of imports.
@@ -37,13 +37,6 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
     return (ImageDecodeError, CacheError, AdapterError, storage.StorageError, ValueError, FileNotFoundError,
             NotADirectoryError, IsADirectoryError)
-
-
-def __getattr__(name: str) -> Any:
-    # ``USER_ERRORS`` stays importable for callers of the old constant, built only when asked for.
-    if name == "USER_ERRORS":
-        return user_errors()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def quiet_libraries() -> None:

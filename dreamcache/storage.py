@@ -48,7 +48,8 @@ import boto3
 import botocore.exceptions as bexc
 from botocore.config import Config
 
-if TYPE_CHECKING:  # pyarrow is heavy; imported lazily in pyarrow_filesystem()
+if TYPE_CHECKING:  # pyarrow is heavy; imported lazily (pyarrow_filesystem, read_parquet, write_parquet)
+    import pyarrow
     import pyarrow.fs
 
 __all__ = [
@@ -62,6 +63,8 @@ __all__ = [
     "is_s3",
     "read_bytes",
     "write_bytes",
+    "read_parquet",
+    "write_parquet",
     "exists",
     "delete",
     "size",
@@ -574,6 +577,25 @@ def write_bytes(uri: str, data: bytes) -> None:
         raise ValueError(f"cannot write an object to a prefix: {uri!r}")
     body = bytes(data)
     _s3_call(loc, uri, "PUT", lambda c: c.put_object(Bucket=loc.bucket, Key=loc.path, Body=body))
+
+
+def read_parquet(uri: str) -> pyarrow.Table:
+    """A whole Parquet file or object (manifests, plans, catalogs): one GET, parsed in memory."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    return pq.read_table(pa.BufferReader(read_bytes(uri)))
+
+
+def write_parquet(uri: str, table: pyarrow.Table, **options: Any) -> None:
+    """Write ``table`` as one whole Parquet object (atomic put or rename: readers see the old or the new file);
+    ``options`` go to ``pyarrow.parquet.write_table`` (e.g. row_group_size)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    buffer = pa.BufferOutputStream()
+    pq.write_table(table, buffer, **options)
+    write_bytes(uri, buffer.getvalue().to_pybytes())
 
 
 def exists(uri: str) -> bool:

@@ -301,7 +301,6 @@ def write_triplets(rows: Iterable[Mapping], uri: str, row_group_size: int = DEFA
     PIL images are accepted for the image columns and stored as PNG. The file is written whole. Returns the row count.
     """
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     names = [name for name, _ in TRIPLET_SCHEMA_FIELDS]
     columns: dict[str, list] = {name: [] for name in names}
@@ -313,9 +312,7 @@ def write_triplets(rows: Iterable[Mapping], uri: str, row_group_size: int = DEFA
             value = row.get(name)
             columns[name].append(image_bytes(value) if isinstance(value, Image.Image) else value)
     table = pa.table(columns, schema=_arrow_schema())
-    buffer = io.BytesIO()
-    pq.write_table(table, buffer, row_group_size=row_group_size)
-    storage.write_bytes(uri, buffer.getvalue())
+    storage.write_parquet(uri, table, row_group_size=row_group_size)
     return table.num_rows
 
 

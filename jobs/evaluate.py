@@ -5,7 +5,8 @@
         --dino s3://models/dino-vits16 --clip s3://models/clip-vit-base-patch32 --actors 4
 
 Writes <out>/scores.parquet (one row per image), <out>/summary.md (overall / objects / live next to the paper's
-numbers) and prints the table. Every stage is incremental: a rerun renders and scores only what is missing.
+numbers) and prints the table. Caching and generation are incremental: a rerun renders only
+what is missing (and scores every image again).
 Without a Ray cluster (no RAY_ADDRESS) the same command starts a local Ray.
 """
 

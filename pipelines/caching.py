@@ -35,6 +35,8 @@ from dreamcache import storage
 from dreamcache.cache_store import CacheStore
 from dreamcache.images import ImageDecodeError, ImageLimits
 
+from .model_info import native_resolution
+
 logger = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.parquet"
@@ -64,7 +66,8 @@ WORK_SCHEMA = pa.schema(list(MANIFEST_SCHEMA) + [
     ("pixels", pa.list_(pa.binary())),  # prepared RGB references (read -> compute)
     ("prior", pa.string()),  # JSON of this subject's row in the last manifest (plan -> read)
     ("cache_bytes", pa.binary()),  # the cache file (compute -> write)
-    ("stored_cache", pa.string()),  # JSON of a cache already in the store for these sources (read -> compute)
+    ("stored_cache", pa.string()),  # JSON of a cache already in the store: its size (plan), then its base model
+                                    # if it was made from these sources and settings (read -> compute)
 ])
 
 
@@ -201,7 +204,7 @@ def _plan_from_catalog(uri: str) -> list[_Subject]:
 def _read_manifest(out: str) -> dict[str, dict]:
     uri = storage.join_uri(out, MANIFEST_NAME)
     try:
-        table = pq.read_table(io.BytesIO(storage.read_bytes(uri)))
+        table = storage.read_parquet(uri)
     except storage.ObjectNotFound:
         return {}
     return {row["subject_id"]: row for row in table.to_pylist()}
@@ -225,6 +228,9 @@ def plan(config: CachingJobConfig) -> list[dict]:
     version = model_version(config.model)
     settings = config.settings()
     store = CacheStore(config.out)
+    # One listing of the store says which subjects already have a cache file (a run killed before its manifest)
+    # and its size: only those get a header read in the read stage, instead of one GET per subject.
+    stored_bytes = {obj.uri: obj.size for obj in storage.list_objects(config.out)}
     rows = []
     for subject in subjects:
         row = _empty_row(subject.subject_id, config.run_id)
@@ -243,6 +249,8 @@ def plan(config: CachingJobConfig) -> list[dict]:
             _fail(row, subject.error, retryable=False)
         if subject.subject_id in prior:
             row["prior"] = json.dumps(prior[subject.subject_id], default=str)
+        if row["cache_uri"] in stored_bytes:
+            row["stored_cache"] = json.dumps({"bytes": stored_bytes[row["cache_uri"]]})
         rows.append(row)
     return rows
 
@@ -307,29 +315,21 @@ def _stored_cache(row: dict, config: CachingJobConfig, size: tuple[int, int]) ->
     """A resumed run (killed before its manifest): the store may already hold this subject's cache from these
     very sources and settings. Its header is read here, in the parallel CPU stage, so that the actor only
     compares the base-model fingerprint (known once the model is loaded) and its GPU never waits on storage."""
-    from dreamcache.cache_info import CACHE_FORMAT, CACHE_FORMAT_VERSION, CACHE_TIMESTEP, CacheInfo
-    from dreamcache.safetensors_header import header_length, read_metadata
+    from dreamcache.cache_info import CACHE_TIMESTEP, CacheError
+    from dreamcache.cache_store import read_cache_info
 
+    if row["stored_cache"] is None:  # the plan's listing found no cache file
+        return None
     try:
-        # One ranged GET covers a cache's header (about 1 KiB); a second one only for an unusual header.
-        head = storage.read_range(row["cache_uri"], 0, 1 << 16)
-        if len(head) < 8 + header_length(head):
-            head = storage.read_range(row["cache_uri"], 0, 8 + header_length(head))
-        meta = read_metadata(head)
-        info = CacheInfo.from_metadata(meta)
-    except (storage.StorageError, ValueError, KeyError, TypeError):
-        return None  # no cache, or not one we can trust: compute it
-    same = (meta.get("format") == CACHE_FORMAT and info.format_version == CACHE_FORMAT_VERSION
-            and info.timestep == CACHE_TIMESTEP
+        info = read_cache_info(row["cache_uri"])
+    except (storage.StorageError, CacheError):
+        return None  # gone meanwhile, or not one we can trust: compute it
+    same = (info.timestep == CACHE_TIMESTEP
             and list(info.source_hashes) == row["source_hashes"] and info.cache_prompt == config.cache_prompt
             and info.preprocess == config.preprocess and info.seed == config.seed and info.resolution == size)
     if not same:
         return None
-    try:
-        size_bytes = storage.size(row["cache_uri"])
-    except storage.StorageError:
-        return None
-    return json.dumps({"base_model": info.base_model, "bytes": size_bytes})
+    return json.dumps({"base_model": info.base_model, "bytes": json.loads(row["stored_cache"])["bytes"]})
 
 
 def version_stage(batch: pa.Table) -> pa.Table:
@@ -475,21 +475,14 @@ def _manifest_table(rows: Iterable[dict]) -> pa.Table:
 
 
 def write_manifest(out: str, rows: Iterable[dict]) -> str:
-    table = _manifest_table(rows)
-    buffer = io.BytesIO()
-    pq.write_table(table, buffer)
     uri = storage.join_uri(out, MANIFEST_NAME)
-    storage.write_bytes(uri, buffer.getvalue())  # whole object: readers see the old or the new manifest
+    storage.write_parquet(uri, _manifest_table(rows))  # whole object: readers see the old or the new manifest
     return uri
 
 
 def _resolution(config: CachingJobConfig) -> int:
-    """The reference size: given, or the model's native one, read from its configs (no weights on the driver)."""
-    if config.resolution:
-        return config.resolution
-    unet = json.loads(storage.read_bytes(storage.join_uri(config.model, "unet", "config.json")))
-    vae = json.loads(storage.read_bytes(storage.join_uri(config.model, "vae", "config.json")))
-    return unet["sample_size"] * 2 ** (len(vae["block_out_channels"]) - 1)
+    """The reference size: given, or the model's native one (from its configs: no weights on the driver)."""
+    return config.resolution or native_resolution(config.model)
 
 
 def _dataset(rows: list[dict], config: CachingJobConfig):
@@ -501,8 +494,6 @@ def _dataset(rows: list[dict], config: CachingJobConfig):
 
 def run_caching(config: CachingJobConfig) -> JobSummary:
     """Run the whole job on the current Ray cluster (see pipelines.ray_runtime.init_ray)."""
-    import ray
-
     start = time.perf_counter()
     rows = plan(config)
     resolution = _resolution(config)

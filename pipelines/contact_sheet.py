@@ -187,7 +187,8 @@ def index_html(
         parts.append(f"<tr><td>{e(s.subject_id)}</td><td>{s.ok}</td><td>{s.errors}</td><td>{link}</td></tr>")
     parts.append("</table>")
     if errors:
-        parts += [f"<h2>Failed rows ({len(errors)}{'+' if len(errors) >= MAX_ERRORS_LISTED else ''})</h2>",
+        listed = "" if len(errors) <= MAX_ERRORS_LISTED else f", the first {MAX_ERRORS_LISTED} listed"
+        parts += [f"<h2>Failed rows ({len(errors)}{listed})</h2>",
                   "<table><tr><th>subject</th><th>prompt</th><th>seed</th><th>error</th></tr>"]
         parts += [f"<tr><td>{e(s)}</td><td>{e(p)}</td><td>{seed}</td><td>{e(err)}</td></tr>"
                   for s, p, seed, err in errors[:MAX_ERRORS_LISTED]]

@@ -5,7 +5,8 @@
                               dino="s3://models/dino-vits16", clip="s3://models/clip-vit-base-patch32")
     result = run_evaluation(config)
 
-Stages (each a Ray job of its own, all incremental, so a rerun redoes only what is missing):
+Stages (each a Ray job of its own; caching and generation are incremental, so a rerun computes no cache and
+renders no image twice; scoring rescores every image, which is cheap next to generation):
 
     references   one image per subject: the keep-list file of the DreamBooth dataset (or --references, e.g.
                  background-removed copies), written as a caching catalog <out>/references.jsonl
@@ -23,7 +24,6 @@ are reported against all real images of a subject (standard DreamBench) and agai
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import logging
 import time
@@ -309,16 +309,14 @@ def score_images(config: EvaluationConfig, manifest: Sequence[dict], sources: di
 
 def write_scores(uri: str, rows: Sequence[dict]) -> None:
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     ordered = sorted(rows, key=lambda r: (r["subject"], r["prompt_index"], r["seed"]))
-    buffer = io.BytesIO()
-    pq.write_table(pa.Table.from_pylist(ordered, schema=scores_schema()), buffer)
-    storage.write_bytes(uri, buffer.getvalue())
+    storage.write_parquet(uri, pa.Table.from_pylist(ordered, schema=scores_schema()))
 
 
 def run_evaluation(config: EvaluationConfig) -> EvaluationResult:
-    """The whole protocol on the current Ray (``pipelines.ray_runtime.init_ray``); every stage is incremental."""
+    """The whole protocol on the current Ray (``pipelines.ray_runtime.init_ray``); caching and generation are
+    incremental, scoring is redone."""
     start = time.perf_counter()
     config.validate()
     sources = subject_sources(config)

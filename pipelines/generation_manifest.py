@@ -57,15 +57,9 @@ def manifest_schema():
 def write_parquet(uri: str, rows: Sequence[Mapping], schema) -> None:
     """Write a whole Parquet object at once (atomic put or rename)."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
-    buffer = pa.BufferOutputStream()
-    pq.write_table(pa.Table.from_pylist(list(rows), schema=schema), buffer)
-    storage.write_bytes(uri, buffer.getvalue().to_pybytes())
+    storage.write_parquet(uri, pa.Table.from_pylist(list(rows), schema=schema))
 
 
 def read_manifest(uri: str) -> list[dict]:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    return pq.read_table(pa.BufferReader(storage.read_bytes(uri))).to_pylist()
+    return storage.read_parquet(uri).to_pylist()

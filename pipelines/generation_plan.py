@@ -44,7 +44,7 @@ class SubjectSource:
 
     subject_id: str
     cache_uri: str | None
-    cache_version: str = ""  # hash of the reference images when a caching manifest names them
+    cache_version: str = ""  # what the cache was made from (model, images, settings), from a caching manifest
     error: str | None = None
 
 
@@ -153,10 +153,9 @@ def load_prompts(config: GenerationJobConfig) -> list[PromptSpec]:
 def _caching_manifest_subjects(uri: str) -> list[SubjectSource]:
     """Subjects of a caching job's manifest: ``ok`` rows point at their cache, ``error`` rows carry the reason."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     try:
-        table = pq.read_table(pa.BufferReader(storage.read_bytes(uri)))
+        table = storage.read_parquet(uri)
     except (pa.ArrowInvalid, OSError) as exc:
         raise ValueError(f"caching manifest {uri} is not a readable Parquet file: {exc}") from None
     missing = {"subject_id", "status", "cache_uri"} - set(table.column_names)
@@ -169,8 +168,10 @@ def _caching_manifest_subjects(uri: str) -> list[SubjectSource]:
             logger.warning("caching manifest %s lists subject %r twice; using its first row", uri, subject)
             continue
         hashes = row.get("source_hashes") or []
-        version = hashlib.sha256(json.dumps([row.get("base_model") or "", list(hashes)]).encode()).hexdigest()[:16] \
-            if hashes else ""
+        # What the cache was made from: model, references and caching settings (prompt, resolution, preprocessing,
+        # seed). Any change renames, hence re-renders, the subject's images.
+        made_from = [row.get("base_model") or "", list(hashes), row.get("settings") or ""]
+        version = hashlib.sha256(json.dumps(made_from).encode()).hexdigest()[:16] if hashes else ""
         if row["status"] != "ok" or not row["cache_uri"]:
             reason = row.get("error") or f"status {row['status']!r} without a cache"
             sources[subject] = SubjectSource(subject, None, version, f"caching failed: {reason}")
@@ -214,21 +215,21 @@ def _plan_file_rows(source: str | Sequence[Mapping[str, Any]]) -> list[tuple[dic
         return [(dict(row), f"plan row {i}") for i, row in enumerate(source)]
     if source.lower().endswith(".parquet"):
         import pyarrow as pa
-        import pyarrow.parquet as pq
 
         try:
-            rows = pq.read_table(pa.BufferReader(storage.read_bytes(source))).to_pylist()
+            rows = storage.read_parquet(source).to_pylist()
         except (pa.ArrowInvalid, OSError) as exc:
             raise ValueError(f"plan {source} is not a readable Parquet file: {exc}") from None
         return [({k: v for k, v in r.items() if v is not None}, f"{source} row {i}") for i, r in enumerate(rows)]
     return [(row, f"{source} line {row['__line__']}") for row in _json_lines(read_text(source, "plan file"), source)]
 
 
-def _requested_rows(config: GenerationJobConfig) -> Iterable[tuple[Any, PromptSpec, int]]:
-    """(subject id, prompt, seed) in plan order, before any lookup."""
+def _requested_rows(config: GenerationJobConfig,
+                    known: Mapping[str, SubjectSource]) -> Iterable[tuple[Any, PromptSpec, int]]:
+    """(subject id, prompt, seed) in plan order, before any lookup; ``known``: the subjects the caches hold."""
     if config.plan is None:
         prompts = load_prompts(config)
-        subjects = list(config.subjects) if config.subjects is not None else sorted(load_subjects(config))
+        subjects = list(config.subjects) if config.subjects is not None else sorted(known)
         if not subjects:
             raise ValueError(f"no subjects: {config.caches} holds no caches")
         for subject in dict.fromkeys(subjects):
@@ -284,7 +285,7 @@ def build_plan(config: GenerationJobConfig) -> list[PlanRow]:
     prompt_index: dict[PromptSpec, int] = {}
     rows: list[PlanRow] = []
     seen: set[str] = set()
-    for subject_id, prompt, seed in _requested_rows(config):
+    for subject_id, prompt, seed in _requested_rows(config, known):
         subject = _subject_source(subject_id, known, config.caches)
         parameters = row_parameters(config, subject, prompt, seed)
         key, name = image_name(parameters)

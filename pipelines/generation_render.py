@@ -113,7 +113,8 @@ def render_rows(pipe, rows: Sequence[Mapping], settings: RenderSettings, caches:
 
 
 def load_render_pipeline(settings: RenderSettings):
-    """The pipeline on its device and dtype, quiet, from the model and adapter URIs."""
+    """The pipeline on its device and dtype, quiet, from the model and adapter URIs. Reads only ``model``,
+    ``adapter``, ``device``, ``dtype`` and ``torch_threads`` (the Serve generator passes its ServeSettings)."""
     import torch
 
     from dreamcache.cli import pick_device, pick_dtype, quiet_libraries

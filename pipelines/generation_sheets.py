@@ -54,6 +54,6 @@ def write_contact_sheets(manifest: Sequence[Mapping], config: GenerationJobConfi
         note = f"Sheets drawn for the first {len(drawable)} of {len(by_subject)} subjects."
     index_uri = storage.join_uri(run_prefix, "index.html")
     page = contact_sheet.index_html(run_id, counts, [legend[k] for k in sorted(legend)], subjects,
-                                    errors[: contact_sheet.MAX_ERRORS_LISTED], note)
+                                    errors, note)
     storage.write_bytes(index_uri, page.encode("utf-8"))
     return index_uri

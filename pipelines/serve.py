@@ -89,10 +89,6 @@ def error_response(status: int, message: str, field: str | None = None, headers:
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-def _validation_detail(exc: ValidationError) -> list[dict[str, Any]]:
-    return [{"loc": ["body", *map(str, e["loc"])], "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
-
-
 def prefers_png(accept: str | None) -> bool:
     """Whether the Accept header ranks image/png above JSON (a browser's */* gets JSON)."""
     weights: dict[str, float] = {}

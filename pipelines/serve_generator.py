@@ -31,7 +31,7 @@ from ray import serve
 
 from dreamcache import storage
 from dreamcache.cache import CacheError, FeatureCache
-from dreamcache.cache_store import CacheStore
+from dreamcache.cache_store import CacheStore, read_cache_info
 from dreamcache.images import ImageDecodeError, ImageLimits, decode_image, sha256_hex
 
 from .serve_batching import DeviceQueue, outside_request
@@ -101,19 +101,13 @@ def _png(image) -> bytes:
 @serve.deployment(name="Generator", health_check_period_s=10, health_check_timeout_s=60)
 class Generator:
     def __init__(self, settings_args: dict[str, Any]) -> None:
-        from dreamcache.cli import pick_device, pick_dtype, quiet_libraries
-        from dreamcache.pipeline import DreamCachePipeline
+        from .generation_render import load_render_pipeline
 
-        quiet_libraries()
         self.settings = settings = ServeSettings.from_args(settings_args)
-        if settings.torch_threads:
-            torch.set_num_threads(settings.torch_threads)
-        self.device = pick_device(settings.device)
-        dtype = pick_dtype(settings.dtype, self.device)
         started = time.perf_counter()
-        self.pipe = DreamCachePipeline.from_pretrained(settings.model, adapter=settings.adapter, torch_dtype=dtype)
-        self.pipe.to(self.device)
-        self.dtype = dtype
+        # The batch job's loader: ServeSettings carries the same model, adapter, device, dtype, torch_threads.
+        self.pipe = load_render_pipeline(settings)
+        self.device, self.dtype = self.pipe.unet.device, self.pipe.unet.dtype
         # The pipeline iterates its denoising steps through progress_bar: the one hook where a call whose
         # requests have all timed out can be stopped between steps.
         self.pipe.progress_bar = self._steps  # type: ignore[method-assign]
@@ -134,7 +128,7 @@ class Generator:
         self._device = DeviceQueue(self._device_call, settings.max_batch_size, lambda item: item.job.num_images)
         self._run_batch.set_max_batch_size(settings.max_batch_size)
         self._run_batch.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
-        logger.info("generator %s ready on %s/%s in %.1fs (base model %s)", self.replica, self.device, dtype,
+        logger.info("generator %s ready on %s/%s in %.1fs (base model %s)", self.replica, self.device, self.dtype,
                     time.perf_counter() - started, self.pipe.base_model)
 
     # -- public methods (called by the ingress) -------------------------------------------------------------
@@ -152,11 +146,9 @@ class Generator:
         uri = self.store.uri_for(subject_id)
         try:
             held = self._peek(subject_id)
-            if held is not None:
-                metadata = subject_metadata(subject_id, held, uri, await asyncio.to_thread(storage.size, uri))
-            else:
-                data = await asyncio.to_thread(storage.read_bytes, uri)
-                metadata = subject_metadata(subject_id, FeatureCache.from_bytes(data, uri), uri, len(data))
+            # Not resident: the file's header says all, no need to fetch its tensors.
+            info = held.info if held is not None else await asyncio.to_thread(read_cache_info, uri)
+            metadata = subject_metadata(subject_id, info, uri, await asyncio.to_thread(storage.size, uri))
             return SubjectOutcome(False, metadata, self.replica)
         except (CacheError, storage.StorageError) as exc:
             return _cache_failure(exc, subject_id)
@@ -201,7 +193,7 @@ class Generator:
             self._fresh[subject_id] = cache
             await self._hold(subject_id)
             self._fresh.pop(subject_id, None)  # left over when the subject was resident already
-            return SubjectOutcome(True, subject_metadata(subject_id, cache, uri, nbytes), self.replica)
+            return SubjectOutcome(True, subject_metadata(subject_id, cache.info, uri, nbytes), self.replica)
 
     # -- subject caches -------------------------------------------------------------------------------------
     def _make_cache_loader(self):
@@ -256,7 +248,7 @@ class Generator:
             cache.validate(uri, self.pipe.layers, self.pipe.base_model)
         except CacheError as exc:
             return Failure(409, f"subject {subject_id!r} was cached for another model: {exc}", "subject_id")
-        return SubjectOutcome(False, subject_metadata(subject_id, cache, uri, len(data)), self.replica)
+        return SubjectOutcome(False, subject_metadata(subject_id, cache.info, uri, len(data)), self.replica)
 
     # -- batched generation ---------------------------------------------------------------------------------
     # Batches go on to the device queue, which merges those that wait for the device: many may be in flight.

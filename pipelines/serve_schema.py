@@ -18,7 +18,7 @@ from dreamcache import storage
 from .serve_settings import MAX_IMAGES_PER_REQUEST
 
 if TYPE_CHECKING:  # the ingress imports this module and must stay free of torch and diffusers
-    from dreamcache.cache import FeatureCache
+    from dreamcache.cache_info import CacheInfo
     from dreamcache.images import ImageDecodeError
 
 MAX_STEPS = 150
@@ -128,11 +128,10 @@ class ModelInfo:
     dtype: str
 
 
-def subject_metadata(subject_id: str, cache: "FeatureCache", uri: str, nbytes: int) -> dict[str, Any]:
-    info = cache.info
+def subject_metadata(subject_id: str, info: "CacheInfo", uri: str, nbytes: int) -> dict[str, Any]:
     return {
         "subject_id": subject_id,
-        "num_references": cache.num_references,
+        "num_references": len(info.source_hashes),  # one hash per reference (checked when a cache is read)
         "source_hashes": list(info.source_hashes),
         "base_model": info.base_model,
         "resolution": list(info.resolution),

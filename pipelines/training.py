@@ -37,6 +37,7 @@ from dreamcache.triplets import ReferenceAugment, TripletBatch, TripletError, pa
 if TYPE_CHECKING:  # the training loop pulls in diffusers: Ray Data's preparation tasks must not pay for that import
     from dreamcache.training import AdapterTrainer, TrainingConfig, TrainingResult
 
+from .model_info import native_resolution
 from .ray_runtime import init_ray
 from .training_args import add_training_arguments  # noqa: F401 - re-exported: callers import it from here
 
@@ -181,7 +182,7 @@ def run_training(config: TrainingConfig, scale: ScaleConfig = ScaleConfig()) -> 
     config.validate()
     scale.validate()
     _start_ray(scale)
-    resolution = config.resolution or _native_resolution(config.model)
+    resolution = config.resolution or native_resolution(config.model)
     config = replace(config, resolution=resolution)
     # Ray Train keeps only run state there (checkpoints go to --out): a temp folder is removed after the run.
     storage_path = scale.storage_path or tempfile.mkdtemp(prefix="dreamcache-ray-train-")
@@ -232,13 +233,6 @@ def _start_ray(scale: ScaleConfig) -> None:
                        scale.data_cpus, needed)
     if scale.use_gpu and resources.get("GPU", 0) < scale.num_workers:
         logger.warning("the Ray cluster has %s GPUs for %d GPU worker(s)", resources.get("GPU", 0), scale.num_workers)
-
-
-def _native_resolution(model: str) -> int:
-    """The model's native image size from its configs (so Ray Data tasks need not load the model)."""
-    unet = json.loads(storage.read_bytes(storage.join_uri(model, "unet", "config.json")))
-    vae = json.loads(storage.read_bytes(storage.join_uri(model, "vae", "config.json")))
-    return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
 
 
 # -- command line (the parser: pipelines.training_args) ----------------------------------------------------------

@@ -1,6 +1,5 @@
 """Feature cache extraction (spec section 1) and the cache file contract."""
 
-import copy
 
 import pytest
 import torch

@@ -276,10 +276,13 @@ def test_ray_job_submit_on_a_started_cluster(catalog, model_uri, s3_prefix):
 
 # -- the resume check, without Ray: what counts as "this cache is already in the store" ----------------------------
 def _resume_row(tmp_path, blob: bytes | None, hashes: list[str]) -> dict:
+    """A read-stage row as the plan makes it: ``stored_cache`` holds the size its listing found, or None."""
     uri = str(tmp_path / "s.safetensors")
     if blob is not None:
         storage.write_bytes(uri, blob)
-    return {"cache_uri": uri, "source_hashes": hashes}
+    listed = {obj.uri: obj.size for obj in storage.list_objects(str(tmp_path))}
+    return {"cache_uri": uri, "source_hashes": hashes,
+            "stored_cache": json.dumps({"bytes": listed[uri]}) if uri in listed else None}
 
 
 def test_resume_check_trusts_only_a_matching_dreamcache_header(tmp_path, tiny_pipe):

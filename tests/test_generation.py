@@ -371,3 +371,22 @@ def test_same_row_gives_the_same_bytes(first_run, tmp_path):
     for key, row in first.items():
         assert row["image_uri"].rsplit("/", 2)[1:] == second[key]["image_uri"].rsplit("/", 2)[1:]
         assert storage.read_bytes(row["image_uri"]) == storage.read_bytes(second[key]["image_uri"]), key
+
+
+def test_recaching_with_other_settings_renames_the_images(tmp_path):
+    """A subject re-cached with another cache prompt (same model, same images) must be re-rendered: its images'
+    names carry what the cache was made from, caching settings included."""
+    from pipelines.generation_plan import _caching_manifest_subjects
+
+    def version(settings: str) -> str:
+        uri = str(tmp_path / f"{uuid.uuid4().hex}.parquet")
+        row = {"subject_id": "s", "status": "ok", "cache_uri": "x.safetensors", "source_hashes": ["h"],
+               "base_model": "m", "settings": settings}
+        buffer = io.BytesIO()
+        pq.write_table(pa.Table.from_pylist([row]), buffer)
+        storage.write_bytes(uri, buffer.getvalue())
+        [subject] = _caching_manifest_subjects(uri)
+        return subject.cache_version
+
+    assert version('{"cache_prompt": ""}') == version('{"cache_prompt": ""}')
+    assert version('{"cache_prompt": ""}') != version('{"cache_prompt": "blurry"}')
