@@ -272,11 +272,11 @@ class Generator:
         groups: dict[tuple, list[int]] = defaultdict(list)
         for i in live:
             groups[items[i].job.batch_key()].append(i)
-        batch = {"batch_images": sum(items[i].job.num_images for i in live),
-                 "batch_subjects": len({items[i].job.subject_id for i in live})}
-        self._record_batch(batch)
         for indices in groups.values():
             group = [items[i] for i in indices]
+            # One pipeline call = one UNet batch: what the response and the stats report as "the batch".
+            batch = {"batch_images": _images_in(group), "batch_subjects": len({item.job.subject_id for item in group})}
+            self._record_batch(batch)
             started = time.perf_counter()
             try:
                 images = self._call_pipeline(group)
