@@ -63,9 +63,15 @@ def test_runs_merge_repairs_and_never_collide(ray_cluster, tiny_model_dir, tmp_p
     blue.write_bytes(b"")
     assert cache(tiny_model_dir, first, out).computed == 1
 
-    # The generation job's manifest lives beside it, under its own kind: the caching rows are untouched.
-    log = ManifestLog(out, "generation", pa.schema([("row_key", pa.string())]), key="row_key")
-    assert log.current() is None and (tmp_path / "out" / "_manifests" / "caching").is_dir()
+    # A generation run into the caching prefix keeps its manifest beside the caching one, under its own kind.
+    from pipelines.generation import GenerationJobConfig, run_generation
+
+    before = manifest_rows(out)
+    generation = run_generation(GenerationJobConfig(
+        model=str(tiny_model_dir), adapter=str(tiny_model_dir / "adapter.safetensors"), caches=out, out=out,
+        prompts=["a toy"], seeds=[0], steps=1, contact_sheet="none", batch_size=4))
+    assert generation.rendered == 3 and manifest_rows(out) == before
+    assert len(manifest_rows(out, "generation", key="row_key")) == 3
 
     # pyarrow alone, from the commit's file list; and duckdb where it is installed.
     files = latest_commit(out, "caching")["files"]
@@ -137,3 +143,19 @@ def test_manifest_command(ray_cluster, tiny_model_dir, tmp_path):
     done = subprocess.run([sys.executable, "-m", "pipelines.cli", "manifest", str(tmp_path / "nothing")],
                           capture_output=True, text=True, env=env, cwd=REPO)
     assert done.returncode == 2 and done.stderr.count("\n") == 1 and "no manifest" in done.stderr
+
+
+def test_one_row_per_input_at_20k_subjects(ray_cluster, tiny_model_dir, tmp_path):
+    """Every input subject ends in exactly one row, counted in the cluster: 20k catalog rows whose references
+    cannot be used (no model compute), grouped into 20k subjects."""
+    n = 20_000
+    ids = [f"s{i:05d}" for i in range(n)]
+    uris = [f"http://example.invalid/{s}.png" if i % 2 else "" for i, s in enumerate(ids)]
+    pq.write_table(pa.table({"subject_id": ids, "image_uri": uris}), tmp_path / "catalog.parquet")
+    summary = run_caching(CachingJobConfig(out=str(tmp_path / "out"), model=str(tiny_model_dir),
+                                           catalog=str(tmp_path / "catalog.parquet")))
+    assert (summary.errors, summary.computed, summary.skipped) == (n, 0, 0)
+    table = pq.read_table(latest_commit(str(tmp_path / "out"), "caching")["files"], columns=["subject_id", "error"])
+    assert table.num_rows == n and len(set(table["subject_id"].to_pylist())) == n
+    errors = table["error"].to_pylist()
+    assert sum("unsupported URI scheme" in e for e in errors) == n // 2 and sum("no image_uri" in e for e in errors) == n // 2
