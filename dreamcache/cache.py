@@ -3,7 +3,8 @@
 A reference image is VAE-encoded (posterior sample), noised to t=1, and passed once through the UNet with the
 empty prompt; the *inputs* of the cached transformer blocks are kept and the pass stops right after the last
 one. One safetensors object per subject: tensor names are the blocks' diffusers paths, values
-``[n_refs, C, H, W]`` fp16, metadata ties the cache to its base model, timestep, prompt, resolution and sources.
+``[n_refs, C, H, W]`` in fp16 (default) or fp32, metadata ties the cache to its base model, timestep, prompt,
+resolution and sources, and names the tensors' dtype (``dtype``; absent in older files, which are fp16).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 
 # The cache file's metadata lives in a torch-free module: the caching job's CPU stages read headers with it.
 from .cache_info import (  # noqa: F401 - re-exported: dreamcache.cache is the public home of these names
+    CACHE_DTYPES,
     CACHE_FORMAT,
     CACHE_FORMAT_VERSION,
     CACHE_TIMESTEP,
@@ -26,6 +28,14 @@ from .cache_info import (  # noqa: F401 - re-exported: dreamcache.cache is the p
 )
 from .layers import CachedLayer
 from .safetensors_header import read_metadata
+
+
+def cache_dtype_name(dtype: torch.dtype) -> str:
+    """The name a cache file records for its tensors' dtype (one of CACHE_DTYPES)."""
+    name = str(dtype).removeprefix("torch.")
+    if name not in CACHE_DTYPES:
+        raise ValueError(f"a cache is stored as torch.float16 or torch.float32, not {dtype}")
+    return name
 
 
 @dataclass
@@ -54,6 +64,8 @@ class FeatureCache:
         for cache in caches[1:]:
             if cache.info.base_model != first.base_model or cache.features.keys() != caches[0].features.keys():
                 raise CacheError("caches made with different base models or layers cannot be combined")
+            if cache.info.dtype != first.dtype:
+                raise CacheError(f"caches stored as {first.dtype} and {cache.info.dtype} cannot be combined")
         features = {k: torch.cat([c.features[k] for c in caches]) for k in caches[0].features}
         hashes = tuple(h for c in caches for h in c.info.source_hashes)
         info = CacheInfo(**{**asdict(first), "source_hashes": hashes, "subject_id": subject_id or first.subject_id})
@@ -63,7 +75,8 @@ class FeatureCache:
     def to_bytes(self) -> bytes:
         from safetensors.torch import save
 
-        tensors = {k: v.detach().to("cpu", torch.float16).contiguous() for k, v in self.features.items()}
+        dtype = getattr(torch, self.info.dtype)  # the dtype the metadata names, whatever the tensors are now in
+        tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in self.features.items()}
         return save(tensors, metadata=self.info.to_metadata())
 
     @classmethod
@@ -84,6 +97,9 @@ class FeatureCache:
         except (SafetensorError, ValueError, RuntimeError) as exc:
             raise CacheError(f"{source}: not a readable cache file (truncated or corrupt: {exc})") from None
         cache = cls(tensors, CacheInfo.from_file_metadata(meta, source))
+        stored = sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()})
+        if tensors and stored != [cache.info.dtype]:
+            raise CacheError(f"{source}: metadata says {cache.info.dtype} tensors, the file holds {stored}")
         cache.validate(source, layers, base_model)
         return cache
 
