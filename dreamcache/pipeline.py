@@ -199,7 +199,9 @@ class DreamCachePipeline(DiffusionPipeline):
         if clip_skip is None:
             return self.text_encoder(ids)[0]
         hidden = self.text_encoder(ids, output_hidden_states=True).hidden_states[-(clip_skip + 1)]
-        return self.text_encoder.text_model.final_layer_norm(hidden)
+        # transformers 5 flattened CLIPTextModel (no .text_model); diffusers' own encode_prompt still assumes it.
+        text_model = getattr(self.text_encoder, "text_model", self.text_encoder)
+        return text_model.final_layer_norm(hidden)
 
     # -- caching -------------------------------------------------------------------------------------------
     @torch.no_grad()
