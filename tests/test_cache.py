@@ -146,3 +146,41 @@ def test_header_reader_refuses_short_and_implausible_headers():
     for bad in (b"", b"\x00" * 7, (2**40).to_bytes(8, "little"), (50).to_bytes(8, "little") + b"{}"):
         with pytest.raises(ValueError):
             read_metadata(bad)
+
+
+def test_fp32_caches_are_the_unrounded_features_and_fp16_stays_the_default(tiny_pipe):
+    images = refs((250, 20, 20))
+    prepared = to_tensor([prepare_reference(i, 64) for i in images])
+    hashes = ["h"]
+    from dreamcache.cache import reference_seed as seed_of
+    features = extract_features(tiny_pipe.unet, tiny_pipe.vae, tiny_pipe.layers, prepared, tiny_pipe.encode_prompt([""]),
+                                tiny_pipe.scheduler.alphas_cumprod, [seed_of(0, "h")])
+    fp32 = tiny_pipe.build_caches(images, hashes, cache_dtype=torch.float32)[0]
+    default = tiny_pipe.build_caches(images, hashes)[0]
+    assert fp32.info.dtype == "float32" and default.info.dtype == "float16"
+    for name, value in features.items():
+        assert torch.equal(fp32.features[name], value)  # exactly what the UNet computed
+        assert torch.equal(default.features[name], value.to(torch.float16))
+    assert any(not torch.equal(fp32.features[n], default.features[n].float()) for n in features)  # rounding is real
+    for cache in (fp32, default):  # each file records its dtype and loads back bit-exactly in it
+        back = FeatureCache.from_bytes(cache.to_bytes(), "mem", tiny_pipe.layers, tiny_pipe.base_model)
+        assert back.info == cache.info
+        assert all(torch.equal(back.features[k], v) for k, v in cache.features.items())
+    assert len(fp32.to_bytes()) > 1.9 * len(default.to_bytes()) - 4096
+    with pytest.raises(ValueError, match="float16 or torch.float32"):
+        tiny_pipe.build_caches(images, cache_dtype=torch.bfloat16)
+    with pytest.raises(CacheError, match="cannot be combined"):
+        FeatureCache.concat([fp32, default])
+
+
+def test_cache_files_without_a_dtype_field_are_fp16_and_a_lying_one_is_refused(cache_bytes):
+    from safetensors.torch import save
+
+    meta = cache_bytes.info.to_metadata()
+    old = {k: v for k, v in meta.items() if k != "dtype"}  # a file written before the field existed
+    back = FeatureCache.from_bytes(save(dict(cache_bytes.features), metadata=old), "old")
+    assert back.info.dtype == "float16" and back.info == cache_bytes.info
+    with pytest.raises(CacheError, match="metadata says float32"):
+        FeatureCache.from_bytes(save(dict(cache_bytes.features), metadata={**meta, "dtype": "float32"}), "lying")
+    with pytest.raises(CacheError, match="dtype 'int8'"):
+        FeatureCache.from_bytes(save(dict(cache_bytes.features), metadata={**meta, "dtype": "int8"}), "odd")
