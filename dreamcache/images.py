@@ -255,7 +255,11 @@ def pixels_to_input(
     if pixels.shape[0] == 0:
         raise ValueError("pixels_to_input needs at least one image")
     device = torch.device(device or "cpu")
-    host = torch.from_numpy(np.ascontiguousarray(pixels))
+    with warnings.catch_warnings():
+        # A read-only array (np.frombuffer over the bytes a job stage passed on) is only ever read below: the
+        # reorder and the gather write new tensors. torch warns about every such array; copying it would cost more.
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
+        host = torch.from_numpy(np.ascontiguousarray(pixels))
     if device.type == "cuda":  # CPU-only torch cannot pin: only here
         host = host.pin_memory().to(device, non_blocking=True)
     elif device.type != "cpu":

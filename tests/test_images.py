@@ -440,6 +440,11 @@ def test_pixels_to_input_is_bit_identical_to_the_pil_path() -> None:
     assert got.dtype == torch.float32 and got.shape == (2, 3, 16, 16) and got.is_contiguous()
     assert torch.equal(got, expected) and torch.equal(to_tensor(images), expected)
     assert torch.equal(pixels_to_input(pixels, "cpu", torch.float16), expected.half())  # the cast commutes
+    # Bytes as a job stage passes them on: a read-only view, read as is, without a warning per batch.
+    frozen = np.frombuffer(pixels.tobytes(), np.uint8).reshape(pixels.shape)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(pixels_to_input(frozen), expected)
     for bad in (pixels.astype(np.float32), pixels[..., :2], pixels[0], pixels[:0]):
         with pytest.raises(ValueError):
             pixels_to_input(bad)
