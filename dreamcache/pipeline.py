@@ -25,6 +25,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import torch
 from diffusers import AutoencoderKL, DiffusionPipeline, ImagePipelineOutput, UNet2DConditionModel
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
@@ -40,8 +41,8 @@ from .adapters import (
     AdapterError, DreamCacheAdapters, LinearCatInit, adapter_file_bytes, backbone_family, parse_adapter_file,
 )
 from .branching import widen_batch_after_encoder
-from .cache import CacheInfo, FeatureCache, cache_dtype_name, extract_features, reference_seed
-from .images import PreprocessMode, prepare_reference, sha256_hex, to_tensor
+from .cache import CacheInfo, FeatureCache, HostCopies, cache_dtype_name, extract_features, reference_seed
+from .images import PreprocessMode, pixels_to_input, prepare_reference, sha256_hex
 from .layers import select_layers
 from .models import load_base_model, model_fingerprint, resolve_model_dir
 
@@ -207,7 +208,7 @@ class DreamCachePipeline(DiffusionPipeline):
     @torch.no_grad()
     def build_caches(
         self,
-        references: Sequence[Image.Image],
+        references: Sequence[Image.Image] | np.ndarray,
         source_hashes: Sequence[str] | None = None,
         *,
         resolution: int | tuple[int, int] | None = None,
@@ -216,34 +217,55 @@ class DreamCachePipeline(DiffusionPipeline):
         seed: int = 0,
         batch_size: int = 8,
         cache_dtype: torch.dtype = torch.float16,
+        to_host: bool = False,
     ) -> list[FeatureCache]:
         """One single-reference cache per image, computed in batches of ``batch_size``.
 
-        ``cache_prompt`` is the text context of the caching pass: "" as the paper and the training data
-        (default), or the negative prompt to reproduce the official sampler (ambiguity A2). ``cache_dtype``:
-        float16 (default; the official inference runs under fp16 autocast, and it halves the file) or float32
-        (the features exactly as the UNet computed them, as in the official training).
+        ``references`` are PIL images (prepared here with ``preprocess``), or references already prepared at
+        ``resolution`` as one contiguous uint8 array ``[N, H, W, 3]`` (RGB; ``preprocess`` then only names how
+        they were prepared): no PIL round trip. ``cache_prompt`` is the text context of the caching pass: "" as
+        the paper and the training data (default), or the negative prompt to reproduce the official sampler
+        (ambiguity A2). ``cache_dtype``: float16 (default; the official inference runs under fp16 autocast, and it
+        halves the file) or float32 (the features exactly as the UNet computed them, as in the official training).
+        ``to_host=True`` returns the caches in host memory, copied with one device-to-host copy per layer tensor
+        per batch (overlapping the next batch on CUDA) instead of one per reference and layer; the tensors are
+        then views of one host buffer per batch. The default leaves them on the model's device.
         """
         dtype_name = cache_dtype_name(cache_dtype)
         resolution = resolution or self.default_resolution
         size = (resolution, resolution) if isinstance(resolution, int) else tuple(resolution)
-        prepared = [prepare_reference(image, size, preprocess) for image in references]
-        if source_hashes is None:
-            source_hashes = [sha256_hex(image.tobytes()) for image in prepared]
-        if len(source_hashes) != len(prepared):
+        if isinstance(references, np.ndarray):
+            if references.dtype != np.uint8 or references.ndim != 4 or references.shape[1:] != (*size, 3):
+                raise ValueError(f"prepared references must be uint8 [N, {size[0]}, {size[1]}, 3], "
+                                 f"got {references.dtype} {references.shape}")
+            prepared: Sequence[Image.Image] | np.ndarray = references
+            count = references.shape[0]
+        else:
+            prepared = [prepare_reference(image, size, preprocess) for image in references]
+            count = len(prepared)
+        if source_hashes is None:  # an RGB image's bytes are those of its [H, W, 3] uint8 array: same hash
+            source_hashes = [sha256_hex(reference.tobytes()) for reference in prepared]
+        if len(source_hashes) != count:
             raise ValueError("one source hash per reference image is required")
         context = self.encode_prompt([cache_prompt])
+        device = next(self.unet.parameters()).device
+        copies = HostCopies(device, cache_dtype) if to_host else None
         caches: list[FeatureCache] = []
-        for start in self.progress_bar(range(0, len(prepared), batch_size)):
+        for start in self.progress_bar(range(0, count, batch_size)):
             chunk = slice(start, start + batch_size)
             features = extract_features(
-                self.unet, self.vae, self.layers, to_tensor(prepared[chunk]), context,
-                self.scheduler.alphas_cumprod, [reference_seed(seed, h) for h in source_hashes[chunk]],
+                self.unet, self.vae, self.layers, pixels_to_input(_pixels(prepared, start, start + batch_size),
+                                                                  device, self.vae.dtype),
+                context, self.scheduler.alphas_cumprod, [reference_seed(seed, h) for h in source_hashes[chunk]],
             )
+            # One cast per layer for the whole batch; each reference's cache is a slice of it.
+            features = copies.start(features) if copies else {k: v.to(cache_dtype) for k, v in features.items()}
             for i, source_hash in enumerate(source_hashes[chunk]):
                 info = CacheInfo(base_model=self.base_model, resolution=size, source_hashes=(source_hash,),
                                  cache_prompt=cache_prompt, preprocess=preprocess, seed=seed, dtype=dtype_name)
-                caches.append(FeatureCache({k: v[i : i + 1].to(cache_dtype) for k, v in features.items()}, info))
+                caches.append(FeatureCache({k: v[i : i + 1] for k, v in features.items()}, info))
+        if copies:
+            copies.wait()
         return caches
 
     def cache_subject(self, references: Sequence[Image.Image], subject_id: str = "", **kwargs) -> FeatureCache:
@@ -505,3 +527,10 @@ class DreamCachePipeline(DiffusionPipeline):
             return contextlib.nullcontext()
         return widen_batch_after_encoder(self.unet, index.to(device))
 
+
+def _pixels(prepared: Sequence[Image.Image] | np.ndarray, start: int, stop: int) -> np.ndarray:
+    """References start..stop as one uint8 [n, H, W, 3] array: a view of a prepared array, or PIL images stacked
+    (one batch at a time, so a long list is never held twice)."""
+    if isinstance(prepared, np.ndarray):
+        return prepared[start:stop]
+    return np.stack([np.asarray(image, dtype=np.uint8) for image in prepared[start:stop]])

@@ -184,3 +184,77 @@ def test_cache_files_without_a_dtype_field_are_fp16_and_a_lying_one_is_refused(c
         FeatureCache.from_bytes(save(dict(cache_bytes.features), metadata={**meta, "dtype": "float32"}), "lying")
     with pytest.raises(CacheError, match="dtype 'int8'"):
         FeatureCache.from_bytes(save(dict(cache_bytes.features), metadata={**meta, "dtype": "int8"}), "odd")
+
+
+def _per_reference_caches(pipe, images, hashes, batch_size):
+    """The caches as build_caches made them before the batched host copy: each reference's slice of each layer
+    cast and copied on its own, from the PIL path's input tensor."""
+    size = (pipe.default_resolution,) * 2
+    prepared = [prepare_reference(i, size) for i in images]
+    context = pipe.encode_prompt([""])
+    caches = []
+    for start in range(0, len(prepared), batch_size):
+        chunk = slice(start, start + batch_size)
+        features = extract_features(pipe.unet, pipe.vae, pipe.layers, to_tensor(prepared[chunk]), context,
+                                    pipe.scheduler.alphas_cumprod, [reference_seed(0, h) for h in hashes[chunk]])
+        for i, h in enumerate(hashes[chunk]):
+            info = CacheInfo(base_model=pipe.base_model, resolution=size, source_hashes=(h,), cache_prompt="",
+                             preprocess="resize", seed=0)
+            caches.append(FeatureCache({k: v[i : i + 1].to(torch.float16).to("cpu") for k, v in features.items()}, info))
+    return caches
+
+
+def _file(cache):
+    """A cache file as (header, tensor bytes): safetensors writes the metadata in no fixed order (a Rust
+    HashMap), so two writes of one cache can differ in header order; everything else is compared bytewise."""
+    import json
+
+    data = cache.to_bytes()
+    size = int.from_bytes(data[:8], "little")
+    return json.loads(data[8 : 8 + size]), data[8 + size :]
+
+
+def test_host_caches_and_prepared_pixels_give_the_same_bytes_as_per_reference_copies(tiny_pipe):
+    import numpy as np
+
+    rng = np.random.default_rng(3)
+    images = [Image.fromarray(rng.integers(0, 256, (80, 72, 3), dtype=np.uint8)) for _ in range(5)]
+    hashes = [f"h{i}" for i in range(5)]
+    expected = [_file(c) for c in _per_reference_caches(tiny_pipe, images, hashes, batch_size=2)]
+    pixels = np.stack([np.asarray(prepare_reference(i, 64)) for i in images])  # what the caching job's read stage makes
+    for got in (tiny_pipe.build_caches(images, hashes, batch_size=2),
+                tiny_pipe.build_caches(images, hashes, batch_size=2, to_host=True),
+                tiny_pipe.build_caches(pixels, hashes, batch_size=2, to_host=True)):
+        assert [_file(c) for c in got] == expected
+    # Without given hashes, an array's rows hash as the prepared images' bytes do.
+    assert [c.info.source_hashes for c in tiny_pipe.build_caches(pixels[:2])] == [
+        c.info.source_hashes for c in tiny_pipe.build_caches(images[:2])]
+    with pytest.raises(ValueError, match="uint8"):
+        tiny_pipe.build_caches(pixels[:, :32])  # not at the model's resolution
+
+
+def test_one_host_buffer_is_one_copy_per_tensor_into_one_buffer(tiny_pipe):
+    from dreamcache.cache import HostCopies, one_host_buffer
+
+    features = extract_features(tiny_pipe.unet, tiny_pipe.vae, tiny_pipe.layers,
+                                to_tensor([prepare_reference(i, 64) for i in refs("red", "blue", "green")]),
+                                tiny_pipe.encode_prompt([""]), tiny_pipe.scheduler.alphas_cumprod, [1, 2, 3])
+    half = {k: v.to(torch.float16) for k, v in features.items()}
+    host = one_host_buffer(half)
+    assert len({t.untyped_storage().data_ptr() for t in host.values()}) == 1  # one buffer for the whole batch
+    for name, tensor in half.items():
+        assert host[name].is_contiguous() and torch.equal(host[name], tensor)
+        assert host[name].untyped_storage().data_ptr() != tensor.untyped_storage().data_ptr()  # a copy, not a view
+    # Each reference's slice of the one buffer serializes as its own copy did (safetensors accepts the views).
+    info = CacheInfo(base_model="m", resolution=(64, 64), source_hashes=("a",))
+    for i in range(3):
+        assert (_file(FeatureCache({k: v[i : i + 1] for k, v in host.items()}, info))
+                == _file(FeatureCache({k: v[i : i + 1].clone() for k, v in half.items()}, info)))
+    with pytest.raises(ValueError, match="one dtype"):
+        one_host_buffer({"a": torch.zeros(1), "b": torch.zeros(1, dtype=torch.float16)})
+    # On the CPU the batched path is the fp16 cast alone: no stream, no copy.
+    copies = HostCopies("cpu")
+    assert copies.stream is None
+    name = tiny_pipe.layers[0].name
+    assert torch.equal(copies.start(features)[name], half[name])
+    copies.wait()
