@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import os
 import sys
 import tempfile
@@ -84,7 +85,8 @@ def report_job(summary, concurrency: int, bare_s: float, subjects: int) -> None:
         steady = summary.after_first / (summary.seconds - summary.first_result_s)
         print(f"  Ray Data job, {concurrency} call(s)/actor, after 1st batch {steady:8.2f} subjects/s   "
               f"{steady * bare_s / subjects:.3f}x")
-    rows = pq.read_table(io.BytesIO(storage.read_bytes(summary.manifest_uri))).to_pylist()
+    files = json.loads(storage.read_bytes(summary.manifest_uri))["files"]
+    rows = [r for f in files for r in pq.read_table(io.BytesIO(storage.read_bytes(f))).to_pylist()]
     stages = {stage: sum(row[f"{stage}_s"] or 0.0 for row in rows) for stage in ("read", "compute", "write")}
     print("    summed over subjects: " + ", ".join(f"{k} {v:.1f} s" for k, v in stages.items())
           + f"; job wall {summary.seconds:.1f} s")
@@ -105,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from pipelines.caching import CachingJobConfig, run_caching
-    from pipelines.ray_runtime import init_ray
+    from pipelines.kernel.ray_runtime import init_ray
 
     device = "cuda" if args.gpus_per_actor > 0 and torch.cuda.is_available() else "cpu"
     work = Path(tempfile.mkdtemp(prefix="dc-bench-"))

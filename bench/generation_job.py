@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     if cuda:
         torch.cuda.empty_cache()
 
-    from pipelines.ray_runtime import init_ray
+    from pipelines.kernel.ray_runtime import init_ray
 
     # Ray starts its workers at niceness 15: on a shared CPU machine the actor would lose to every other
     # process while the bare loop runs at 0. Same priority for both (irrelevant on a GPU node).

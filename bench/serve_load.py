@@ -167,7 +167,7 @@ def serve_and_load(args, model: str, adapter: str, references, caches: str) -> t
     import httpx
     from ray import serve
 
-    from pipelines.ray_runtime import init_ray
+    from pipelines.kernel.ray_runtime import init_ray
     from pipelines.serve import build_app
 
     init_ray(address=args.ray_address)

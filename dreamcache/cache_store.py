@@ -19,16 +19,19 @@ if TYPE_CHECKING:  # .cache loads torch and diffusers: listing or naming caches 
 CACHE_SUFFIX = ".safetensors"
 
 
-def read_cache_info(uri: str) -> CacheInfo:
+def read_cache_info(uri: str, size: int | None = None) -> CacheInfo:
     """What a stored cache was made from, from its header alone (about 1 KiB, one ranged GET; a second only for an
-    unusual header), not its 6 MB of tensors. ObjectNotFound if absent, CacheError if not a cache we read."""
-    from .safetensors_header import header_length, read_metadata
+    unusual header), not its 6 MB of tensors. ObjectNotFound if absent, CacheError if not a cache we read, or if
+    ``size`` (the stored object's, from a listing) is not the size its header promises (a cut-short file)."""
+    from .safetensors_header import file_size, header_length, read_metadata
 
     try:
         head = storage.read_range(uri, 0, 1 << 16)
         if len(head) < 8 + header_length(head):
             head = storage.read_range(uri, 0, 8 + header_length(head))
         meta = read_metadata(head)
+        if size is not None and file_size(head) != size:
+            raise ValueError(f"{size} bytes stored, the header describes {file_size(head)}")
     except ValueError as exc:
         raise CacheError(f"{uri}: not a readable cache file ({exc})") from None
     return CacheInfo.from_file_metadata(meta, uri)

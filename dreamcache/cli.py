@@ -31,9 +31,11 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from . import storage
     from .adapters import AdapterError
     from .cache import CacheError
+    from .errors import DreamCacheError
     from .images import ImageDecodeError
 
-    return (ImageDecodeError, CacheError, AdapterError, storage.StorageError, ValueError, FileNotFoundError,
+    return (DreamCacheError, ImageDecodeError, CacheError, AdapterError, storage.StorageError, ValueError,
+            FileNotFoundError,
             NotADirectoryError, IsADirectoryError)
 
 

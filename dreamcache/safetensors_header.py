@@ -30,3 +30,13 @@ def read_metadata(data: bytes) -> dict[str, str]:
     if not isinstance(header, dict) or not isinstance(metadata or {}, dict):
         raise ValueError("malformed safetensors header: not a JSON object")
     return metadata or {}
+
+
+def file_size(data: bytes) -> int:
+    """The size the whole file must have, from its header: a stored cache cut short (or padded) does not match."""
+    length = header_length(data)
+    if len(data) < 8 + length:
+        raise ValueError("truncated safetensors header")
+    header = json.loads(data[8 : 8 + length])
+    ends = [entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"]
+    return 8 + length + max(ends, default=0)

@@ -579,6 +579,42 @@ def write_bytes(uri: str, data: bytes) -> None:
     _s3_call(loc, uri, "PUT", lambda c: c.put_object(Bucket=loc.bucket, Key=loc.path, Body=body))
 
 
+class AlreadyExists(StorageError):
+    """A create-if-absent write found the object already there (another writer won)."""
+
+
+def write_bytes_if_absent(uri: str, data: bytes) -> None:
+    """Create a file or object only if nothing is there yet (commit objects: two runs racing for the same
+    version number must not both win). Locally a hard link of a finished temp file (atomic, fails if the name
+    exists); on S3 a conditional PUT (``If-None-Match: *``), then a read-back, for servers that ignore the
+    condition. Raises :class:`AlreadyExists` when the name is taken."""
+    loc = parse_uri(uri)
+    body = bytes(data)
+    if loc.scheme == "file":
+        parent = os.path.dirname(loc.path)
+        tmp = os.path.join(parent, f".{os.path.basename(loc.path)}.{uuid.uuid4().hex[:12]}{_TMP_SUFFIX}")
+        try:
+            _atomic_local_write(tmp, lambda fh: fh.write(body))
+            try:
+                os.link(tmp, loc.path)
+            except FileExistsError:
+                raise AlreadyExists(f"already exists: {uri}") from None
+            finally:
+                os.unlink(tmp)
+        except OSError as exc:
+            raise _local_error(exc, uri, "write") from exc
+        return
+    try:
+        _s3_call(loc, uri, "PUT", lambda c: c.put_object(Bucket=loc.bucket, Key=loc.path, Body=body, IfNoneMatch="*"))
+    except StorageError as exc:
+        cause = exc.__cause__
+        if isinstance(cause, bexc.ClientError) and _error_code(cause)[1] in (409, 412):
+            raise AlreadyExists(f"already exists: {uri}") from None
+        raise
+    if read_bytes(uri) != body:  # a server that ignored If-None-Match let a concurrent writer overwrite
+        raise AlreadyExists(f"already exists (written concurrently by another run): {uri}")
+
+
 def read_parquet(uri: str) -> pyarrow.Table:
     """A whole Parquet file or object (manifests, plans, catalogs): one GET, parsed in memory."""
     import pyarrow as pa
@@ -699,6 +735,93 @@ def read_range(uri: str, start: int, length: int) -> bytes:
         loc, uri, "GET",
         lambda c: c.get_object(Bucket=loc.bucket, Key=loc.path, Range=byte_range)["Body"].read(),
     )
+
+
+# --------------------------------------------------------------------------- sharded listing
+# A catalog of millions of objects is listed by many tasks at once: S3 by key ranges (ListObjectsV2 from
+# StartAfter to an upper bound), a local folder by hashing its top-level entries over the shards.
+
+def listing_shards(prefix_uri: str, shards: int) -> list[tuple[str | None, str | None]]:
+    """Key ranges ``(after, upto]`` relative to the prefix that together cover every key exactly once."""
+    # Boundaries at single characters; a range may cut a subject's keys ("id/...") in two, which the grouping
+    # stage after the listing makes harmless.
+    alphabet = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+    if shards <= 1:
+        return [(None, None)]
+    step = max(1, len(alphabet) // (shards - 1))
+    bounds = list(alphabet[::step])[: shards - 1]
+    return list(zip([None] + bounds, bounds + [None]))
+
+
+def iter_listing_shard(prefix_uri: str, shard: tuple[str | None, str | None], index: int, count: int,
+                       recursive: bool = True) -> Iterator[tuple[str, int, str]]:
+    """(relative path, size, version) of the files of one shard, in pages (nothing accumulates).
+
+    S3: the keys in the shard's range ``(after, upto]`` (``recursive=False``: only the prefix's own objects,
+    not those inside "folders"). Local: the top-level entries whose name hashes to ``index`` of ``count``,
+    walked (or, not recursive, the files among them). Directory entries with nothing inside are reported as
+    ``(name + "/", 0, "")`` so a caller can tell an empty subject folder from no folder at all."""
+    loc = parse_uri(prefix_uri)
+    if loc.scheme == "file":
+        yield from _iter_local_shard(loc.path, index, count, recursive, prefix_uri)
+        return
+    prefix = loc.path.strip("/")
+    prefix = prefix + "/" if prefix else ""
+    after, upto = shard
+    kwargs: dict[str, Any] = {"Bucket": loc.bucket, "Prefix": prefix}
+    if not recursive:
+        kwargs["Delimiter"] = "/"
+    if after is not None:
+        kwargs["StartAfter"] = prefix + after
+    client = s3_client()
+    paginator = client.get_paginator("list_objects_v2")
+    try:
+        pages = iter(paginator.paginate(**kwargs))
+        while True:
+            page = _with_retries(lambda: next(pages, None), f"LIST {prefix_uri}")
+            if page is None:
+                return
+            keys = [(obj["Key"], int(obj["Size"]), obj.get("ETag", "").strip('"')) for obj in page.get("Contents", [])]
+            for key, nbytes, version in sorted(keys):
+                rel = key[len(prefix):]
+                if upto is not None and rel > upto:
+                    return
+                if rel:
+                    yield rel, nbytes, version
+    except (bexc.BotoCoreError, bexc.ClientError) as exc:
+        raise _translate(exc, prefix_uri, "LIST") from exc
+
+
+def _iter_local_shard(root: str, index: int, count: int, recursive: bool, uri: str) -> Iterator[tuple[str, int, str]]:
+    try:
+        entries = os.scandir(root)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise _local_error(exc, uri, "list") from exc
+    with entries:
+        for entry in entries:
+            name = entry.name
+            if count > 1 and int(hashlib.blake2b(name.encode(errors="surrogateescape"), digest_size=4).hexdigest(), 16) % count != index:
+                continue
+            if name.endswith(_TMP_SUFFIX):
+                continue
+            try:
+                is_dir = entry.is_dir(follow_symlinks=False)
+                if not is_dir:
+                    st = entry.stat()
+                    yield name, st.st_size, _local_version(st)
+                    continue
+            except FileNotFoundError:
+                continue
+            if not recursive:
+                continue
+            found = False
+            for rel, nbytes, version in _walk_local(entry.path):
+                found = True
+                yield f"{name}/{rel}", nbytes, version
+            if not found:
+                yield name + "/", 0, ""
 
 
 def _fetch_one(src_uri: str, dest: Path) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `ray job submit --working-dir .` runs from the root
 
-from pipelines.evaluation_args import add_evaluation_arguments  # noqa: E402 - light: build_parser() needs no torch
+from pipelines.evaluation.args import add_evaluation_arguments  # noqa: E402 - light: build_parser() needs no torch
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from dreamcache.storage import StorageError
     from pipelines.evaluation import evaluation_from_args, result_lines, run_evaluation
-    from pipelines.ray_runtime import init_ray, run_entrypoint
+    from pipelines.kernel.ray_runtime import init_ray, run_entrypoint
 
     def work() -> list[str]:
         config = evaluation_from_args(args)

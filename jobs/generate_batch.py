@@ -23,7 +23,7 @@ if _ROOT not in sys.path:
 
 # Only the light command-line module here: build_parser() (and the manifest checks of tests/test_infra.py)
 # must not import Ray or torch.
-from pipelines.generation_args import add_generation_arguments, config_from_args, summary_lines  # noqa: E402
+from pipelines.generation.args import add_generation_arguments, config_from_args, summary_lines  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     from dreamcache import storage
     from dreamcache.cli import user_errors
     from pipelines.generation import run_generation
-    from pipelines.ray_runtime import run_entrypoint
+    from pipelines.kernel.ray_runtime import run_entrypoint
 
     def work() -> list[str]:
         summary = run_generation(config_from_args(args))

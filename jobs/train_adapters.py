@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `ray job submit --working-dir .` runs from the root
 
-from pipelines.training_args import add_training_arguments  # noqa: E402 - light: build_parser() needs no torch
+from pipelines.training.args import add_training_arguments  # noqa: E402 - light: build_parser() needs no torch
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     from dreamcache.adapters import AdapterError
     from dreamcache.storage import StorageError
     from dreamcache.triplets import TripletError
-    from pipelines.ray_runtime import run_entrypoint
+    from pipelines.kernel.ray_runtime import run_entrypoint
     from pipelines.training import run_from_args
 
     return run_entrypoint(

@@ -12,14 +12,16 @@ def add_ray_commands(sub: argparse._SubParsersAction) -> None:
     """Ray-backed subcommands. Their parsers come from light ``*_args`` modules; Ray, torch and diffusers are
     imported by the command functions, so ``dreamcache --help`` stays fast."""
     _add_serve_command(sub)
+    _add_cache_catalog_command(sub)
     _add_generate_batch_command(sub)
+    _add_manifest_command(sub)
     _add_training_commands(sub)
 
 
 # -- dreamcache train-adapters / evaluate ----------------------------------------------------------------------
 def _add_training_commands(sub: argparse._SubParsersAction) -> None:
-    from pipelines.evaluation_args import add_evaluation_arguments
-    from pipelines.training_args import add_training_arguments
+    from pipelines.evaluation.args import add_evaluation_arguments
+    from pipelines.training.args import add_training_arguments
 
     p = sub.add_parser("train-adapters", help="train the conditioning adapters on triplet data (Ray Train)")
     add_training_arguments(p)
@@ -40,16 +42,50 @@ def _cmd_train_adapters(args: argparse.Namespace) -> None:
 
 def _cmd_evaluate(args: argparse.Namespace) -> None:
     from pipelines.evaluation import evaluation_from_args, result_lines, run_evaluation
-    from pipelines.ray_runtime import init_ray
+    from pipelines.kernel.ray_runtime import init_ray
 
     config = evaluation_from_args(args)
     init_ray(args.ray_address)
     print("\n".join(result_lines(run_evaluation(config))))
 
 
+# -- dreamcache cache-catalog ----------------------------------------------------------------------------------
+def _add_cache_catalog_command(sub: argparse._SubParsersAction) -> None:
+    from pipelines.caching.args import add_caching_arguments
+
+    p = sub.add_parser("cache-catalog", help="compute every subject's cache from a prefix or catalog on Ray "
+                                             "(the twin of jobs/cache_catalog.py)")
+    add_caching_arguments(p)
+    p.set_defaults(func=_cmd_cache_catalog)
+
+
+def _cmd_cache_catalog(args: argparse.Namespace) -> None:
+    from pipelines.caching import config_from_args, run_caching
+    from pipelines.kernel.ray_runtime import init_ray
+
+    config = config_from_args(args)
+    init_ray(args.ray_address)
+    print(run_caching(config).line())
+
+
+# -- dreamcache manifest ---------------------------------------------------------------------------------------
+def _add_manifest_command(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("manifest", help="a job manifest's counts by status and action, and its error rows")
+    p.add_argument("uri", help="a job's output prefix, its _manifests/<kind> folder, or a manifest.parquet file")
+    p.add_argument("--json", action="store_true", help="every row as one JSON object per line instead")
+    p.add_argument("--errors", type=int, default=20, help="error rows to print (default 20; --json prints all)")
+    p.set_defaults(func=_cmd_manifest)
+
+
+def _cmd_manifest(args: argparse.Namespace) -> None:
+    from pipelines.manifest_report import print_manifests
+
+    print_manifests(args.uri, as_json=args.json, max_errors=args.errors)
+
+
 # -- dreamcache generate-batch ---------------------------------------------------------------------------------
 def _add_generate_batch_command(sub: argparse._SubParsersAction) -> None:
-    from pipelines.generation_args import add_generation_arguments
+    from pipelines.generation.args import add_generation_arguments
 
     p = sub.add_parser("generate-batch", help="render subjects x prompts x seeds on Ray: PNGs, manifest, contact sheet")
     add_generation_arguments(p)
@@ -58,13 +94,13 @@ def _add_generate_batch_command(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_generate_batch(args: argparse.Namespace) -> None:
     from pipelines.generation import run_generation
-    from pipelines.generation_args import config_from_args, summary_lines
+    from pipelines.generation.args import config_from_args, summary_lines
 
     print("\n".join(summary_lines(run_generation(config_from_args(args)))))
 
 
 # -- dreamcache serve ------------------------------------------------------------------------------------------
-# Flags that map one-to-one onto the Serve app's args (pipelines.serve_settings.ServeSettings); --arg sets any other.
+# Flags that map one-to-one onto the Serve app's args (pipelines.serve.settings.ServeSettings); --arg sets any other.
 _SERVE_FLAGS = {
     "model": "model", "adapter": "adapter", "caches": "caches", "replicas": "replicas",
     "gpus_per_replica": "gpus_per_replica", "cpus_per_replica": "cpus_per_replica",
@@ -117,7 +153,7 @@ def serve_app_args(args: argparse.Namespace) -> dict:
 def cmd_serve(args: argparse.Namespace) -> None:
     from dreamcache.cli import UsageError
     from pipelines.serve import run_local
-    from pipelines.serve_settings import SettingsError
+    from pipelines.serve.settings import SettingsError
 
     try:
         run_local(serve_app_args(args), host=args.host, port=args.port, ray_address=args.ray_address)

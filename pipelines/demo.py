@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     from dreamcache.models import write_tiny_model
     from pipelines.caching import CachingJobConfig, run_caching
     from pipelines.generation import GenerationJobConfig, run_generation, summary_lines
-    from pipelines.ray_runtime import init_ray
+    from pipelines.kernel.ray_runtime import init_ray
 
     out = Path(args.out).resolve()
     model_dir = write_tiny_model(out / "model")
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # The batch generation job renders the prompt x subject grid from the caching manifest, and a contact sheet.
     generation = run_generation(GenerationJobConfig(
-        model=str(model_dir), adapter=str(model_dir / "adapter.safetensors"), caches=summary.manifest_uri,
+        model=str(model_dir), adapter=str(model_dir / "adapter.safetensors"), caches=str(cache_dir),
         prompts=PROMPTS, seeds=[0], steps=args.steps, out=str(out / "generations"),
     ))
     print("\n".join(summary_lines(generation)))

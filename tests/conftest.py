@@ -94,7 +94,7 @@ def ray_cluster(s3_server):
     Four logical CPUs on a 2-core machine: Ray Data's read tasks and the actor pools must not starve."""
     import ray
 
-    from pipelines.ray_runtime import init_ray
+    from pipelines.kernel.ray_runtime import init_ray
 
     init_ray(num_cpus=4)
     yield ray

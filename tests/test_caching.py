@@ -16,14 +16,15 @@ import time
 from pathlib import Path
 
 import psutil
-import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
 
 from dreamcache import storage
 from dreamcache.cache import FeatureCache
-from pipelines.caching import MANIFEST_NAME, CachingJobConfig, JobInputError, run_caching
+from pipelines.caching import CachingJobConfig, JobInputError, run_caching
+
+from .manifests import manifest_rows
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -41,10 +42,7 @@ def jpeg(colour) -> bytes:
 
 
 def manifest(out: str) -> dict[str, dict]:
-    table = pq.read_table(io.BytesIO(storage.read_bytes(storage.join_uri(out, MANIFEST_NAME))))
-    rows = table.to_pylist()
-    assert len(rows) == len({r["subject_id"] for r in rows}), "duplicate manifest rows"
-    return {r["subject_id"]: r for r in rows}
+    return manifest_rows(out, "caching")
 
 
 @pytest.fixture(scope="module")
@@ -165,7 +163,8 @@ def test_catalog_file_input(ray_cluster, catalog, model_uri, s3_prefix):
     assert "not found" in rows["ghost"]["error"] and "subject id" in rows["../escape"]["error"]
     assert not storage.list_files(f"{s3_prefix}/escape")
     # A run killed before its manifest: the caches it wrote are found by their headers, not recomputed.
-    storage.delete(f"{out}/{MANIFEST_NAME}")
+    for uri in storage.list_files(f"{out}/_manifests"):
+        storage.delete(uri)
     resumed = run_caching(CachingJobConfig(out=out, model=model_uri, catalog=catalog_uri, batch_size=2))
     assert (resumed.computed, manifest(out)["cat"]["action"]) == (0, "skipped")
 
@@ -221,28 +220,33 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_ray_job_submit_on_a_started_cluster(catalog, model_uri, s3_prefix):
-    """`ray start --head` + `ray job submit` of the entrypoint, as on a real cluster."""
+def _ray_node(bin_dir: Path, env: dict, temp_dir: str, log, *args: str) -> subprocess.Popen:
+    """`ray start --block` with every listener on a port of its own (the session's local Ray holds the defaults;
+    a dashboard agent on a default port would leave a cluster with "No available agent to submit job")."""
+    own_ports = [f"--{flag}={_free_port()}" for flag in (
+        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port", "runtime-env-agent-port",
+        "node-manager-port", "object-manager-port")]
+    # --block keeps `ray start` in the foreground: stopping its process group stops this node only
+    # (`ray stop` would also stop the test session's own local Ray).
+    return subprocess.Popen([str(bin_dir / "ray"), "start", "--block", "--disable-usage-stats",
+                             "--node-ip-address=127.0.0.1", f"--temp-dir={temp_dir}", *own_ports, *args],
+                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def test_ray_job_submit_on_a_two_node_cluster(catalog, model_uri, s3_prefix):
+    """`ray start --head` plus a worker node, then `ray job submit` of the entrypoint, as on a real cluster: the
+    caching actors need a resource only the worker node offers, every object goes through S3."""
     bin_dir = Path(sys.executable).parent
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "RAY_AUTH_MODE": "disabled",
            "RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     env.pop("RAY_ADDRESS", None)
     gcs, dashboard = _free_port(), _free_port()
-    # Every listener of this second cluster on its own port: the session's local Ray already holds the defaults
-    # (a dashboard agent on the default port would leave this cluster with "No available agent to submit job").
-    own_ports = [f"--{flag}={_free_port()}" for flag in (
-        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port", "runtime-env-agent-port",
-        "ray-client-server-port", "node-manager-port", "object-manager-port")]
     temp_dir = tempfile.mkdtemp(prefix="rj-", dir="/tmp")  # short: Ray's unix socket paths must fit in 107 bytes
-    log = open(os.path.join(temp_dir, "head.log"), "w")
-    # --block keeps `ray start` in the foreground: stopping its process group stops this cluster only
-    # (`ray stop` would also stop the test session's own local Ray).
-    head = subprocess.Popen(
-        [str(bin_dir / "ray"), "start", "--head", "--block", f"--port={gcs}", "--num-cpus=2",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--disable-usage-stats",
-         "--node-ip-address=127.0.0.1", f"--temp-dir={temp_dir}", "--include-dashboard=true", *own_ports],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
+    log = open(os.path.join(temp_dir, "nodes.log"), "w")
+    head = _ray_node(bin_dir, env, temp_dir, log, "--head", f"--port={gcs}", "--num-cpus=1",
+                     "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--include-dashboard=true",
+                     f"--ray-client-server-port={_free_port()}")
+    worker = None
     try:
         address = f"http://127.0.0.1:{dashboard}"
         deadline = time.time() + 180
@@ -252,10 +256,13 @@ def test_ray_job_submit_on_a_started_cluster(catalog, model_uri, s3_prefix):
             if probe.returncode == 0:
                 break
             time.sleep(1)
+        worker = _ray_node(bin_dir, env, temp_dir, log, f"--address=127.0.0.1:{gcs}", "--num-cpus=2",
+                           '--resources={"caching_node": 1}')
         out = f"{s3_prefix}/job-out"
         command = [str(bin_dir / "ray"), "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
                    "python", "jobs/cache_catalog.py", "--images", catalog, "--out", out, "--model", model_uri,
-                   "--max-image-pixels", str(200 * 200), "--batch-size", "4"]
+                   "--max-image-pixels", str(200 * 200), "--batch-size", "4",
+                   "--actor-resources", '{"caching_node": 1}']
         for _ in range(30):  # the dashboard answers before the node's job agent has registered
             submit = subprocess.run(command, env=env, capture_output=True, text=True, timeout=400)
             if "No available agent" not in submit.stderr:
@@ -264,12 +271,24 @@ def test_ray_job_submit_on_a_started_cluster(catalog, model_uri, s3_prefix):
         assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:] + open(log.name).read()[-2000:]
         assert "caching done: 2 computed" in submit.stdout
         assert manifest(out)["duo"]["status"] == "ok"
+        # The caching actors ran on the worker node, the one that offers their resource.
+        nodes = json.loads(subprocess.run([str(bin_dir / "ray"), "list", "nodes", "--address", address, "--format",
+                                           "json", "--detail"], env=env, capture_output=True, text=True).stdout)
+        worker_id = next(n["node_id"] for n in nodes if "caching_node" in (n.get("resources_total") or {}))
+        actors = json.loads(subprocess.run([str(bin_dir / "ray"), "list", "actors", "--address", address, "--format",
+                                            "json", "--detail", "--limit", "1000"], env=env, capture_output=True,
+                                           text=True).stdout)
+        placed = {a["node_id"] for a in actors if "CacheActor" in (a.get("class_name") or "")}
+        assert placed == {worker_id}, (placed, worker_id)
     finally:
-        os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
+        for node in (worker, head):
+            if node is None:
+                continue
+            os.killpg(node.pid, signal.SIGTERM)
+            try:
+                node.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(node.pid, signal.SIGKILL)
         log.close()
         shutil.rmtree(temp_dir, ignore_errors=True)
 
@@ -291,7 +310,7 @@ def test_resume_check_trusts_only_a_matching_dreamcache_header(tmp_path, tiny_pi
 
     from safetensors.torch import save
 
-    from pipelines.caching import CacheActor, _stored_cache
+    from pipelines.caching.stages import CacheActor, _stored_cache
 
     [cache] = tiny_pipe.build_caches([Image.new("RGB", (64, 64), "red")], ["h1"])
     config = CachingJobConfig(out=str(tmp_path), model="unused", images="unused")
@@ -316,6 +335,7 @@ def test_resume_check_trusts_only_a_matching_dreamcache_header(tmp_path, tiny_pi
         "foreign safetensors": (save(tensors, metadata=not_ours), ["h1"]),
         "header not an object": (len(b"[1]").to_bytes(8, "little") + b"[1]", ["h1"]),
         "truncated": (cache.to_bytes()[:20], ["h1"]),
+        "cut short, header intact": (cache.to_bytes()[:-100], ["h1"]),
         "missing": (None, ["h1"]),
     }
     for name, (blob, hashes) in cases.items():

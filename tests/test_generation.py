@@ -22,7 +22,7 @@ from PIL import Image
 
 from dreamcache import storage
 from dreamcache.cache_store import CacheStore
-from pipelines import contact_sheet
+from pipelines.generation import contact_sheet
 from pipelines.generation import (
     CacheReader,
     GenerationJobConfig,
@@ -308,7 +308,7 @@ def test_first_run_renders_good_rows_and_reports_bad_ones(first_run):
     assert {(r["negative_prompt"], r["guidance_scale"]) for r in beach} == {("blurry", 5.0)}
     # Nothing outside the subjects' folders, the manifest and the run's folder.
     top = {uri[len(first_run["out"]) + 1:].split("/")[0] for uri in storage.list_files(first_run["out"])}
-    assert top == {"red", "blue", "manifest.parquet", "_runs"}
+    assert top == {"red", "blue", "_manifests", "_runs"}
 
 
 def test_contact_sheet_shows_prompts_across_and_seeds_down(first_run):
@@ -343,7 +343,8 @@ def test_rerun_renders_only_what_is_new(first_run, tiny_model_dir):
                                       prompts=first_run["config"].prompts, subjects=["red", "blue"]))
     assert (again.planned, again.rendered, again.skipped, again.failed) == (8, 0, 8, 0)
     assert again.render_s == 0
-    assert {r["image_uri"] for r in read_manifest(again.manifest_uri)} == set(images)
+    assert {r["image_uri"] for r in read_manifest(again.manifest_uri) if r["status"] == "ok"} == set(images)
+    assert again.kept == 16  # the other subjects' rows of run 1 stay in the published version
 
     # One more prompt for every subject: only its rows are rendered; failed rows are tried (and fail) again.
     prompts = f"{first_run['root']}/prompts-2.jsonl"
@@ -351,8 +352,9 @@ def test_rerun_renders_only_what_is_new(first_run, tiny_model_dir):
     more = run_generation(config_for(tiny_model_dir, caches=first_run["config"].caches, out=first_run["out"],
                                      prompts=prompts))
     assert (more.planned, more.rendered, more.skipped, more.failed) == (36, 4, 8, 24)
-    manifest = read_manifest(more.manifest_uri)
-    assert manifest == read_manifest(more.run_manifest_uri)  # the latest run's manifest is the prefix's
+    manifest = sorted(read_manifest(more.manifest_uri), key=lambda r: r["row_key"])
+    # This run planned every row the earlier ones did: the published version is exactly this run's rows.
+    assert manifest == sorted(read_manifest(more.run_manifest_uri), key=lambda r: r["row_key"]) and more.kept == 0
     assert {r["prompt"] for r in manifest if r["action"] == "rendered"} == {"a toy in the snow"}
     assert {r["image_uri"] for r in manifest if r["action"] == "skipped"} == set(images)
     for uri, data in images.items():
@@ -376,7 +378,7 @@ def test_same_row_gives_the_same_bytes(first_run, tmp_path):
 def test_recaching_with_other_settings_renames_the_images(tmp_path):
     """A subject re-cached with another cache prompt (same model, same images) must be re-rendered: its images'
     names carry what the cache was made from, caching settings included."""
-    from pipelines.generation_plan import _caching_manifest_subjects
+    from pipelines.generation.plan import _caching_manifest_subjects
 
     def version(settings: str) -> str:
         uri = str(tmp_path / f"{uuid.uuid4().hex}.parquet")

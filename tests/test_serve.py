@@ -352,7 +352,7 @@ def test_timeout_answers_504_and_stops_the_work(auth_api):
 
 # -- settings, config and CLI (no Ray needed) -------------------------------------------------------------------------
 def test_settings_refuse_unknown_and_out_of_range_args():
-    from pipelines.serve_settings import ServeSettings, SettingsError
+    from pipelines.serve.settings import ServeSettings, SettingsError
 
     base = {"model": "m", "caches": "c"}
     with pytest.raises(SettingsError, match="unknown serve app argument"):
@@ -371,7 +371,7 @@ def test_settings_refuse_unknown_and_out_of_range_args():
 
 
 def test_api_token_from_file_or_environment(tmp_path):
-    from pipelines.serve_settings import ServeSettings, SettingsError, resolve_api_token
+    from pipelines.serve.settings import ServeSettings, SettingsError, resolve_api_token
 
     settings = ServeSettings(model="m", caches="c")
     assert resolve_api_token(settings, {}) is None
@@ -391,7 +391,7 @@ def test_serve_config_is_a_valid_serve_deploy_config():
 
     from ray.serve.schema import ServeDeploySchema
 
-    from pipelines.serve_settings import ServeSettings
+    from pipelines.serve.settings import ServeSettings
 
     config = yaml.safe_load((Path(__file__).parents[1] / "infra/serve/serve-config.yaml").read_text())
     ServeDeploySchema.model_validate(config)
@@ -416,7 +416,7 @@ def test_cli_serve_flags_become_app_args():
 
 def test_accept_header_and_image_uri_rules():
     from pipelines.serve import prefers_png
-    from pipelines.serve_schema import check_image_uri
+    from pipelines.serve.schema import check_image_uri
 
     assert prefers_png("image/png") and prefers_png("image/*") and prefers_png("image/png, application/json;q=0.5")
     assert not prefers_png(None) and not prefers_png("*/*") and not prefers_png("application/json, image/png;q=0.2")
@@ -432,7 +432,7 @@ def test_accept_header_and_image_uri_rules():
 
 
 def test_device_queue_merges_what_waits_while_the_device_is_busy():
-    from pipelines.serve_batching import DeviceQueue
+    from pipelines.serve.batching import DeviceQueue
 
     calls: list[list[int]] = []
 
@@ -472,7 +472,7 @@ def test_outside_request_drops_the_callers_context_and_is_cancelled_with_it():
     test_a_batch_mixes_subjects_each_sample_with_its_own_cache."""
     import contextvars
 
-    from pipelines.serve_batching import outside_request
+    from pipelines.serve.batching import outside_request
 
     request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
 

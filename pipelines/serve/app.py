@@ -4,7 +4,7 @@
     dreamcache serve --model M --adapter A --caches URI  # a local Ray, http://127.0.0.1:8000/
 
 The application builder is :func:`build_app` (``import_path: pipelines.serve:build_app``); its ``args`` are the
-fields of :class:`pipelines.serve_settings.ServeSettings`.
+fields of :class:`pipelines.serve.settings.ServeSettings`.
 
 HTTP API v1 (OpenAPI at /docs): ``POST /v1/subjects``, ``GET /v1/subjects/{id}``, ``POST /v1/generate``,
 ``GET /healthz``, and the web page at ``/``. The ingress validates, authenticates and routes: each request goes
@@ -36,7 +36,7 @@ from starlette.exceptions import HTTPException
 # Only light imports: the ingress runs no model, so it must not pay for torch and diffusers (seconds per replica).
 from dreamcache import storage
 
-from .serve_schema import (
+from .schema import (
     Failure,
     GenerateJob,
     GenerateRequest,
@@ -47,7 +47,7 @@ from .serve_schema import (
     Upload,
     check_image_uri,
 )
-from .serve_settings import ServeSettings, resolve_api_token
+from .settings import ServeSettings, resolve_api_token
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ def build_app(args: dict[str, Any]):
     """Serve application builder (``import_path: pipelines.serve:build_app``)."""
     import ray
 
-    from .serve_generator import Generator  # torch and diffusers: imported where the app is built, not by the ingress
+    from .generator import Generator  # torch and diffusers: imported where the app is built, not by the ingress
 
     settings = ServeSettings.from_args(dict(args))
     resolve_api_token(settings)  # an unreadable token file fails the deploy, not every request
@@ -383,7 +383,7 @@ def run_local(app_args: dict[str, Any], host: str = "127.0.0.1", port: int = 800
     """``dreamcache serve``: start (or join) Ray, run the app at http://host:port/ until interrupted."""
     import signal
 
-    from .ray_runtime import init_ray
+    from ..kernel.ray_runtime import init_ray
 
     settings = ServeSettings.from_args(app_args)  # a bad argument fails here, before Ray starts
     resolve_api_token(settings)

@@ -8,10 +8,10 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
-from .generation_settings import GenerationJobConfig, parse_seeds
+from .settings import GenerationJobConfig, parse_seeds
 
 if TYPE_CHECKING:
-    from .generation import GenerationSummary
+    from .job import GenerationSummary
 
 
 def summary_lines(summary: GenerationSummary) -> list[str]:
@@ -27,7 +27,8 @@ def add_generation_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="diffusers Stable Diffusion folder: local path or s3:// prefix")
     p.add_argument("--adapter", required=True, help="adapter safetensors file (path or s3:// URI)")
     p.add_argument("--caches", required=True,
-                   help="cache prefix (<subject_id>.safetensors files) or a caching manifest (.parquet)")
+                   help="a caching job's output prefix (its manifest is read), a prefix of <subject_id>.safetensors "
+                        "files, or a single-file caching manifest (.parquet)")
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--prompts", help="prompts file: one prompt per line, or JSONL with prompt, negative_prompt, "
                                         "guidance_scale, image_guidance_scale")
@@ -64,7 +65,7 @@ def config_from_args(args: argparse.Namespace) -> GenerationJobConfig:
     if args.subjects is not None or args.subjects_file is not None:
         subjects = [s.strip() for s in (args.subjects or "").split(",") if s.strip()]
         if args.subjects_file:
-            from .generation_plan import read_text  # here: it loads the storage clients, which --help does not need
+            from .plan import read_text  # here: it loads the storage clients, which --help does not need
 
             subjects += [line.strip() for line in read_text(args.subjects_file, "subjects file").splitlines()
                          if line.strip() and not line.lstrip().startswith("#")]

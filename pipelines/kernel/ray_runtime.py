@@ -30,6 +30,7 @@ def init_ray(address: str | None = None, num_cpus: float | None = None, **kwargs
 
     if ray.is_initialized():
         return
+    quiet_ray_data_console()
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         logger.info("connecting to Ray at %s", address)
@@ -42,14 +43,34 @@ def init_ray(address: str | None = None, num_cpus: float | None = None, **kwargs
     logger.info("started a local Ray: %s", ray.cluster_resources())
 
 
-def run_entrypoint(name: str, work: Callable[[], Iterable[str]], user_errors: tuple[type[BaseException], ...],
-                   quiet: bool = False) -> int:
+def quiet_ray_data_console() -> None:
+    """Ray Data's multi-line progress blocks and per-dataset INFO lines leave the console (they stay in Ray's
+    ray-data.log): the jobs print their own progress line (``kernel.run.Progress``)."""
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    for handler in logging.getLogger("ray.data").handlers:
+        if not handler.__class__.__name__.endswith("FileHandler"):
+            handler.setLevel(logging.WARNING)
+
+
+def bad_input_errors() -> tuple[type[BaseException], ...]:
+    """What an entry point reports as bad input (exit 2, one line): the DreamCacheError family and storage
+    failures (a missing object, refused credentials); everything else is a bug and keeps its traceback."""
+    from dreamcache.errors import DreamCacheError
+    from dreamcache.storage import StorageError
+
+    return DreamCacheError, StorageError
+
+
+def run_entrypoint(name: str, work: Callable[[], Iterable[str]],
+                   user_errors: tuple[type[BaseException], ...] = (), quiet: bool = False) -> int:
     """What every `jobs/*.py` main does: log to stderr, run, print the summary lines; bad input -> exit 2."""
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         lines = list(work())
-    except user_errors as exc:
+    except bad_input_errors() + tuple(user_errors) as exc:
         print(f"{name}: error: {exc}", file=sys.stderr)
         return 2
     print("\n".join(lines))

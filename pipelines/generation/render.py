@@ -14,8 +14,8 @@ from typing import Any
 
 from dreamcache import storage
 
-from .generation_manifest import result_row, result_schema
-from .generation_settings import RenderSettings
+from .manifest import result_row, result_schema
+from .settings import RenderSettings
 
 logger = logging.getLogger(__name__)
 

@@ -4,20 +4,22 @@ and manifest rows, and whole-object Parquet reads and writes.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 from dreamcache import storage
 
-MANIFEST_NAME = "manifest.parquet"
+KIND = "generation"  # the manifest's folder: <out>/_manifests/generation/
+MANIFEST_NAME = "manifest.parquet"  # an older release's single-file manifest (read as the prior state)
 RUNS_DIR = "_runs"  # starts with "_": never a valid subject id, so it cannot collide with a subject folder
+LEGACY_COLUMNS = ("row_key", "image_uri", "status")
 
 
 def result_row(row: Mapping, status: str, action: str, error: str | None = None, **timings) -> dict:
-    """A plan record with its outcome; rows that are not ``ok`` have no image."""
+    """A plan record with its outcome (``status`` None: not decided yet); error rows have no image."""
     result = {**row, "status": status, "action": action, "error": error, "bytes": None, "cache_read_s": 0.0,
               "generate_s": 0.0, "write_s": 0.0, "started_at": None, "finished_at": None}
     result.update(timings)
-    if status != "ok":
+    if status == "error":
         result["image_uri"] = None
     return result
 
@@ -54,12 +56,22 @@ def manifest_schema():
     ])
 
 
-def write_parquet(uri: str, rows: Sequence[Mapping], schema) -> None:
-    """Write a whole Parquet object at once (atomic put or rename)."""
-    import pyarrow as pa
+def manifest_log(out: str):
+    from ..kernel.manifest import ManifestLog
 
-    storage.write_parquet(uri, pa.Table.from_pylist(list(rows), schema=schema))
+    return ManifestLog(out, KIND, manifest_schema(), key="row_key", legacy_columns=LEGACY_COLUMNS)
 
 
 def read_manifest(uri: str) -> list[dict]:
-    return storage.read_parquet(uri).to_pylist()
+    """Rows of a published version (its commit object, ``.json``), of one run (its data folder: the rows that
+    run produced), or of a single Parquet file. For tests and small tools: the rows come back as a list."""
+    import pyarrow as pa
+
+    if uri.endswith(".json"):
+        files = list(manifest_log(uri.rsplit("/_manifests/", 1)[0]).read_commit(uri).files)
+    elif uri.endswith(".parquet"):
+        files = [uri]
+    else:
+        files = [f for f in storage.list_files(uri) if f.rsplit("/", 1)[-1].startswith("part-")]
+    tables = [storage.read_parquet(f) for f in files]
+    return pa.concat_tables(tables).to_pylist() if tables else []

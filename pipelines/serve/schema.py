@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from dreamcache import storage
 
-from .serve_settings import MAX_IMAGES_PER_REQUEST
+from .settings import MAX_IMAGES_PER_REQUEST
 
 if TYPE_CHECKING:  # the ingress imports this module and must stay free of torch and diffusers
     from dreamcache.cache_info import CacheInfo

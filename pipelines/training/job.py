@@ -37,9 +37,9 @@ from dreamcache.triplets import ReferenceAugment, TripletBatch, TripletError, pa
 if TYPE_CHECKING:  # the training loop pulls in diffusers: Ray Data's preparation tasks must not pay for that import
     from dreamcache.training import AdapterTrainer, TrainingConfig, TrainingResult
 
-from .model_info import native_resolution
-from .ray_runtime import init_ray
-from .training_args import add_training_arguments  # noqa: F401 - re-exported: callers import it from here
+from ..kernel.model_info import native_resolution
+from ..kernel.ray_runtime import init_ray
+from .args import add_training_arguments  # noqa: F401 - re-exported: callers import it from here
 
 logger = logging.getLogger(__name__)
 
@@ -235,7 +235,7 @@ def _start_ray(scale: ScaleConfig) -> None:
         logger.warning("the Ray cluster has %s GPUs for %d GPU worker(s)", resources.get("GPU", 0), scale.num_workers)
 
 
-# -- command line (the parser: pipelines.training_args) ----------------------------------------------------------
+# -- command line (the parser: pipelines.training.args) ----------------------------------------------------------
 def training_from_args(args: argparse.Namespace) -> tuple[TrainingConfig, ScaleConfig]:
     from dreamcache.training import TrainingConfig
 

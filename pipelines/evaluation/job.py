@@ -47,7 +47,7 @@ from dreamcache.dreambench import (
 from dreamcache.metrics import MetricBackbones
 from dreamcache.pipeline import OFFICIAL_NEGATIVE_PROMPT
 
-from .evaluation_args import add_evaluation_arguments  # noqa: F401 - re-exported: callers import it from here
+from .args import add_evaluation_arguments  # noqa: F401 - re-exported: callers import it from here
 
 logger = logging.getLogger(__name__)
 
@@ -177,8 +177,9 @@ def _backbone_name(config: EvaluationConfig) -> str | None:
 
 # -- stages --------------------------------------------------------------------------------------------------------
 def cache_references(config: EvaluationConfig, sources: dict[str, dict[str, list[str]]]) -> str:
-    """Caches of the subjects' references through the caching job; returns its manifest URI."""
-    from .caching import CachingJobConfig, run_caching
+    """Caches of the subjects' references through the caching job; returns its output prefix (the generation job
+    reads the caching manifest there)."""
+    from ..caching import CachingJobConfig, run_caching
 
     catalog = config.uri("references.jsonl")
     lines = [json.dumps({"subject_id": s, "image_uri": src["ref"][0]}) for s, src in sources.items()]
@@ -192,12 +193,12 @@ def cache_references(config: EvaluationConfig, sources: dict[str, dict[str, list
     logger.info(summary.line())
     if summary.errors:
         raise EvaluationInputError(f"{summary.errors} reference(s) could not be cached; see {summary.manifest_uri}")
-    return summary.manifest_uri
+    return config.uri("caches")
 
 
 def generate(config: EvaluationConfig, caches: str):
     """Every benchmark image through the batch generation job (incremental)."""
-    from .generation import GenerationJobConfig, run_generation
+    from ..generation import GenerationJobConfig, run_generation
 
     generation = GenerationJobConfig(
         model=config.model, adapter=config.adapter, caches=caches, plan=evaluation_plan(config),
@@ -315,7 +316,7 @@ def write_scores(uri: str, rows: Sequence[dict]) -> None:
 
 
 def run_evaluation(config: EvaluationConfig) -> EvaluationResult:
-    """The whole protocol on the current Ray (``pipelines.ray_runtime.init_ray``); caching and generation are
+    """The whole protocol on the current Ray (``pipelines.kernel.ray_runtime.init_ray``); caching and generation are
     incremental, scoring is redone."""
     start = time.perf_counter()
     config.validate()
@@ -324,7 +325,7 @@ def run_evaluation(config: EvaluationConfig) -> EvaluationResult:
                 config.images_per_prompt)
     caches = config.caches or cache_references(config, sources)
     generation = generate(config, caches)
-    from .generation import read_manifest
+    from ..generation import read_manifest
 
     manifest = read_manifest(generation.manifest_uri)
     rows = score_images(config, manifest, sources)
@@ -348,7 +349,7 @@ def run_evaluation(config: EvaluationConfig) -> EvaluationResult:
                             markdown=markdown)
 
 
-# -- command line (the parser: pipelines.evaluation_args) ----------------------------------------------------------
+# -- command line (the parser: pipelines.evaluation.args) ----------------------------------------------------------
 def evaluation_from_args(args: argparse.Namespace) -> EvaluationConfig:
     subjects = [s.strip() for s in args.subjects.split(",") if s.strip()] if args.subjects else None
     config = EvaluationConfig(

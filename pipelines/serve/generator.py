@@ -34,8 +34,8 @@ from dreamcache.cache import CacheError, FeatureCache
 from dreamcache.cache_store import CacheStore, read_cache_info
 from dreamcache.images import ImageDecodeError, ImageLimits, decode_image, sha256_hex
 
-from .serve_batching import DeviceQueue, outside_request
-from .serve_schema import (
+from .batching import DeviceQueue, outside_request
+from .schema import (
     Failure,
     GenerateJob,
     GenerateResult,
@@ -45,7 +45,7 @@ from .serve_schema import (
     image_failure,
     subject_metadata,
 )
-from .serve_settings import ServeSettings
+from .settings import ServeSettings
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ def _png(image) -> bytes:
 @serve.deployment(name="Generator", health_check_period_s=10, health_check_timeout_s=60)
 class Generator:
     def __init__(self, settings_args: dict[str, Any]) -> None:
-        from .generation_render import load_render_pipeline
+        from ..generation.render import load_render_pipeline
 
         self.settings = settings = ServeSettings.from_args(settings_args)
         started = time.perf_counter()

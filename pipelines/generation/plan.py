@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from dreamcache import storage
-from dreamcache.cache_store import CacheStore
+from dreamcache.cache_store import CACHE_SUFFIX, CacheStore
 
-from .generation_manifest import MANIFEST_NAME
-from .generation_settings import GenerationJobConfig, check_seed
+from .manifest import MANIFEST_NAME
+from .settings import GenerationJobConfig, check_seed
 
 logger = logging.getLogger(__name__)
 
@@ -151,7 +151,8 @@ def load_prompts(config: GenerationJobConfig) -> list[PromptSpec]:
 
 
 def _caching_manifest_subjects(uri: str) -> list[SubjectSource]:
-    """Subjects of a caching job's manifest: ``ok`` rows point at their cache, ``error`` rows carry the reason."""
+    """Subjects of a caching job's single-file manifest: ``ok`` rows point at their cache, ``error`` rows carry
+    the reason."""
     import pyarrow as pa
 
     try:
@@ -161,33 +162,41 @@ def _caching_manifest_subjects(uri: str) -> list[SubjectSource]:
     missing = {"subject_id", "status", "cache_uri"} - set(table.column_names)
     if missing:
         raise ValueError(f"caching manifest {uri} lacks column(s) {sorted(missing)}")
+    return _sources(_subjects_from_caching_rows(table).to_pylist(), uri)
+
+
+def _sources(rows: Iterable[Mapping], where: str) -> list[SubjectSource]:
     sources: dict[str, SubjectSource] = {}
-    for row in table.to_pylist():
-        subject = row["subject_id"]
-        if subject in sources:
-            logger.warning("caching manifest %s lists subject %r twice; using its first row", uri, subject)
+    for row in rows:
+        if row["subject_id"] in sources:
+            logger.warning("caching manifest %s lists subject %r twice; using its first row", where, row["subject_id"])
             continue
-        hashes = row.get("source_hashes") or []
-        # What the cache was made from: model, references and caching settings (prompt, resolution, preprocessing,
-        # seed). Any change renames, hence re-renders, the subject's images.
-        made_from = [row.get("base_model") or "", list(hashes), row.get("settings") or ""]
-        version = hashlib.sha256(json.dumps(made_from).encode()).hexdigest()[:16] if hashes else ""
-        if row["status"] != "ok" or not row["cache_uri"]:
-            reason = row.get("error") or f"status {row['status']!r} without a cache"
-            sources[subject] = SubjectSource(subject, None, version, f"caching failed: {reason}")
-        else:
-            sources[subject] = SubjectSource(subject, row["cache_uri"], version)
+        sources[row["subject_id"]] = SubjectSource(row["subject_id"], row["cache_uri"], row["cache_version"] or "",
+                                                   row["error"])
     return list(sources.values())
 
 
 def load_subjects(config: GenerationJobConfig) -> dict[str, SubjectSource]:
-    """Every subject the caches know, by id (a caching manifest if ``caches`` ends in .parquet, else the
-    ``<subject_id>.safetensors`` files under the prefix)."""
+    """Every subject the caches know, by id, on the driver (explicit plans; the expanded plan reads them as a
+    dataset, :func:`subjects_dataset`): a caching manifest file, a caching job's output prefix, or the
+    ``<subject_id>.safetensors`` files under a prefix."""
+    import pyarrow as pa
+
+    from ..kernel.manifest import ManifestLog
+
     if config.caches.lower().endswith(".parquet"):
         sources = _caching_manifest_subjects(config.caches)
     else:
-        store = CacheStore(config.caches)
-        sources = [SubjectSource(s, store.uri_for(s)) for s in store.subjects()]
+        caching = ManifestLog(config.caches, "caching", _caching_view(), key="subject_id",
+                              legacy_columns=("cache_uri", "source_uris", "status"))
+        version = caching.current()
+        if version is not None:
+            rows = (r for batch in caching.iter_batches(version)
+                    for r in _subjects_from_caching_rows(pa.Table.from_batches([batch])).to_pylist())
+            sources = _sources(rows, version.uri)
+        else:
+            store = CacheStore(config.caches)
+            sources = [SubjectSource(s, store.uri_for(s)) for s in store.subjects()]
     return {s.subject_id: s for s in sources}
 
 
@@ -301,14 +310,187 @@ def build_plan(config: GenerationJobConfig) -> list[PlanRow]:
     return rows
 
 
-def existing_images(out: str, subjects: Iterable[str], threads: int = 16) -> set[str]:
-    """URIs of the PNGs already in the subjects' folders under ``out``: one listing per subject folder (in
-    parallel), not one request per row, and never the growing ``_runs/`` folder."""
-    from concurrent.futures import ThreadPoolExecutor
+# -- the plan as a dataset: subjects x prompts x seeds expanded in the cluster -------------------------------------
+SUBJECT_SCHEMA_FIELDS = (("subject_id", "string"), ("cache_uri", "string"), ("cache_version", "string"),
+                         ("error", "string"))
 
-    folders = [storage.join_uri(out, s) for s in dict.fromkeys(subjects) if id_problem(s) is None]
-    with ThreadPoolExecutor(max_workers=threads) as pool:
-        listings = pool.map(storage.list_files, folders)
-        found = {uri for listing in listings for uri in listing if uri.endswith(".png")}
-    logger.info("%d images already under %s (%d subject folders listed)", len(found), out, len(folders))
-    return found
+
+def _caching_view():
+    """The columns of a caching manifest this job reads (its own view: the caching app owns the full schema)."""
+    import pyarrow as pa
+
+    return pa.schema([("subject_id", pa.string()), ("status", pa.string()), ("cache_uri", pa.string()),
+                      ("error", pa.string()), ("source_hashes", pa.list_(pa.string())),
+                      ("base_model", pa.string()), ("settings", pa.string())])
+
+
+def subject_schema():
+    import pyarrow as pa
+
+    return pa.schema([(name, getattr(pa, kind)()) for name, kind in SUBJECT_SCHEMA_FIELDS])
+
+
+def _subjects_from_caching_rows(batch):
+    """A caching manifest's rows (any version of its schema: only these columns are read) -> subject rows."""
+    import pyarrow as pa
+
+    rows = []
+    for row in batch.to_pylist():
+        hashes = row.get("source_hashes") or []
+        made_from = [row.get("base_model") or "", list(hashes), row.get("settings") or ""]
+        version = hashlib.sha256(json.dumps(made_from).encode()).hexdigest()[:16] if hashes else ""
+        if row.get("status") != "ok" or not row.get("cache_uri"):
+            reason = row.get("error") or f"status {row.get('status')!r} without a cache"
+            rows.append({"subject_id": row["subject_id"], "cache_uri": None, "cache_version": version,
+                         "error": f"caching failed: {reason}"})
+        else:
+            rows.append({"subject_id": row["subject_id"], "cache_uri": row["cache_uri"], "cache_version": version,
+                         "error": None})
+    return pa.Table.from_pylist(rows, schema=subject_schema())
+
+
+def _subjects_from_listing(batch, root: str):
+    import pyarrow as pa
+
+    store = CacheStore(root)
+    rows = [{"subject_id": p[: -len(CACHE_SUFFIX)], "cache_uri": store.uri_for(p[: -len(CACHE_SUFFIX)]),
+             "cache_version": "", "error": None}
+            for p in batch["path"].to_pylist() if p.endswith(CACHE_SUFFIX) and id_problem(p[: -len(CACHE_SUFFIX)]) is None]
+    return pa.Table.from_pylist(rows, schema=subject_schema())
+
+
+def subjects_dataset(config: GenerationJobConfig):
+    """Every subject the caches know, as a dataset: a caching job's manifest (its output prefix, or a single
+    ``manifest.parquet`` file), else the ``<subject_id>.safetensors`` files under the prefix."""
+    import pyarrow as pa
+    import ray
+
+    from ..kernel.listing import list_prefix
+    from ..kernel.manifest import ManifestLog
+
+    if config.caches.lower().endswith(".parquet"):
+        if not storage.exists(config.caches):
+            raise storage.ObjectNotFound(f"caching manifest not found: {config.caches}")
+        filesystem, path = storage.pyarrow_filesystem(config.caches)
+        try:
+            rows = ray.data.read_parquet(path, filesystem=filesystem, file_extensions=None)
+            missing = {"subject_id", "status", "cache_uri"} - set(rows.schema().names)
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise ValueError(f"caching manifest {config.caches} is not a readable Parquet file: {exc}") from None
+        if missing:
+            raise ValueError(f"caching manifest {config.caches} lacks column(s) {sorted(missing)}")
+        return rows.map_batches(_subjects_from_caching_rows, batch_format="pyarrow")
+    caching = ManifestLog(config.caches, "caching", _caching_view(), key="subject_id",
+                          legacy_columns=("cache_uri", "source_uris", "status"))
+    version = caching.current()
+    if version is not None:
+        return caching.dataset(version).map_batches(_subjects_from_caching_rows, batch_format="pyarrow")
+    return list_prefix(config.caches, recursive=False).map_batches(
+        _subjects_from_listing, fn_kwargs={"root": config.caches}, batch_format="pyarrow")
+
+
+def _wanted_block(block, schema):
+    """Requested subject ids (``--subjects``) joined with the known ones: unknown ids become error rows."""
+    import pyarrow as pa
+
+    from ..kernel.run import split_sources
+
+    parts = split_sources(block, {"known": schema, "wanted": pa.schema([("subject_id", pa.string())])})
+    known = {r["subject_id"]: r for r in parts["known"].to_pylist()}
+    rows = [known.get(s) or {"subject_id": s, "cache_uri": None, "cache_version": "", "error": None}
+            for s in parts["wanted"]["subject_id"].to_pylist()]
+    return pa.Table.from_pylist(rows, schema=schema)
+
+
+def _row_index(row_key: str) -> int:
+    return int(row_key[:15], 16)  # a batch-local id for the renderer: unique in practice, no global counter
+
+
+def expand_block(batch, config: GenerationJobConfig, prompts: Sequence[PromptSpec], caches: str):
+    """Each subject row -> its rows for every prompt and seed, named and keyed (see :func:`image_name`)."""
+    import pyarrow as pa
+
+    from .manifest import result_row, result_schema
+
+    rows = []
+    for subject in batch.to_pylist():
+        source = SubjectSource(subject["subject_id"], subject["cache_uri"], subject["cache_version"] or "",
+                               subject["error"])
+        problem = id_problem(source.subject_id)
+        if problem is None and source.error is None and source.cache_uri is None:
+            problem = f"no cache for subject {source.subject_id!r} in {caches}"
+        for index, prompt in enumerate(prompts):
+            for seed in config.seeds:
+                parameters = row_parameters(config, source, prompt, seed)
+                key, name = image_name(parameters)
+                record = PlanRow(
+                    plan_index=_row_index(key), subject_id=source.subject_id, prompt_index=index, prompt=prompt,
+                    seed=seed, cache_uri=source.cache_uri, row_key=key,
+                    image_uri=storage.join_uri(config.out, source.subject_id, name) if problem is None else None,
+                    parameters=json.dumps(parameters, sort_keys=True),
+                ).record()
+                error = problem or source.error
+                rows.append(result_row(record, "error", "failed", error) if error else
+                            result_row(record, None, None))
+    return pa.Table.from_pylist(rows, schema=result_schema())
+
+
+def plan_dataset(config: GenerationJobConfig, prompts: Sequence[PromptSpec]):
+    """subjects x prompts x seeds as a dataset of result rows (status null: still to decide)."""
+    import pyarrow as pa
+    import ray
+
+    from ..kernel.run import colocate, partitions_for
+
+    subjects = subjects_dataset(config)
+    if config.subjects is not None:
+        wanted = ray.data.from_items([{"subject_id": str(s)} for s in dict.fromkeys(config.subjects)])
+        schema = subject_schema()
+        subjects = colocate({"known": (subjects, schema), "wanted": (wanted, pa.schema([schema.field("subject_id")]))},
+                            "subject_id", partitions_for(len(config.subjects))).map_batches(
+            _wanted_block, fn_kwargs={"schema": schema}, batch_format="pyarrow", batch_size=None)
+    return subjects.map_batches(expand_block, fn_kwargs={"config": config, "prompts": list(prompts),
+                                                         "caches": config.caches},
+                                batch_format="pyarrow", batch_size=max(1, 20_000 // max(1, len(prompts) * len(config.seeds))))
+
+
+def _rendered_images(batch):
+    """PNGs under the output prefix, outside ``_runs/`` and ``_manifests/``: (image_uri, size)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    keep = pc.and_(pc.ends_with(batch["path"], ".png"), pc.invert(pc.starts_with(batch["path"], "_")))
+    found = batch.filter(keep)
+    return pa.table({"image_uri": found["uri"], "image_bytes": found["size"]})
+
+
+def _prior_images(batch):
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    ok = batch.filter(pc.and_(pc.equal(batch["status"], "ok"), pc.is_valid(batch["image_uri"])))
+    return pa.table({"image_uri": ok["image_uri"], "prior_bytes": ok["bytes"]})
+
+
+def classify_block(block, schema):
+    """A row whose image is already in the store (at the size the last manifest recorded, when it did) is
+    skipped; the rest is rendered. Errors stay errors."""
+    import pyarrow as pa
+
+    from ..kernel.run import split_sources
+
+    parts = split_sources(block, {
+        "plan": schema,
+        "found": pa.schema([("image_uri", pa.string()), ("image_bytes", pa.int64())]),
+        "prior": pa.schema([("image_uri", pa.string()), ("prior_bytes", pa.int64())]),
+    })
+    found = dict(zip(parts["found"]["image_uri"].to_pylist(), parts["found"]["image_bytes"].to_pylist()))
+    recorded = dict(zip(parts["prior"]["image_uri"].to_pylist(), parts["prior"]["prior_bytes"].to_pylist()))
+    rows = parts["plan"].to_pylist()
+    for row in rows:
+        if row["status"] is not None:
+            continue
+        size = found.get(row["image_uri"])
+        if size and recorded.get(row["image_uri"], size) == size:
+            row.update(status="ok", action="skipped", bytes=size)
+    return pa.Table.from_pylist(rows, schema=schema)

@@ -1,0 +1,81 @@
+"""The contact sheet of a generation run: one sheet per subject (drawn in Ray tasks) and an index page.
+
+The run's rows are streamed from its manifest part files in batches; the driver keeps the rows of at most
+``contact_sheet_max_subjects`` subjects and the first errors, so a run of millions of rows draws its page in
+bounded memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from dreamcache import storage
+
+from . import contact_sheet
+from .plan import id_problem
+from .settings import GenerationJobConfig
+
+COLUMNS = ["subject_id", "prompt_index", "prompt", "negative_prompt", "guidance_scale", "seed", "image_uri",
+           "error", "status", "action"]
+MAX_ERRORS = 1000
+
+
+def _run_rows(files: Sequence[str]):
+    import pyarrow.dataset as pads
+
+    if not files:
+        return
+    filesystem, _ = storage.pyarrow_filesystem(files[0])
+    dataset = pads.dataset([storage.pyarrow_filesystem(f)[1] for f in files], filesystem=filesystem, format="parquet")
+    for batch in dataset.to_batches(columns=COLUMNS):
+        yield from batch.to_pylist()
+
+
+def write_contact_sheets(run_files: Sequence[str], config: GenerationJobConfig, run_prefix: str, run_id: str,
+                         counts: Mapping[str, int]) -> str:
+    """Draw the sheets (one Ray task per subject) and write the index; returns the index URI."""
+    limit = config.contact_sheet_max_subjects
+    by_subject: dict[str, list[Mapping]] = {}
+    legend: dict[int, tuple] = {}
+    errors: list[tuple] = []
+    more_subjects = False
+    for r in _run_rows(run_files):
+        legend.setdefault(r["prompt_index"], (r["prompt_index"], r["prompt"], r["negative_prompt"] or "",
+                                              r["guidance_scale"]))
+        if r["status"] != "ok" and len(errors) < MAX_ERRORS:
+            errors.append((r["subject_id"], r["prompt"], r["seed"], r["error"] or ""))
+        if config.contact_sheet == "new" and r["action"] == "skipped":
+            continue
+        if r["subject_id"] not in by_subject and len(by_subject) >= limit:
+            more_subjects = True
+            continue
+        by_subject.setdefault(r["subject_id"], []).append(r)
+    drawable = [s for s in sorted(by_subject) if id_problem(s) is None]
+    records = []
+    for subject in drawable:
+        subject_rows = by_subject[subject]
+        columns = sorted({r["prompt_index"] for r in subject_rows})
+        seeds = sorted({r["seed"] for r in subject_rows})
+        cells = [contact_sheet.SheetCell(columns.index(r["prompt_index"]), seeds.index(r["seed"]),
+                                         r["image_uri"], r["error"]) for r in subject_rows]
+        records.append(contact_sheet.subject_sheet_record(subject, columns, seeds, cells))
+    sheets_prefix = storage.join_uri(run_prefix, "sheets")
+    if records:
+        import ray
+
+        ray.data.from_items(records).map(
+            contact_sheet.render_subject_sheet, fn_kwargs={"sheets_prefix": sheets_prefix, "cell": config.contact_sheet_cell},
+            num_cpus=0.25,
+        ).materialize()
+    subjects = [
+        contact_sheet.SubjectSummary(s, sum(r["status"] == "ok" for r in rows), sum(r["status"] != "ok" for r in rows),
+                                     f"sheets/{s}.png" if s in drawable else None)
+        for s, rows in sorted(by_subject.items())
+    ]
+    note = "" if by_subject else "Nothing was rendered or failed in this run: every image already existed."
+    if more_subjects:
+        note = f"Sheets drawn for the first {len(by_subject)} subjects of this run (contact_sheet_max_subjects)."
+    index_uri = storage.join_uri(run_prefix, "index.html")
+    page = contact_sheet.index_html(run_id, counts, [legend[k] for k in sorted(legend)], subjects, errors, note)
+    storage.write_bytes(index_uri, page.encode("utf-8"))
+    return index_uri

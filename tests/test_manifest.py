@@ -1,0 +1,139 @@
+"""Manifests that lose nothing: versions published in one commit, merged across runs, one folder per job kind,
+readable without this project's code; the caching job's incremental rules at the store's level."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from dreamcache import storage
+from pipelines.caching import CachingJobConfig, JobInputError, run_caching
+from pipelines.kernel.manifest import CommitConflict, ManifestError, ManifestLog
+
+from .manifests import latest_commit, manifest_rows
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def png(colour) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), colour).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def refs(root: Path, colours: dict[str, str]) -> str:
+    for subject, colour in colours.items():
+        (root / subject).mkdir(parents=True, exist_ok=True)
+        (root / subject / "1.png").write_bytes(png(colour))
+    return str(root)
+
+
+def cache(tiny_model_dir, images: str, out: str, **kw):
+    return run_caching(CachingJobConfig(out=out, model=str(tiny_model_dir), images=images, batch_size=4, **kw))
+
+
+def test_runs_merge_repairs_and_never_collide(ray_cluster, tiny_model_dir, tmp_path):
+    out = str(tmp_path / "out")
+    first = refs(tmp_path / "a", {"red": "red", "blue": "blue"})
+    second = refs(tmp_path / "b", {"green": "green"})
+    assert cache(tiny_model_dir, first, out).computed == 2
+    # Another catalog into the same prefix: its subjects join, the first run's rows stay.
+    summary = cache(tiny_model_dir, second, out)
+    rows = manifest_rows(out)
+    assert set(rows) == {"red", "blue", "green"} and summary.kept == 2 and summary.computed == 1
+    assert latest_commit(out, "caching")["version"] == 2
+
+    # A stored cache cut short, emptied or deleted is recomputed, not reported "ok skipped".
+    red, blue = tmp_path / "out" / "red.safetensors", tmp_path / "out" / "blue.safetensors"
+    red.write_bytes(red.read_bytes()[:-10])
+    blue.unlink()
+    summary = cache(tiny_model_dir, first, out)
+    rows = manifest_rows(out)
+    assert summary.computed == 2 and rows["red"]["action"] == rows["blue"]["action"] == "computed"
+    assert rows["red"]["bytes"] == red.stat().st_size and blue.is_file() and "green" in rows
+    blue.write_bytes(b"")
+    assert cache(tiny_model_dir, first, out).computed == 1
+
+    # The generation job's manifest lives beside it, under its own kind: the caching rows are untouched.
+    log = ManifestLog(out, "generation", pa.schema([("row_key", pa.string())]), key="row_key")
+    assert log.current() is None and (tmp_path / "out" / "_manifests" / "caching").is_dir()
+
+    # pyarrow alone, from the commit's file list; and duckdb where it is installed.
+    files = latest_commit(out, "caching")["files"]
+    assert pq.read_table(files).num_rows == 3
+    duckdb = pytest.importorskip("duckdb")
+    latest = tmp_path / "out" / "_manifests" / "caching" / "_latest.json"
+    con = duckdb.connect()
+    con.execute(f"SET VARIABLE f = (SELECT files FROM read_json('{latest}'))")
+    assert con.execute("SELECT count(*) FROM read_parquet(getvariable('f'))").fetchone()[0] == 3
+
+
+def test_bad_manifests_and_outputs_are_refused(ray_cluster, tiny_model_dir, tmp_path):
+    images = refs(tmp_path / "refs", {"red": "red"})
+    with pytest.raises(JobInputError, match="inside --images"):
+        CachingJobConfig(out=images, model=str(tiny_model_dir), images=images)
+    with pytest.raises(JobInputError, match="inside --images"):
+        CachingJobConfig(out=images + "/caches", model=str(tiny_model_dir), images=images)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "manifest.parquet").write_bytes(b"not parquet")
+    with pytest.raises(ManifestError, match="manifest.parquet is not a Parquet manifest"):
+        cache(tiny_model_dir, images, str(out))
+    (out / "manifest.parquet").unlink()
+    cache(tiny_model_dir, images, str(out))
+    commit = next((out / "_manifests" / "caching" / "_commits").iterdir())
+    commit.write_text("{not json")
+    with pytest.raises(ManifestError, match=commit.name):
+        cache(tiny_model_dir, images, str(out))
+
+
+def test_a_legacy_single_file_manifest_is_the_prior_state(ray_cluster, tiny_model_dir, tmp_path):
+    images = refs(tmp_path / "refs", {"red": "red", "blue": "blue"})
+    out = str(tmp_path / "out")
+    cache(tiny_model_dir, images, out)
+    # What an older release wrote: one manifest.parquet at the prefix, no _manifests folder.
+    table = pq.read_table(latest_commit(out, "caching")["files"])
+    storage.write_parquet(f"{out}/manifest.parquet", table.drop_columns(["read_s", "write_s"]))
+    for uri in storage.list_files(f"{out}/_manifests"):
+        storage.delete(uri)
+    summary = cache(tiny_model_dir, images, out)
+    assert (summary.computed, summary.skipped) == (0, 2)
+
+
+def test_commits_are_create_if_absent(tmp_path):
+    schema = pa.schema([("k", pa.string())])
+    log = ManifestLog(str(tmp_path), "demo", schema, key="k")
+    storage.write_parquet(str(tmp_path / "p.parquet"), pa.table({"k": ["a"]}, schema=schema))
+    first = log.commit("run-1", [str(tmp_path / "p.parquet")], 1, {}, None)
+    with pytest.raises(CommitConflict):
+        log.commit("run-2", [str(tmp_path / "p.parquet")], 1, {}, None)  # planned against the same parent
+    assert log.current().run_id == "run-1" and log.current().version == first.version == 1
+
+
+def test_manifest_command(ray_cluster, tiny_model_dir, tmp_path):
+    images = refs(tmp_path / "refs", {"red": "red"})
+    (tmp_path / "refs" / "bad").mkdir()
+    (tmp_path / "refs" / "bad" / "x.png").write_bytes(b"junk")
+    out = str(tmp_path / "out")
+    cache(tiny_model_dir, images, out)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-m", "pipelines.cli", "manifest", out], capture_output=True, text=True,
+                          env=env, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    assert "caching" in done.stdout and "ok 1" in done.stdout and "error 1" in done.stdout and "bad" in done.stdout
+    done = subprocess.run([sys.executable, "-m", "pipelines.cli", "manifest", out, "--json"], capture_output=True,
+                          text=True, env=env, cwd=REPO)
+    rows = [json.loads(line) for line in done.stdout.splitlines()]
+    assert {r["subject_id"] for r in rows} == {"red", "bad"}
+    done = subprocess.run([sys.executable, "-m", "pipelines.cli", "manifest", str(tmp_path / "nothing")],
+                          capture_output=True, text=True, env=env, cwd=REPO)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1 and "no manifest" in done.stderr
