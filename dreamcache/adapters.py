@@ -16,6 +16,13 @@ processors, survive a later ``unet.set_attn_processor(...)``.
 
 The adapters' keys and values depend only on the cache, so ``reference(...)`` computes them once per call and
 every denoising step reuses them.
+
+Adapter scale (an extension; the official code has no such knob, spec 4.2): each block holds a scalar buffer
+``s`` and the attending rows compute ``x + lerp(a, linear_cat([a, a_c]), s)``. ``s = 1`` (the default) is the
+method exactly (lerp returns its end point bit-exactly at weight 1) and ``s = 0`` is the bypass, i.e. the frozen
+SD block bit-exactly. Scaling ``a_c`` instead would not recover SD at 0, since ``linear_cat`` replaces the
+self-attention term. The scale is a buffer read in the forward, not a Python float, so a ``torch.compile``d UNet
+sees a new value without recompiling.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ from .layers import CachedLayer, select_layers
 from .safetensors_header import read_metadata
 
 ADAPTER_MODULES = ("norm2_mem", "attn_mem", "linear_cat")
+SCALE_BUFFER = "dreamcache_scale"  # non-persistent: not in any state dict, so adapter files are unchanged
 ADAPTER_FORMAT = "dreamcache-adapter"
 ADAPTER_FORMAT_VERSION = "1"
 LinearCatInit = Literal["default", "identity"]
@@ -93,6 +101,7 @@ class LayerAdapter:
                 block.linear_cat.bias.zero_()
         elif init != "default":
             raise ValueError(f"unknown linear_cat init {init!r}")
+        block.register_buffer(SCALE_BUFFER, torch.ones((), **factory), persistent=False)
         self.reference: _Reference | None = None
         self._block_input: torch.Tensor | None = None
         self._handles = [
@@ -116,6 +125,7 @@ class LayerAdapter:
         else:
             a_sel = a
         fused = self.block.linear_cat(torch.cat([a_sel, self.attend(x, ref)], dim=-1))
+        fused = torch.lerp(a_sel, fused, getattr(self.block, SCALE_BUFFER).to(fused.dtype))
         if ref.rows is None:
             return fused
         return a.index_copy(0, ref.rows, fused.to(a.dtype))
@@ -163,8 +173,12 @@ class LayerAdapter:
         self.clear()
         for handle in self._handles:
             handle.remove()
-        for name in ADAPTER_MODULES:
+        for name in (*ADAPTER_MODULES, SCALE_BUFFER):
             delattr(self.block, name)
+
+    @property
+    def scale(self) -> torch.Tensor:
+        return getattr(self.block, SCALE_BUFFER)
 
 
 class DreamCacheAdapters:
@@ -216,6 +230,39 @@ class DreamCacheAdapters:
         for prefix, module in self.modules():
             sub = {k[len(prefix) + 1 :]: v for k, v in state.items() if k.startswith(prefix + ".")}
             module.load_state_dict(sub, strict=True)
+
+    def set_scale(self, scale: float | Mapping[str, float]) -> None:
+        """One float for every layer, or a dict layer name -> float; as diffusers' ``set_ip_adapter_scale``, a
+        layer the dict does not name gets 0 (bypassed). Written in place into the blocks' scale buffers."""
+        if isinstance(scale, Mapping):
+            unknown = sorted(set(scale) - set(self.adapters))
+            if unknown:
+                raise ValueError(f"unknown adapter layers {unknown}; the cached layers are {list(self.adapters)}")
+            values = {name: float(scale.get(name, 0.0)) for name in self.adapters}
+        else:
+            values = dict.fromkeys(self.adapters, float(scale))
+        for name, adapter in self.adapters.items():
+            adapter.scale.fill_(values[name])  # in place: a compiled graph reads the same buffer
+
+    def scales(self) -> dict[str, float]:
+        return {name: float(adapter.scale) for name, adapter in self.adapters.items()}
+
+    @contextlib.contextmanager
+    def detached(self) -> Iterator[None]:
+        """Inside the block the UNet's modules and state dict are the stock ones (for saving it in diffusers
+        layout); the adapters come back afterwards. Hooks stay: outside ``reference(...)`` they do nothing."""
+        stashed = {}
+        for name, adapter in self.adapters.items():
+            stashed[name] = {m: adapter.block._modules.pop(m) for m in ADAPTER_MODULES}
+            stashed[name][SCALE_BUFFER] = adapter.block._buffers.pop(SCALE_BUFFER)
+        try:
+            yield
+        finally:
+            for name, adapter in self.adapters.items():
+                for m in ADAPTER_MODULES:
+                    adapter.block._modules[m] = stashed[name][m]
+                adapter.block._buffers[SCALE_BUFFER] = stashed[name][SCALE_BUFFER]
+                adapter.block._non_persistent_buffers_set.add(SCALE_BUFFER)
 
     def metadata(self) -> dict[str, str]:
         return adapter_metadata(

@@ -3,7 +3,8 @@
 A reference image is VAE-encoded (posterior sample), noised to t=1, and passed once through the UNet with the
 empty prompt; the *inputs* of the cached transformer blocks are kept and the pass stops right after the last
 one. One safetensors object per subject: tensor names are the blocks' diffusers paths, values
-``[n_refs, C, H, W]`` fp16, metadata ties the cache to its base model, timestep, prompt, resolution and sources.
+``[n_refs, C, H, W]`` in fp16 (default) or fp32, metadata ties the cache to its base model, timestep, prompt,
+resolution and sources, and names the tensors' dtype (``dtype``; absent in older files, which are fp16).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 
 # The cache file's metadata lives in a torch-free module: the caching job's CPU stages read headers with it.
 from .cache_info import (  # noqa: F401 - re-exported: dreamcache.cache is the public home of these names
+    CACHE_DTYPES,
     CACHE_FORMAT,
     CACHE_FORMAT_VERSION,
     CACHE_TIMESTEP,
@@ -26,6 +28,14 @@ from .cache_info import (  # noqa: F401 - re-exported: dreamcache.cache is the p
 )
 from .layers import CachedLayer
 from .safetensors_header import read_metadata
+
+
+def cache_dtype_name(dtype: torch.dtype) -> str:
+    """The name a cache file records for its tensors' dtype (one of CACHE_DTYPES)."""
+    name = str(dtype).removeprefix("torch.")
+    if name not in CACHE_DTYPES:
+        raise ValueError(f"a cache is stored as torch.float16 or torch.float32, not {dtype}")
+    return name
 
 
 @dataclass
@@ -54,6 +64,8 @@ class FeatureCache:
         for cache in caches[1:]:
             if cache.info.base_model != first.base_model or cache.features.keys() != caches[0].features.keys():
                 raise CacheError("caches made with different base models or layers cannot be combined")
+            if cache.info.dtype != first.dtype:
+                raise CacheError(f"caches stored as {first.dtype} and {cache.info.dtype} cannot be combined")
         features = {k: torch.cat([c.features[k] for c in caches]) for k in caches[0].features}
         hashes = tuple(h for c in caches for h in c.info.source_hashes)
         info = CacheInfo(**{**asdict(first), "source_hashes": hashes, "subject_id": subject_id or first.subject_id})
@@ -63,7 +75,8 @@ class FeatureCache:
     def to_bytes(self) -> bytes:
         from safetensors.torch import save
 
-        tensors = {k: v.detach().to("cpu", torch.float16).contiguous() for k, v in self.features.items()}
+        dtype = getattr(torch, self.info.dtype)  # the dtype the metadata names, whatever the tensors are now in
+        tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in self.features.items()}
         return save(tensors, metadata=self.info.to_metadata())
 
     @classmethod
@@ -84,6 +97,9 @@ class FeatureCache:
         except (SafetensorError, ValueError, RuntimeError) as exc:
             raise CacheError(f"{source}: not a readable cache file (truncated or corrupt: {exc})") from None
         cache = cls(tensors, CacheInfo.from_file_metadata(meta, source))
+        stored = sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()})
+        if tensors and stored != [cache.info.dtype]:
+            raise CacheError(f"{source}: metadata says {cache.info.dtype} tensors, the file holds {stored}")
         cache.validate(source, layers, base_model)
         return cache
 
@@ -123,6 +139,63 @@ class FeatureCache:
 def reference_seed(seed: int, source_hash: str) -> int:
     """Per-reference noise seed: a cache depends on its image and seed only, not on how references are batched."""
     return int.from_bytes(hashlib.sha256(f"{seed}:{source_hash}".encode()).digest()[:8], "little") & (2**63 - 1)
+
+
+def one_host_buffer(
+    features: dict[str, torch.Tensor], pin: bool = False, non_blocking: bool = False
+) -> dict[str, torch.Tensor]:
+    """The tensors copied into ONE host buffer (same dtype), one copy each: name -> a contiguous view of it.
+
+    ``pin`` takes page-locked memory (CUDA only: a CPU-only torch cannot pin), which ``non_blocking`` copies from
+    a CUDA device need to be asynchronous; the views must then not be read before the copying stream is done.
+    """
+    dtypes = {v.dtype for v in features.values()}
+    if len(dtypes) != 1:
+        raise ValueError(f"one host buffer holds one dtype, got {sorted(map(str, dtypes))}")
+    flat = torch.empty(sum(v.numel() for v in features.values()), dtype=dtypes.pop(), pin_memory=pin)
+    host, offset = {}, 0
+    for name, tensor in features.items():
+        host[name] = flat[offset : offset + tensor.numel()].view(tensor.shape)
+        host[name].copy_(tensor, non_blocking=non_blocking)
+        offset += tensor.numel()
+    return host
+
+
+class HostCopies:
+    """Brings each batch's features to host memory as fp16: ONE device-to-host copy per cached layer tensor
+    for the whole batch, into one pinned buffer per batch, on a side stream of its own.
+
+    Copying each reference's slice of each layer separately costs a blocking copy (and a device sync) per
+    slice: thousands per batch at SD size. Here a batch's copies are queued without blocking and overlap the
+    next batch's VAE and UNet kernels; :meth:`wait` returns once every buffer is filled. The returned tensors
+    must not be read before :meth:`wait`. On the CPU the features are already on the host: this reduces to the
+    fp16 cast the per-reference path made, with no copy.
+    """
+
+    def __init__(self, device: torch.device | str, dtype: torch.dtype = torch.float16) -> None:
+        self.device = torch.device(device)
+        self.dtype = dtype  # the caches' precision (fp16 by default; fp32 keeps the features unrounded)
+        self.cuda = self.device.type == "cuda"
+        # A stream of its own: the copies of batch k then run beside the kernels of batch k + 1.
+        self.stream = torch.cuda.Stream(self.device) if self.cuda else None
+
+    def start(self, features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Queue the copies of one batch's features (layer name -> [N, C, h, w]); host fp16 tensors back."""
+        half = {k: v.to(self.dtype) for k, v in features.items()}
+        if self.device.type == "cpu":
+            return half
+        if not self.cuda:
+            return one_host_buffer(half)
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))  # the features must be computed first
+        with torch.cuda.stream(self.stream):
+            host = one_host_buffer(half, pin=True, non_blocking=True)
+        for tensor in half.values():  # the caching allocator must not reuse their memory before the copies end
+            tensor.record_stream(self.stream)
+        return host
+
+    def wait(self) -> None:
+        if self.cuda:
+            self.stream.synchronize()
 
 
 class _StopForward(Exception):

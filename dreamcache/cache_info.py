@@ -10,6 +10,8 @@ from dataclasses import asdict, dataclass, field
 CACHE_FORMAT = "dreamcache-cache"
 CACHE_FORMAT_VERSION = "1"
 CACHE_TIMESTEP = 1  # 0-based DDPM index: the second-least-noisy level (sigma 0.041), as the official code
+# The dtypes a cache file may store its tensors in; files written before the field existed are float16.
+CACHE_DTYPES = ("float16", "float32")
 
 
 class CacheError(ValueError):
@@ -37,6 +39,7 @@ class CacheInfo:
     preprocess: str = "resize"
     seed: int = 0
     subject_id: str = ""
+    dtype: str = "float16"  # of the stored tensors: float16 (default, as the official fp16 inference) or float32
     library_version: str = field(default_factory=library_version)
     format_version: str = CACHE_FORMAT_VERSION
 
@@ -55,9 +58,12 @@ class CacheInfo:
             raise CacheError(f"{source}: cache format version {meta.get('format_version')!r} is not supported "
                              f"(this library reads version {CACHE_FORMAT_VERSION})")
         try:
-            return cls.from_metadata(meta)
+            info = cls.from_metadata(meta)
         except (KeyError, ValueError, TypeError) as exc:
             raise CacheError(f"{source}: cache metadata is incomplete ({exc})") from None
+        if info.dtype not in CACHE_DTYPES:
+            raise CacheError(f"{source}: cache dtype {info.dtype!r} is not one of {list(CACHE_DTYPES)}")
+        return info
 
     @classmethod
     def from_metadata(cls, meta: Mapping[str, str]) -> CacheInfo:
@@ -70,6 +76,7 @@ class CacheInfo:
             preprocess=meta["preprocess"],
             seed=int(meta["seed"]),
             subject_id=meta.get("subject_id", ""),
+            dtype=meta.get("dtype", "float16"),
             library_version=meta["library_version"],
             format_version=meta["format_version"],
         )

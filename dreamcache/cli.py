@@ -14,12 +14,10 @@ import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING
 
 # torch, diffusers and the S3 client are imported by the commands that use them, not here: building the parser
 # (and so `dreamcache --help`) must not pay seconds of imports.
-if TYPE_CHECKING:
-    import torch
+from .runtime import DTYPES, pick_device, pick_dtype  # noqa: F401 - re-exported: callers import them from here
 
 logger = logging.getLogger("dreamcache")
 
@@ -51,34 +49,18 @@ def quiet_libraries() -> None:
     diffusers.utils.logging.set_verbosity_error()
 
 
-def pick_device(name: str) -> torch.device:
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def pick_dtype(name: str, device: torch.device) -> torch.dtype:
-    import torch
-
-    if name == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
-    return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[name]
-
-
 def load_pipeline(args: argparse.Namespace, adapter: str | None = None):
-    from .pipeline import DreamCachePipeline
+    from . import runtime
 
-    device = pick_device(args.device)
-    pipe = DreamCachePipeline.from_pretrained(args.model, adapter=adapter, torch_dtype=pick_dtype(args.dtype, device))
-    return pipe.to(device)
+    # adapter=False: the method's commands name their adapter file explicitly (generate) or need none (cache).
+    spec = runtime.ModelSpec(model=args.model, adapter=adapter or False, device=args.device, dtype=args.dtype)
+    return runtime.load_pipeline(spec)
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="diffusers Stable Diffusion folder: local path or s3:// prefix")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
-    p.add_argument("--dtype", default="auto", choices=["auto", "fp16", "bf16", "fp32"],
+    p.add_argument("--dtype", default="auto", choices=list(DTYPES),
                    help="auto: fp16 on GPU, fp32 on CPU")
 
 
@@ -134,6 +116,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         args.prompt, cache, negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
         guidance_scale=args.guidance_scale, image_guidance_scale=args.image_guidance_scale, guidance=args.guidance,
         num_images_per_prompt=args.num_images, generator=generator, height=args.height, width=args.width,
+        eta=args.eta,
     )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -191,6 +174,8 @@ def build_parser(extend: Callable[[argparse._SubParsersAction], None] | None = N
     p.add_argument("--image-guidance-scale", type=float, default=0.4,
                    help="0.4 reproduces the DreamBench setting; 3-5 preserves identity more strongly")
     p.add_argument("--guidance", choices=["compositional", "joint"], default="compositional")
+    p.add_argument("--eta", type=float, default=0.0,
+                   help="DDIM eta: 0 (deterministic) as the official DreamBench script; its sample_ref.sh uses 1")
     p.add_argument("--height", type=int)
     p.add_argument("--width", type=int)
     p.add_argument("--seed", type=int, default=0)

@@ -15,15 +15,34 @@ from safetensors.torch import save
 
 from .adapters import AdapterError, adapter_metadata
 
-# LDM block -> diffusers block; channels of each (identical for SD 1.5 and SD 2.1-base).
+# LDM block of the official model -> diffusers block (spec 7). The widths are read from the checkpoint, so a
+# checkpoint of the same layout at another width (a smaller or a wider UNet) converts too.
 OFFICIAL_BLOCKS = {
-    "middle_block.1": ("mid_block.attentions.0", 1280),
-    "output_blocks.4.1": ("up_blocks.1.attentions.1", 1280),
-    "output_blocks.6.1": ("up_blocks.2.attentions.0", 640),
-    "output_blocks.8.1": ("up_blocks.2.attentions.2", 640),
-    "output_blocks.10.1": ("up_blocks.3.attentions.1", 320),
+    "middle_block.1": "mid_block.attentions.0",
+    "output_blocks.4.1": "up_blocks.1.attentions.1",
+    "output_blocks.6.1": "up_blocks.2.attentions.0",
+    "output_blocks.8.1": "up_blocks.2.attentions.2",
+    "output_blocks.10.1": "up_blocks.3.attentions.1",
 }
-HEADS = {"sd21": {1280: 20, 640: 10, 320: 5}, "sd15": {1280: 8, 640: 8, 320: 8}}
+SD_WIDTHS = (1280, 1280, 640, 640, 320)  # SD 1.5 and SD 2.1-base, in OFFICIAL_BLOCKS order
+# attn_mem copies the block's own head split, which no weight shape records (to_q is C x C for any split): it
+# is the backbone's rule of the width. SD 2.1: heads of 64 channels; SD 1.5: 8 heads.
+HEAD_DIM = {"sd21": 64}
+FIXED_HEADS = {"sd15": 8}
+BACKBONES = sorted({*HEAD_DIM, *FIXED_HEADS})
+
+
+def heads_for(backbone: str, channels: int) -> int:
+    """The head count of a block of ``channels`` under ``backbone``'s rule; AdapterError if it does not divide."""
+    if backbone in HEAD_DIM:
+        heads, rest = divmod(channels, HEAD_DIM[backbone])
+    elif backbone in FIXED_HEADS:
+        heads, rest = FIXED_HEADS[backbone], channels % FIXED_HEADS[backbone]
+    else:
+        raise ValueError(f"backbone must be one of {BACKBONES}, got {backbone!r}")
+    if rest or not heads:
+        raise AdapterError(f"a block of {channels} channels cannot have {backbone}'s head split")
+    return heads
 
 
 def _suffix_shapes(c: int) -> dict[str, tuple[int, ...]]:
@@ -41,13 +60,26 @@ def _suffix_shapes(c: int) -> dict[str, tuple[int, ...]]:
     }
 
 
-def official_key_shapes() -> dict[str, tuple[int, ...]]:
-    """The 45 keys of an official checkpoint, as saved (``diffusion_model.`` prefix), with their shapes."""
+def official_key_shapes(widths: tuple[int, ...] = SD_WIDTHS) -> dict[str, tuple[int, ...]]:
+    """The 45 keys of an official checkpoint, as saved (``diffusion_model.`` prefix), with their shapes for the
+    given block widths (SD's by default)."""
     return {
         f"diffusion_model.{ldm}.transformer_blocks.0.{suffix}": shape
-        for ldm, (_, c) in OFFICIAL_BLOCKS.items()
+        for ldm, c in zip(OFFICIAL_BLOCKS, widths, strict=True)
         for suffix, shape in _suffix_shapes(c).items()
     }
+
+
+def block_widths(state: Mapping[str, torch.Tensor]) -> tuple[int, ...]:
+    """Each block's width C, from its ``attn_mem.to_q.weight`` [C, C] (keys already normalised)."""
+    widths = []
+    for ldm in OFFICIAL_BLOCKS:
+        query = state.get(f"diffusion_model.{ldm}.transformer_blocks.0.attn_mem.to_q.weight")
+        if not isinstance(query, torch.Tensor) or query.ndim != 2:
+            raise AdapterError(f"not an official DreamCache adapter checkpoint: no attn_mem.to_q.weight matrix "
+                               f"for {ldm} (keys missing)")
+        widths.append(int(query.shape[0]))
+    return tuple(widths)
 
 
 def _normalise_keys(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -63,7 +95,7 @@ def _normalise_keys(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor
 def convert_official_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Official names -> diffusers names, asserting the exact key set and every shape."""
     state = _normalise_keys(state)
-    expected = official_key_shapes()
+    expected = official_key_shapes(block_widths(state))
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
@@ -76,18 +108,19 @@ def convert_official_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch
             got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
             raise AdapterError(f"{key}: expected shape {shape}, got {got}")
         block = key.removeprefix("diffusion_model.").split(".transformer_blocks.")[0]
-        converted[key.removeprefix("diffusion_model.").replace(block, OFFICIAL_BLOCKS[block][0], 1)] = value
+        converted[key.removeprefix("diffusion_model.").replace(block, OFFICIAL_BLOCKS[block], 1)] = value
     return converted
 
 
 def convert_official_checkpoint(data: bytes, backbone: str = "sd21", dtype: torch.dtype = torch.float16) -> bytes:
     """Bytes of a ``cross_attention-*.pt`` -> bytes of a DreamCache adapter safetensors file.
 
-    The released checkpoint is for SD 2.1-base; ``backbone`` only sets the metadata (the shapes are identical
-    for SD 1.5, whose head split differs: 8 heads instead of C/64).
+    The released checkpoint is for SD 2.1-base; ``backbone`` names the head split (SD 1.5: 8 heads instead of
+    C/64), which the shapes cannot tell. Block widths come from the checkpoint; a checkpoint whose widths are not
+    SD's is labelled backbone "custom" (any UNet of those widths may load it).
     """
-    if backbone not in HEADS:
-        raise ValueError(f"backbone must be one of {sorted(HEADS)}, got {backbone!r}")
+    if backbone not in BACKBONES:
+        raise ValueError(f"backbone must be one of {BACKBONES}, got {backbone!r}")
     try:
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch raises many types for foreign or malicious pickles
@@ -95,8 +128,9 @@ def convert_official_checkpoint(data: bytes, backbone: str = "sd21", dtype: torc
     if not isinstance(state, Mapping):
         raise AdapterError(f"checkpoint holds a {type(state).__name__}, expected a dict of tensors")
     converted = {k: v.to(dtype).contiguous() for k, v in convert_official_state(state).items()}
-    layers = [diffusers for diffusers, _ in OFFICIAL_BLOCKS.values()]
-    channels = [c for _, c in OFFICIAL_BLOCKS.values()]
-    heads = [HEADS[backbone][c] for c in channels]
-    metadata = adapter_metadata(backbone, layers, channels, heads, converted_from="official cross_attention checkpoint")
+    channels = [converted[f"{name}.transformer_blocks.0.norm2_mem.weight"].shape[0] for name in OFFICIAL_BLOCKS.values()]
+    heads = [heads_for(backbone, c) for c in channels]
+    label = backbone if tuple(channels) == SD_WIDTHS else "custom"
+    metadata = adapter_metadata(label, list(OFFICIAL_BLOCKS.values()), channels, heads,
+                                converted_from="official cross_attention checkpoint", head_rule=backbone)
     return save(converted, metadata=metadata)

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-if TYPE_CHECKING:  # torch is imported by to_tensor alone: decoding and limits (job parsers, readers) need none
+if TYPE_CHECKING:  # torch is imported by pixels_to_input alone: decoding and limits (job parsers, readers) need none
     import torch
 
 logger = logging.getLogger(__name__)
@@ -44,6 +44,7 @@ __all__ = [
     "PreprocessMode",
     "decode_image",
     "load_image_file",
+    "pixels_to_input",
     "prepare_reference",
     "sha256_hex",
     "to_tensor",
@@ -218,8 +219,6 @@ def prepare_reference(
 
 def to_tensor(images: Sequence[Image.Image]) -> torch.Tensor:
     """Stack same-sized images into a float32 ``[N, 3, H, W]`` tensor in ``[-1, 1]``."""
-    import torch
-
     if isinstance(images, Image.Image):
         images = [images]
     if len(images) == 0:
@@ -227,10 +226,47 @@ def to_tensor(images: Sequence[Image.Image]) -> torch.Tensor:
     sizes = {img.size for img in images}
     if len(sizes) > 1:
         raise ValueError(f"to_tensor needs images of one size, got sizes (w, h) {sorted(sizes)}")
-    batch = np.stack([np.asarray(_to_rgb(img), dtype=np.uint8) for img in images])  # N, H, W, 3
-    # uint8 [0, 255] -> [-1, 1], the range the diffusers VAE expects.
-    array = batch.astype(np.float32) / 127.5 - 1.0
-    return torch.from_numpy(array).permute(0, 3, 1, 2).contiguous()
+    return pixels_to_input(np.stack([np.asarray(_to_rgb(img), dtype=np.uint8) for img in images]))
+
+
+# uint8 [0, 255] -> [-1, 1], the range the diffusers VAE expects. A 256-entry table, computed once with the float32
+# arithmetic the PIL path always used, makes the conversion a gather: bit-identical on every device (a CUDA
+# division by a scalar is a multiplication by its reciprocal, which rounds differently).
+_PIXEL_VALUES = np.arange(256, dtype=np.uint8).astype(np.float32) / 127.5 - 1.0
+
+
+def pixels_to_input(
+    pixels: np.ndarray,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Prepared references as uint8 ``[N, H, W, 3]`` (RGB, already at the model's size) -> the model's input,
+    ``[N, 3, H, W]`` in ``[-1, 1]`` (float32 unless ``dtype``), on ``device`` (default: the CPU).
+
+    Bit-identical to :func:`to_tensor` of the same pixels as PIL images, then ``.to(device, dtype)``. The uint8
+    pixels cross to the device (a quarter of the float32 bytes), from pinned memory without blocking on CUDA, and
+    are converted there.
+    """
+    import torch
+
+    if not isinstance(pixels, np.ndarray) or pixels.dtype != np.uint8 or pixels.ndim != 4 or pixels.shape[3] != 3:
+        got = f"{pixels.dtype} {pixels.shape}" if isinstance(pixels, np.ndarray) else type(pixels).__name__
+        raise ValueError(f"pixels_to_input needs a uint8 [N, H, W, 3] array, got {got}")
+    if pixels.shape[0] == 0:
+        raise ValueError("pixels_to_input needs at least one image")
+    device = torch.device(device or "cpu")
+    with warnings.catch_warnings():
+        # A read-only array (np.frombuffer over the bytes a job stage passed on) is only ever read below: the
+        # reorder and the gather write new tensors. torch warns about every such array; copying it would cost more.
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
+        host = torch.from_numpy(np.ascontiguousarray(pixels))
+    if device.type == "cuda":  # CPU-only torch cannot pin: only here
+        host = host.pin_memory().to(device, non_blocking=True)
+    elif device.type != "cpu":
+        host = host.to(device)
+    channels_first = host.permute(0, 3, 1, 2).contiguous()  # on uint8: a quarter of the bytes to move
+    table = torch.from_numpy(_PIXEL_VALUES).to(device, dtype or torch.float32)  # a cast commutes with the gather
+    return table.index_select(0, channels_first.reshape(-1).int()).view(channels_first.shape)
 
 
 # --- decoding steps ------------------------------------------------------------------

@@ -53,8 +53,9 @@ def test_a_cache_changes_the_output_and_none_rows_stay_stock(unet_pair):
     torch.testing.assert_close(out[1], expected[1], rtol=1e-5, atol=1e-5)
 
 
-def reference_block(block, x, r, text):
-    """Spec 2.1 written out: x + linear_cat([attn1(norm1 x), MHA(norm2_mem x, r, r)]); then attn2, ff."""
+def reference_block(block, x, r, text, scale=1.0):
+    """Spec 2.1 written out: x + linear_cat([attn1(norm1 x), MHA(norm2_mem x, r, r)]); then attn2, ff. With an
+    adapter scale s (the extension): x + a + s * (linear_cat([a, a_c]) - a)."""
     heads = block.attn_mem.heads
     def mha(q_in, kv, attn):
         q, k, v = attn.to_q(q_in), attn.to_k(kv), attn.to_v(kv)
@@ -65,7 +66,7 @@ def reference_block(block, x, r, text):
         return attn.to_out[0](out)
     a = block.attn1(block.norm1(x))
     a_c = mha(block.norm2_mem(x), r, block.attn_mem)
-    h = x + block.linear_cat(torch.cat([a, a_c], dim=-1))
+    h = x + a + scale * (block.linear_cat(torch.cat([a, a_c], dim=-1)) - a)
     h = h + block.attn2(block.norm2(h), encoder_hidden_states=text)
     return h + block.ff(block.norm3(h))
 
@@ -84,6 +85,27 @@ def test_block_output_matches_the_spec_formula(unet_pair):
         r = caches[subject][layer.name].permute(0, 2, 3, 1).reshape(1, -1, layer.channels)
         expected = reference_block(block, x[row : row + 1], r, text[row : row + 1])
         torch.testing.assert_close(out[row : row + 1], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_adapter_scale_blends_the_bypass_and_the_method(unet_pair):
+    stock, adapted, adapters = unet_pair
+    layer = adapters.layers[1]
+    block = adapters.adapters[layer.name].block
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(1, 256, layer.channels, generator=gen)
+    text = torch.randn(1, 77, 32, generator=gen)
+    caches = random_caches(adapters, 1, seed=8)
+    r = caches[0][layer.name].permute(0, 2, 3, 1).reshape(1, -1, layer.channels)
+    adapters.set_scale({layer.name: 0.3})
+    with adapters.reference(caches, [0]):
+        out = block(x, encoder_hidden_states=text)
+    torch.testing.assert_close(out, reference_block(block, x, r, text, scale=0.3), rtol=1e-4, atol=1e-5)
+    # scale 0 on every layer: bit-identical to the stock UNet although every row has a cache
+    adapters.set_scale(0.0)
+    ux, utext = unet_inputs(2)
+    with adapters.reference(random_caches(adapters, 1), [0, 0]):
+        assert torch.equal(adapted(ux, 500, encoder_hidden_states=utext).sample,
+                           stock(ux, 500, encoder_hidden_states=utext).sample)
 
 
 def test_multi_reference_subjects_of_different_sizes_in_one_batch(unet_pair):

@@ -146,3 +146,115 @@ def test_header_reader_refuses_short_and_implausible_headers():
     for bad in (b"", b"\x00" * 7, (2**40).to_bytes(8, "little"), (50).to_bytes(8, "little") + b"{}"):
         with pytest.raises(ValueError):
             read_metadata(bad)
+
+
+def test_fp32_caches_are_the_unrounded_features_and_fp16_stays_the_default(tiny_pipe):
+    images = refs((250, 20, 20))
+    prepared = to_tensor([prepare_reference(i, 64) for i in images])
+    hashes = ["h"]
+    from dreamcache.cache import reference_seed as seed_of
+    features = extract_features(tiny_pipe.unet, tiny_pipe.vae, tiny_pipe.layers, prepared, tiny_pipe.encode_prompt([""]),
+                                tiny_pipe.scheduler.alphas_cumprod, [seed_of(0, "h")])
+    fp32 = tiny_pipe.build_caches(images, hashes, cache_dtype=torch.float32)[0]
+    default = tiny_pipe.build_caches(images, hashes)[0]
+    assert fp32.info.dtype == "float32" and default.info.dtype == "float16"
+    for name, value in features.items():
+        assert torch.equal(fp32.features[name], value)  # exactly what the UNet computed
+        assert torch.equal(default.features[name], value.to(torch.float16))
+    assert any(not torch.equal(fp32.features[n], default.features[n].float()) for n in features)  # rounding is real
+    for cache in (fp32, default):  # each file records its dtype and loads back bit-exactly in it
+        back = FeatureCache.from_bytes(cache.to_bytes(), "mem", tiny_pipe.layers, tiny_pipe.base_model)
+        assert back.info == cache.info
+        assert all(torch.equal(back.features[k], v) for k, v in cache.features.items())
+    assert len(fp32.to_bytes()) > 1.9 * len(default.to_bytes()) - 4096
+    with pytest.raises(ValueError, match="float16 or torch.float32"):
+        tiny_pipe.build_caches(images, cache_dtype=torch.bfloat16)
+    with pytest.raises(CacheError, match="cannot be combined"):
+        FeatureCache.concat([fp32, default])
+
+
+def test_cache_files_without_a_dtype_field_are_fp16_and_a_lying_one_is_refused(cache_bytes):
+    from safetensors.torch import save
+
+    meta = cache_bytes.info.to_metadata()
+    old = {k: v for k, v in meta.items() if k != "dtype"}  # a file written before the field existed
+    back = FeatureCache.from_bytes(save(dict(cache_bytes.features), metadata=old), "old")
+    assert back.info.dtype == "float16" and back.info == cache_bytes.info
+    with pytest.raises(CacheError, match="metadata says float32"):
+        FeatureCache.from_bytes(save(dict(cache_bytes.features), metadata={**meta, "dtype": "float32"}), "lying")
+    with pytest.raises(CacheError, match="dtype 'int8'"):
+        FeatureCache.from_bytes(save(dict(cache_bytes.features), metadata={**meta, "dtype": "int8"}), "odd")
+
+
+def _per_reference_caches(pipe, images, hashes, batch_size):
+    """The caches as build_caches made them before the batched host copy: each reference's slice of each layer
+    cast and copied on its own, from the PIL path's input tensor."""
+    size = (pipe.default_resolution,) * 2
+    prepared = [prepare_reference(i, size) for i in images]
+    context = pipe.encode_prompt([""])
+    caches = []
+    for start in range(0, len(prepared), batch_size):
+        chunk = slice(start, start + batch_size)
+        features = extract_features(pipe.unet, pipe.vae, pipe.layers, to_tensor(prepared[chunk]), context,
+                                    pipe.scheduler.alphas_cumprod, [reference_seed(0, h) for h in hashes[chunk]])
+        for i, h in enumerate(hashes[chunk]):
+            info = CacheInfo(base_model=pipe.base_model, resolution=size, source_hashes=(h,), cache_prompt="",
+                             preprocess="resize", seed=0)
+            caches.append(FeatureCache({k: v[i : i + 1].to(torch.float16).to("cpu") for k, v in features.items()}, info))
+    return caches
+
+
+def _file(cache):
+    """A cache file as (header, tensor bytes): safetensors writes the metadata in no fixed order (a Rust
+    HashMap), so two writes of one cache can differ in header order; everything else is compared bytewise."""
+    import json
+
+    data = cache.to_bytes()
+    size = int.from_bytes(data[:8], "little")
+    return json.loads(data[8 : 8 + size]), data[8 + size :]
+
+
+def test_host_caches_and_prepared_pixels_give_the_same_bytes_as_per_reference_copies(tiny_pipe):
+    import numpy as np
+
+    rng = np.random.default_rng(3)
+    images = [Image.fromarray(rng.integers(0, 256, (80, 72, 3), dtype=np.uint8)) for _ in range(5)]
+    hashes = [f"h{i}" for i in range(5)]
+    expected = [_file(c) for c in _per_reference_caches(tiny_pipe, images, hashes, batch_size=2)]
+    pixels = np.stack([np.asarray(prepare_reference(i, 64)) for i in images])  # what the caching job's read stage makes
+    for got in (tiny_pipe.build_caches(images, hashes, batch_size=2),
+                tiny_pipe.build_caches(images, hashes, batch_size=2, to_host=True),
+                tiny_pipe.build_caches(pixels, hashes, batch_size=2, to_host=True)):
+        assert [_file(c) for c in got] == expected
+    # Without given hashes, an array's rows hash as the prepared images' bytes do.
+    assert [c.info.source_hashes for c in tiny_pipe.build_caches(pixels[:2])] == [
+        c.info.source_hashes for c in tiny_pipe.build_caches(images[:2])]
+    with pytest.raises(ValueError, match="uint8"):
+        tiny_pipe.build_caches(pixels[:, :32])  # not at the model's resolution
+
+
+def test_one_host_buffer_is_one_copy_per_tensor_into_one_buffer(tiny_pipe):
+    from dreamcache.cache import HostCopies, one_host_buffer
+
+    features = extract_features(tiny_pipe.unet, tiny_pipe.vae, tiny_pipe.layers,
+                                to_tensor([prepare_reference(i, 64) for i in refs("red", "blue", "green")]),
+                                tiny_pipe.encode_prompt([""]), tiny_pipe.scheduler.alphas_cumprod, [1, 2, 3])
+    half = {k: v.to(torch.float16) for k, v in features.items()}
+    host = one_host_buffer(half)
+    assert len({t.untyped_storage().data_ptr() for t in host.values()}) == 1  # one buffer for the whole batch
+    for name, tensor in half.items():
+        assert host[name].is_contiguous() and torch.equal(host[name], tensor)
+        assert host[name].untyped_storage().data_ptr() != tensor.untyped_storage().data_ptr()  # a copy, not a view
+    # Each reference's slice of the one buffer serializes as its own copy did (safetensors accepts the views).
+    info = CacheInfo(base_model="m", resolution=(64, 64), source_hashes=("a",))
+    for i in range(3):
+        assert (_file(FeatureCache({k: v[i : i + 1] for k, v in host.items()}, info))
+                == _file(FeatureCache({k: v[i : i + 1].clone() for k, v in half.items()}, info)))
+    with pytest.raises(ValueError, match="one dtype"):
+        one_host_buffer({"a": torch.zeros(1), "b": torch.zeros(1, dtype=torch.float16)})
+    # On the CPU the batched path is the fp16 cast alone: no stream, no copy.
+    copies = HostCopies("cpu")
+    assert copies.stream is None
+    name = tiny_pipe.layers[0].name
+    assert torch.equal(copies.start(features)[name], half[name])
+    copies.wait()

@@ -68,6 +68,29 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path, capsys, tiny_model_dir):
     assert_user_error(run_cli(capsys, "convert-official", tmp_path / "bad.png", tmp_path / "o.safetensors"), "weights_only")
 
 
+def test_generate_passes_eta(monkeypatch, tmp_path):
+    """--eta reaches the pipeline call (0 by default, as the DreamBench script; the official sample_ref.sh uses 1)."""
+    import dreamcache.cli as cli
+
+    calls = []
+
+    class FakePipe:
+        def load_cache(self, uri):
+            from types import SimpleNamespace
+            return SimpleNamespace(info=SimpleNamespace(subject_id="s"))
+
+        def __call__(self, *args, **kwargs):
+            calls.append(kwargs)
+            from types import SimpleNamespace
+            return SimpleNamespace(images=[])
+
+    monkeypatch.setattr(cli, "load_pipeline", lambda args, adapter=None: FakePipe())
+    base = ["generate", "--model", "m", "--adapter", "a", "--cache", "c.safetensors", "--prompt", "x",
+            "--out", str(tmp_path)]
+    assert main(base) == 0 and main([*base, "--eta", "1"]) == 0
+    assert [c["eta"] for c in calls] == [0.0, 1.0]
+
+
 def test_convert_official_command(tmp_path, capsys):
     buffer = io.BytesIO()
     torch.save({k: torch.zeros(s) for k, s in official_key_shapes().items()}, buffer)

@@ -1,6 +1,7 @@
 """The converter of the authors' checkpoint, on a synthetic checkpoint with the official key names."""
 
 import io
+import json
 import os
 import pickle
 
@@ -70,3 +71,26 @@ def test_arbitrary_pickles_are_never_executed(tmp_path):
     with pytest.raises(AdapterError, match="weights_only"):
         convert_official_checkpoint(pickle.dumps({"x": Payload()}))
     assert not os.path.exists("/tmp/dreamcache-pwned")
+
+
+def test_widths_and_heads_come_from_the_checkpoint():
+    """An official-layout checkpoint of a UNet 2.5x narrower than SD (128/256/512 channels): the converter reads
+    each block's width from its shapes and applies the backbone's head rule (SD 2.1: 64 channels per head)."""
+    narrow = dict(SD21, block_out_channels=[128, 256, 512, 512], attention_head_dim=[2, 4, 8, 8])
+    adapters = DreamCacheAdapters(meta_unet(narrow))
+    widths = tuple(layer.channels for layer in adapters.layers)
+    assert widths == (512, 512, 256, 256, 128)
+    gen = torch.Generator().manual_seed(1)
+    official = {k: torch.randn(shape, generator=gen) for k, shape in official_key_shapes(widths).items()}
+    state, meta = parse_adapter_file(convert_official_checkpoint(to_pt(official), dtype=torch.float32), "narrow")
+    assert {k: tuple(v.shape) for k, v in state.items()} == {k: tuple(v.shape) for k, v in adapters.state_dict().items()}
+    assert json.loads(meta["channels"]) == list(widths)
+    assert json.loads(meta["heads"]) == [a.block.attn1.heads for a in adapters.adapters.values()] == [8, 8, 4, 4, 2]
+    assert meta["backbone"] == "custom" and meta["head_rule"] == "sd21"
+    assert torch.equal(state["up_blocks.2.attentions.2.transformer_blocks.0.attn_mem.to_v.weight"],
+                       official["diffusion_model.output_blocks.8.1.transformer_blocks.0.attn_mem.to_v.weight"])
+    sd15_heads = json.loads(parse_adapter_file(convert_official_checkpoint(to_pt(official), backbone="sd15"), "x")[1]["heads"])
+    assert sd15_heads == [8] * 5
+    with pytest.raises(AdapterError, match="head split"):  # 100 channels cannot be split into heads of 64
+        odd = {k: torch.zeros(shape) for k, shape in official_key_shapes((100, 512, 256, 256, 128)).items()}
+        convert_official_checkpoint(to_pt(odd))

@@ -425,3 +425,26 @@ def test_to_tensor_rejects_mixed_sizes_and_empty() -> None:
         to_tensor([Image.new("RGB", (16, 16)), Image.new("RGB", (16, 24))])
     with pytest.raises(ValueError):
         to_tensor([])
+
+
+def test_pixels_to_input_is_bit_identical_to_the_pil_path() -> None:
+    from dreamcache.images import pixels_to_input
+
+    # Every uint8 value, in a shape whose channels-last to channels-first reorder matters.
+    values = np.arange(256 * 6, dtype=np.int64).reshape(2, 16, 16, 3) % 256
+    pixels = np.ascontiguousarray(values.astype(np.uint8)[:, :, ::-1])  # a non-trivial layout, made contiguous
+    images = [Image.fromarray(p) for p in pixels]
+    # The conversion every cache was made with: numpy float32 arithmetic on the PIL images' bytes.
+    expected = torch.from_numpy(np.stack([np.asarray(i) for i in images]).astype(np.float32) / 127.5 - 1.0).permute(0, 3, 1, 2)
+    got = pixels_to_input(pixels)
+    assert got.dtype == torch.float32 and got.shape == (2, 3, 16, 16) and got.is_contiguous()
+    assert torch.equal(got, expected) and torch.equal(to_tensor(images), expected)
+    assert torch.equal(pixels_to_input(pixels, "cpu", torch.float16), expected.half())  # the cast commutes
+    # Bytes as a job stage passes them on: a read-only view, read as is, without a warning per batch.
+    frozen = np.frombuffer(pixels.tobytes(), np.uint8).reshape(pixels.shape)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(pixels_to_input(frozen), expected)
+    for bad in (pixels.astype(np.float32), pixels[..., :2], pixels[0], pixels[:0]):
+        with pytest.raises(ValueError):
+            pixels_to_input(bad)

@@ -89,16 +89,14 @@ class CacheActor:
     """
 
     def __init__(self, config: CachingJobConfig) -> None:
-        import torch
-
-        from dreamcache.cli import pick_dtype
-        from dreamcache.pipeline import DreamCachePipeline
+        from dreamcache.runtime import ModelSpec, load_pipeline
 
         self.config = config
-        self.device = torch.device("cuda" if config.gpus_per_actor > 0 and torch.cuda.is_available() else "cpu")
-        self.pipe = DreamCachePipeline.from_pretrained(config.model, torch_dtype=pick_dtype(config.dtype, self.device))
-        self.pipe.to(self.device)
-        self.pipe.set_progress_bar_config(disable=True)  # Ray Data shows the job's progress
+        device = "cuda" if config.gpus_per_actor > 0 else "cpu"  # "cuda" without one fails here, in one line
+        # Caching needs the frozen UNet alone: no adapter file is loaded, even if the model folder has one.
+        self.pipe = load_pipeline(ModelSpec(model=config.model, adapter=False, device=device, dtype=config.dtype))
+        self.device = self.pipe.unet.device
+        self.pipe.set_progress_bar_config(disable=True)  # the job prints its own progress
         self.resolution = config.resolution or self.pipe.default_resolution
         self._model_lock = threading.Lock()
 
@@ -132,24 +130,23 @@ class CacheActor:
         """All references of the batch through the UNet together, then regrouped into one cache file per subject;
         also the seconds spent holding the model (waiting for another call's turn excluded)."""
         import numpy as np
-        from PIL import Image
 
         from dreamcache.cache import FeatureCache
 
-        shape = (self.resolution, self.resolution, 3)
-        images = [Image.fromarray(np.frombuffer(p, np.uint8).reshape(shape)) for row in rows for p in row["pixels"]]
+        res = self.resolution
+        # Outside the lock: the prepared references as one contiguous uint8 [N, res, res, 3] array (no PIL round
+        # trip); build_caches copies each layer back to the host once per batch (pinned, overlapped on CUDA).
+        pixels = np.frombuffer(b"".join(p for row in rows for p in row["pixels"]), np.uint8).reshape(-1, res, res, 3)
         hashes = [h for row in rows for h in row["source_hashes"]]
         with self._model_lock:
             start = time.perf_counter()
             built = self.pipe.build_caches(
-                images, hashes, resolution=self.resolution, preprocess=self.config.preprocess,
+                pixels, hashes, resolution=res, preprocess=self.config.preprocess,
                 cache_prompt=self.config.cache_prompt, seed=self.config.seed, batch_size=self.config.batch_size,
+                to_host=True,
             )
-            # Back on the host before the lock goes: a later copy would queue behind the next batch's kernels,
-            # and the device copies are freed before the next batch needs the memory.
-            caches = iter([cache.to("cpu") for cache in built])
-            del built
             model_s = time.perf_counter() - start
+        caches = iter(built)
         blobs = [FeatureCache.concat([next(caches) for _ in row["pixels"]], subject_id=row["subject_id"]).to_bytes()
                  for row in rows]
         return blobs, model_s

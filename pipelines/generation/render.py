@@ -113,21 +113,17 @@ def render_rows(pipe, rows: Sequence[Mapping], settings: RenderSettings, caches:
 
 
 def load_render_pipeline(settings: RenderSettings):
-    """The pipeline on its device and dtype, quiet, from the model and adapter URIs. Reads only ``model``,
-    ``adapter``, ``device``, ``dtype`` and ``torch_threads`` (the Serve generator passes its ServeSettings)."""
-    import torch
-
-    from dreamcache.cli import pick_device, pick_dtype, quiet_libraries
-    from dreamcache.pipeline import DreamCachePipeline
+    """The pipeline on its device and dtype, quiet, from the model and adapter URIs (``dreamcache.runtime``'s one
+    loader). Reads only ``model``, ``adapter``, ``device``, ``dtype`` and ``torch_threads`` (the Serve generator
+    passes its ServeSettings)."""
+    from dreamcache.cli import quiet_libraries
+    from dreamcache.runtime import ModelSpec, load_pipeline
 
     quiet_libraries()
-    if settings.torch_threads:
-        torch.set_num_threads(settings.torch_threads)
-    device = pick_device(settings.device)
-    pipe = DreamCachePipeline.from_pretrained(settings.model, adapter=settings.adapter,
-                                              torch_dtype=pick_dtype(settings.dtype, device))
+    pipe = load_pipeline(ModelSpec(model=settings.model, adapter=settings.adapter, device=settings.device,
+                                   dtype=settings.dtype, torch_threads=settings.torch_threads))
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
+    return pipe
 
 
 class GenerationWorker:

@@ -1,0 +1,69 @@
+"""What it takes to run the method somewhere: one model spec and the one loader that turns it into a ready
+pipeline, with the device and dtype pickers every entry point (CLI, jobs, Serve, benchmarks) shares.
+
+The spec holds strings and numbers only, so it pickles into Ray tasks and actors; torch is imported when a
+picker or the loader runs, not when this module is imported.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    import torch
+
+    from .pipeline import DreamCachePipeline
+
+DTYPES = ("auto", "fp16", "bf16", "fp32")
+
+
+def pick_device(name: str) -> torch.device:
+    """``auto``: cuda when available, else cpu; anything else is a torch device name (cpu, cuda, cuda:1, ...)."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``auto``: fp16 on a GPU, fp32 on CPU (where fp16 kernels are slow or missing); else fp16, bf16 or fp32."""
+    import torch
+
+    if name == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be one of {list(DTYPES)}, got {name!r}")
+    return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[name]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Which model to load, with which adapters, where, in which precision."""
+
+    model: str  # diffusers SD folder: local path or s3:// prefix
+    # adapter file (path or URI); None: the folder's own adapter.safetensors if it has one; False: none
+    adapter: str | Literal[False] | None = None
+    device: str = "auto"  # see pick_device
+    dtype: str = "auto"  # see pick_dtype
+    torch_threads: int | None = None  # intra-op CPU threads; None leaves torch's default
+
+    def torch_device(self) -> torch.device:
+        return pick_device(self.device)
+
+    def torch_dtype(self) -> torch.dtype:
+        return pick_dtype(self.dtype, self.torch_device())
+
+
+def load_pipeline(spec: ModelSpec) -> DreamCachePipeline:
+    """A DreamCachePipeline on ``spec``'s device and dtype, its adapters loaded."""
+    import torch
+
+    from .pipeline import DreamCachePipeline
+
+    if spec.torch_threads is not None:
+        torch.set_num_threads(spec.torch_threads)
+    device = spec.torch_device()
+    pipe = DreamCachePipeline.from_pretrained(spec.model, adapter=spec.adapter, torch_dtype=pick_dtype(spec.dtype, device))
+    return pipe.to(device)
