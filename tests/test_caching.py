@@ -256,8 +256,16 @@ def test_ray_job_submit_on_a_two_node_cluster(catalog, model_uri, s3_prefix):
             if probe.returncode == 0:
                 break
             time.sleep(1)
-        worker = _ray_node(bin_dir, env, temp_dir, log, f"--address=127.0.0.1:{gcs}", "--num-cpus=2",
-                           '--resources={"caching_node": 1}')
+        # Joining a cluster is refused while RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (which keeps a lone node's
+        # listeners on loopback); the worker node still binds 127.0.0.1 through --node-ip-address.
+        worker = _ray_node(bin_dir, {**env, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"}, temp_dir, log,
+                           f"--address=127.0.0.1:{gcs}", "--num-cpus=2", '--resources={"caching_node": 1}')
+        while time.time() < deadline:  # the job's actors need the worker node: wait until it has joined
+            listed = subprocess.run([str(bin_dir / "ray"), "list", "nodes", "--address", address, "--format", "json",
+                                     "--detail"], env=env, capture_output=True, text=True)
+            if listed.returncode == 0 and '"caching_node"' in listed.stdout:
+                break
+            time.sleep(1)
         out = f"{s3_prefix}/job-out"
         command = [str(bin_dir / "ray"), "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
                    "python", "jobs/cache_catalog.py", "--images", catalog, "--out", out, "--model", model_uri,

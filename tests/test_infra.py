@@ -87,7 +87,9 @@ def containers(cluster: dict) -> list[dict]:
 
 
 def module_file(module: str) -> Path:
-    return REPO / (module.replace(".", "/") + ".py")
+    """The file of a module or package (``pipelines.serve`` is a package: its ``__init__.py``)."""
+    path = REPO / module.replace(".", "/")
+    return path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
 
 
 # -- shape ----------------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 
 from dreamcache import storage
+from dreamcache.errors import DreamCacheError
 from pipelines.caching import CachingJobConfig, JobInputError, run_caching
 from pipelines.kernel.manifest import CommitConflict, ManifestError, ManifestLog
 
@@ -89,6 +90,9 @@ def test_bad_manifests_and_outputs_are_refused(ray_cluster, tiny_model_dir, tmp_
         CachingJobConfig(out=images, model=str(tiny_model_dir), images=images)
     with pytest.raises(JobInputError, match="inside --images"):
         CachingJobConfig(out=images + "/caches", model=str(tiny_model_dir), images=images)
+    # Actors no node can hold fail the run at once, in one line, instead of waiting for nodes forever.
+    with pytest.raises(DreamCacheError, match="GPU 1 on one node, but no node"):
+        cache(tiny_model_dir, images, str(tmp_path / "gpu-out"), gpus_per_actor=1)
     out = tmp_path / "out"
     out.mkdir()
     (out / "manifest.parquet").write_bytes(b"not parquet")

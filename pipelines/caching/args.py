@@ -33,6 +33,9 @@ def add_caching_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--listing-shards", type=int, help="parallel listing tasks (default: 16 on S3, 4 locally)")
     p.add_argument("--actor-resources", type=json.loads, metavar="JSON",
                    help='custom Ray resources per caching actor, e.g. \'{"caching_node": 1}\'')
+    p.add_argument("--wait-for-resources", action="store_true",
+                   help="wait for nodes that offer the actors' resources (an autoscaling cluster) instead of "
+                        "failing at once when no node has them")
     p.add_argument("--ray-address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
 
 
@@ -44,4 +47,5 @@ def config_from_args(args: argparse.Namespace) -> CachingJobConfig:
         cache_prompt=args.cache_prompt, seed=args.seed, dtype=args.dtype, max_image_pixels=args.max_image_pixels,
         max_image_bytes=args.max_image_bytes, max_references=args.max_references,
         listing_shards=args.listing_shards, actor_resources=args.actor_resources,
+        wait_for_resources=args.wait_for_resources,
     )

@@ -50,6 +50,7 @@ class CachingJobConfig:
     # Custom Ray resources each caching actor needs, e.g. {"caching_node": 1}: the actors go to the nodes that
     # offer them (a GPU node group), the light stages anywhere.
     actor_resources: dict[str, float] | None = None
+    wait_for_resources: bool = False  # an autoscaler adds nodes for the actors: do not fail fast without them
     run_id: str = field(default_factory=new_run_id)
 
     def __post_init__(self) -> None:

@@ -25,6 +25,7 @@ from dreamcache import storage
 
 from ..kernel.manifest import ManifestLog
 from ..kernel.model_info import native_resolution
+from ..kernel.ray_runtime import check_resources
 from ..kernel.run import JobRun, Progress, count_rows, new_tally, read_tally
 from .config import KIND, CachingJobConfig
 from .plan import LEGACY_COLUMNS, MANIFEST_SCHEMA, plan
@@ -97,6 +98,8 @@ def run_caching(config: CachingJobConfig) -> JobSummary:
     logger.info("%d subjects planned: %d unchanged or invalid, %d to compute", total, total - waiting, waiting)
     results = planned.map_batches(_where, fn_kwargs={"todo": False}, batch_format="pyarrow", batch_size=None)
     if waiting:  # nothing new: no actor starts, no model loads
+        check_resources({"CPU": config.cpus_per_actor, "GPU": config.gpus_per_actor, **(config.actor_resources or {})},
+                        "the caching actors", wait=config.wait_for_resources)
         ds = todo.repartition(target_num_rows_per_block=max(1, config.batch_size))  # spread over the read tasks
         ds = ds.map_batches(read_stage, fn_kwargs={"config": config, "resolution": resolution},
                             batch_format="pyarrow", batch_size=max(1, config.batch_size), num_cpus=config.read_cpus)

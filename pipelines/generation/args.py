@@ -51,6 +51,9 @@ def add_generation_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-actors", type=int, help="autoscale the actor pool up to this many")
     p.add_argument("--gpus-per-actor", type=float, help="default: 1 if the cluster has GPUs now, else 0")
     p.add_argument("--cpus-per-actor", type=float, help="default: 1 with a GPU, 0.5 without")
+    p.add_argument("--wait-for-resources", action="store_true",
+                   help="wait for nodes that offer the actors' resources (an autoscaling cluster) instead of "
+                        "failing at once when no node has them")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", choices=["auto", "fp16", "bf16", "fp32"], default="auto")
     p.add_argument("--torch-threads", type=int)
@@ -79,5 +82,5 @@ def config_from_args(args: argparse.Namespace) -> GenerationJobConfig:
         batch_size=args.batch_size, actors=args.actors, max_actors=args.max_actors,
         gpus_per_actor=args.gpus_per_actor, cpus_per_actor=args.cpus_per_actor, device=args.device,
         dtype=args.dtype, torch_threads=args.torch_threads, contact_sheet=args.contact_sheet,
-        contact_sheet_cell=args.contact_sheet_cell, run_id=args.run_id,
+        contact_sheet_cell=args.contact_sheet_cell, run_id=args.run_id, wait_for_resources=args.wait_for_resources,
     )

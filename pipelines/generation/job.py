@@ -57,6 +57,7 @@ from dreamcache import storage
 
 from ..kernel import new_run_id
 from ..kernel.listing import list_prefix
+from ..kernel.ray_runtime import check_resources
 from ..kernel.run import JobRun, Progress, colocate, partitions_for
 from .manifest import RUNS_DIR, manifest_log, manifest_schema, result_schema
 from .plan import _prior_images, _rendered_images, build_plan, classify_block, load_prompts, plan_dataset
@@ -114,6 +115,7 @@ def _render(todo, config: GenerationJobConfig):
     import ray
 
     gpus, cpus = _actor_resources(config)
+    check_resources({"CPU": cpus, "GPU": gpus}, "the generation actors", wait=config.wait_for_resources)
     device = config.device if config.device != "auto" else ("cuda" if gpus > 0 else "cpu")
     settings = RenderSettings(
         model=config.model, adapter=config.adapter, device=device, dtype=config.dtype, steps=config.steps,

@@ -37,6 +37,7 @@ class GenerationJobConfig:
     max_actors: int | None = None  # autoscale the pool up to this many actors
     gpus_per_actor: float | None = None  # None: 1 if the Ray cluster has GPUs now, else 0
     cpus_per_actor: float | None = None  # None: 1 with a GPU, 0.5 without (two CPU actors fit on 2 cores)
+    wait_for_resources: bool = False  # an autoscaler adds GPU nodes: do not fail fast without them
     device: str = "auto"  # auto: cuda when the actor has a GPU
     dtype: Literal["auto", "fp16", "bf16", "fp32"] = "auto"  # auto: fp16 on GPU, fp32 on CPU
     torch_threads: int | None = None  # CPU threads per actor (None: Ray's default)

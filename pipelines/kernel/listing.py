@@ -26,12 +26,14 @@ def _list_shards(batch: pa.Table, prefix: str, shards: int, recursive: bool) -> 
     bounds = storage.listing_shards(prefix, shards) if storage.is_s3(prefix) else [(None, None)] * shards
     for index in batch["shard"].to_pylist():
         rows: list[tuple[str, int, str]] = []
+        sent = False
         for entry in storage.iter_listing_shard(prefix, bounds[index], index, shards, recursive=recursive):
             rows.append(entry)
             if len(rows) >= ROWS_PER_BLOCK:
                 yield _block(prefix, rows)
-                rows = []
-        if rows:
+                rows, sent = [], True
+        if rows or not sent:
+            # An empty shard still yields a typed (empty) block rather than none.
             yield _block(prefix, rows)
 
 

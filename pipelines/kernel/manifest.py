@@ -141,6 +141,10 @@ class ManifestLog:
         from .listing import read_parquet_files
 
         schema = self.schema if columns is None else pa.schema([self.schema.field(c) for c in columns])
+        if not version.files:  # a version of no rows (a run over an empty input)
+            import ray
+
+            return ray.data.from_arrow(schema.empty_table())
         missing = [f for f in version.files[:1] if not storage.exists(f)]
         if missing:
             raise ManifestError(f"manifest version {version.version} ({version.uri}) names {missing[0]}, which is "

@@ -43,6 +43,27 @@ def init_ray(address: str | None = None, num_cpus: float | None = None, **kwargs
     logger.info("started a local Ray: %s", ray.cluster_resources())
 
 
+def check_resources(needs: dict[str, float], what: str, wait: bool = False) -> None:
+    """Fail fast, in one line, when no node of the cluster can hold ``needs`` (one actor's resources: they must
+    fit on a single node), instead of waiting forever for nodes that never come. ``wait=True`` skips the check:
+    for clusters whose autoscaler adds such nodes on demand (the KubeRay manifests pass --wait-for-resources)."""
+    import ray
+
+    from dreamcache.errors import DreamCacheError
+
+    needs = {k: v for k, v in needs.items() if v}
+    if wait or not needs:
+        return
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    if any(all(node.get(k, 0) >= v for k, v in needs.items()) for node in nodes):
+        return
+    offered = "; ".join(", ".join(f"{k} {v:g}" for k, v in sorted(node.items()) if not k.startswith("node:")
+                                  and k not in ("memory", "object_store_memory")) for node in nodes)
+    raise DreamCacheError(f"{what} need {', '.join(f'{k} {v:g}' for k, v in needs.items())} on one node, but no "
+                          f"node of the cluster offers that (nodes: {offered or 'none'}); lower the request, or pass "
+                          f"--wait-for-resources if an autoscaler adds such nodes", kind="unavailable")
+
+
 def quiet_ray_data_console() -> None:
     """Ray Data's multi-line progress blocks and per-dataset INFO lines leave the console (they stay in Ray's
     ray-data.log): the jobs print their own progress line (``kernel.run.Progress``)."""

@@ -284,6 +284,8 @@ def colocate(sources: Mapping[str, tuple], key: str, partitions: int):
     keys from every source, tagged in :data:`SOURCE` (``sources``: tag -> (dataset, its schema)). A job then
     joins, groups or anti-joins within each block with pyarrow, one shuffle for all of it: this is the
     distributed join of a plan with the last manifest and the store's listing."""
+    import ray
+
     fields: dict[str, pa.Field] = {SOURCE: pa.field(SOURCE, pa.string())}
     for _, schema in sources.values():
         for f in schema:
@@ -295,6 +297,12 @@ def colocate(sources: Mapping[str, tuple], key: str, partitions: int):
                              num_cpus=LIGHT_CPUS)
               for tag, (ds, _) in sources.items()]
     union = tagged[0].union(*tagged[1:]) if len(tagged) > 1 else tagged[0]
+    # Ray hands an empty block to the next stage without calling its function, so an empty block keeps the schema
+    # of whatever made it (or none), and the shuffle's concatenation would fail on it: the union is computed
+    # first (into the object store, as the shuffle would: it is a barrier anyway) and only non-empty blocks go on.
+    blocks = [ref for bundle in union.materialize().iter_internal_ref_bundles()
+              for ref, meta in zip(bundle.block_refs, bundle.metadata) if meta.num_rows]
+    union = ray.data.from_arrow_refs(blocks) if blocks else ray.data.from_arrow(wide.empty_table())
     # Hash repartitioning never splits a partition over blocks (Ray plans it with disallow_block_splitting), so a
     # block-local group or join sees every row of its keys.
     return union.repartition(partitions, keys=[key])
