@@ -163,7 +163,7 @@ class BuildSettings:
     @classmethod
     def quick(cls, seed: int = 0) -> BuildSettings:
         """A few steps of each stage: checks the recipe still trains (tests), not a usable model."""
-        return cls(seed=seed, triplets=64, vae_steps=20, vae_batch=8, base_steps=20, base_batch=8,
+        return cls(seed=seed, triplets=64, vae_steps=40, vae_batch=8, base_steps=40, base_batch=8,
                    vae_white_views=32, adapter_steps=4, adapter_batch=4, eval_seeds=0)
 
 
