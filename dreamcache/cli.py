@@ -136,6 +136,60 @@ def cmd_convert_official(args: argparse.Namespace) -> None:
     print(f"converted 45 tensors -> {args.out}")
 
 
+def cmd_toy_world_build(args: argparse.Namespace) -> None:
+    from .toy_model import BuildSettings, build, results_table
+
+    settings = BuildSettings.quick(args.seed) if args.quick else BuildSettings(seed=args.seed)
+    result = build(args.out, seed=args.seed, settings=settings, export=args.export)
+    times = ", ".join(f"{k} {v:.0f}s" for k, v in result.seconds.items())
+    print(f"toy world built in {args.out}: model {result.model_dir}, adapter {result.adapter} ({times})")
+    if result.evaluation:
+        print(results_table(result.evaluation))
+
+
+def cmd_toy_world_evaluate(args: argparse.Namespace) -> None:
+    from . import toy_model
+
+    # Unset flags take the toy model's own defaults (kept out of the parser: building it must not import torch).
+    given = {"steps": args.steps, "guidance_scale": args.guidance_scale,
+             "image_guidance_scale": args.image_guidance_scale}
+    model = Path(args.model) if args.model else toy_model.MODEL_DIR
+    rows = toy_model.evaluate(model, args.adapter or model / toy_model.ADAPTER_FILE,
+                              seeds=args.seeds, sheet=args.sheet, **{k: v for k, v in given.items() if v is not None})
+    print(toy_model.results_table(rows))
+
+
+def cmd_toy_world_references(args: argparse.Namespace) -> None:
+    from .toy_world import SUBJECT_IDS, references
+
+    for path in references(args.subjects or SUBJECT_IDS, args.out):
+        print(path)
+
+
+def _add_toy_world_commands(sub: argparse._SubParsersAction) -> None:
+    toy = sub.add_parser("toy-world", help="the procedural toy world: build its model and adapters, evaluate")
+    toy_sub = toy.add_subparsers(dest="toy_command", required=True, metavar="TOY_COMMAND")
+    p = toy_sub.add_parser("build", help="render the world, train VAE, base model and adapters, evaluate (CPU)")
+    p.add_argument("out", help="output folder (data, model/, adapter run, loss curves, evaluation)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="a few steps per stage: checks the recipe, not a usable model")
+    p.add_argument("--export", help="copy the trained model/ (with adapter.safetensors) into this folder")
+    p.set_defaults(func=cmd_toy_world_build)
+    p = toy_sub.add_parser("evaluate", help="identity and context accuracy: trained vs no cache vs untrained")
+    p.add_argument("--model", help="toy model folder (default: the committed one, dreamcache/assets/toy_world/model)")
+    p.add_argument("--adapter", help="adapter file (default: the committed one, <model>/adapter.safetensors)")
+    p.add_argument("--seeds", type=int, default=1, help="images per subject and prompt")
+    p.add_argument("--steps", type=int, help="DDIM steps (default: the toy model's, 15)")
+    p.add_argument("--guidance-scale", type=float, help="text scale (default 7.5)")
+    p.add_argument("--image-guidance-scale", type=float, help="image scale of compositional guidance (default 0.4)")
+    p.add_argument("--sheet", help="write a contact sheet PNG here")
+    p.set_defaults(func=cmd_toy_world_evaluate)
+    p = toy_sub.add_parser("references", help="write the subjects' references as <out>/<subject_id>/ref.png")
+    p.add_argument("out")
+    p.add_argument("--subjects", nargs="+", help="subject ids (default: all nine)")
+    p.set_defaults(func=cmd_toy_world_references)
+
+
 # -- parser ---------------------------------------------------------------------------------------------------
 def build_parser(extend: Callable[[argparse._SubParsersAction], None] | None = None) -> argparse.ArgumentParser:
     """The method's commands; ``extend`` adds more (the Ray commands of ``pipelines.cli``) without this
@@ -187,6 +241,7 @@ def build_parser(extend: Callable[[argparse._SubParsersAction], None] | None = N
     p.add_argument("out", help="output .safetensors (path or s3:// URI)")
     p.add_argument("--backbone", choices=["sd21", "sd15"], default="sd21")
     p.set_defaults(func=cmd_convert_official)
+    _add_toy_world_commands(sub)
     if extend is not None:
         extend(sub)
     return parser
