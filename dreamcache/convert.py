@@ -8,6 +8,7 @@ read with ``torch.load(weights_only=True)``: arbitrary pickled objects are never
 from __future__ import annotations
 
 import io
+import re
 from collections.abc import Mapping
 
 import torch
@@ -112,6 +113,19 @@ def convert_official_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch
     return converted
 
 
+def unsafe_checkpoint_reason(torch_message: str) -> str:
+    """What is wrong with a checkpoint torch.load(weights_only=True) refused, without torch's advice to re-run
+    with weights_only=False (that would execute the file's code): just the offending global or opcode."""
+    found = re.search(r"unsupported GLOBAL ([\w.]+)|Unsupported global: GLOBAL ([\w.]+)", torch_message)
+    if found:
+        name = found.group(1) or found.group(2)
+        return (f"not a plain tensor checkpoint: it references {name} (code, not tensors); refusing to unpickle it")
+    if "Weights only load failed" in torch_message or "Unsupported operand" in torch_message:
+        return "not a plain tensor checkpoint: it holds pickle objects other than tensors; refusing to unpickle it"
+    first = next((line.strip() for line in torch_message.splitlines() if line.strip()), "unreadable")
+    return f"not a readable PyTorch checkpoint ({first})"
+
+
 def convert_official_checkpoint(data: bytes, backbone: str = "sd21", dtype: torch.dtype = torch.float16) -> bytes:
     """Bytes of a ``cross_attention-*.pt`` -> bytes of a DreamCache adapter safetensors file.
 
@@ -124,7 +138,7 @@ def convert_official_checkpoint(data: bytes, backbone: str = "sd21", dtype: torc
     try:
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch raises many types for foreign or malicious pickles
-        raise AdapterError(f"cannot read the checkpoint safely with weights_only=True: {exc}") from None
+        raise AdapterError(unsafe_checkpoint_reason(str(exc)), kind="unsupported") from None
     if not isinstance(state, Mapping):
         raise AdapterError(f"checkpoint holds a {type(state).__name__}, expected a dict of tensors")
     converted = {k: v.to(dtype).contiguous() for k, v in convert_official_state(state).items()}
