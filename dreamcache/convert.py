@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import re
+import warnings
 from collections.abc import Mapping
 
 import torch
@@ -136,7 +137,9 @@ def convert_official_checkpoint(data: bytes, backbone: str = "sd21", dtype: torc
     if backbone not in BACKBONES:
         raise ValueError(f"backbone must be one of {BACKBONES}, got {backbone!r}")
     try:
-        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's pickle-protocol advisory would be a second stderr line
+            warnings.simplefilter("ignore")
+            state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch raises many types for foreign or malicious pickles
         raise AdapterError(unsafe_checkpoint_reason(str(exc)), kind="unsupported") from None
     if not isinstance(state, Mapping):

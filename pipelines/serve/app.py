@@ -386,7 +386,7 @@ def read_image_uri(uri: str, field: str, settings: ServeSettings) -> Upload | Fa
             return Failure(413, f"{uri} is {size} bytes, over the limit of {settings.max_upload_bytes}", field)
         return Upload(field, uri, storage.read_bytes(uri))
     except (storage.ObjectNotFound, storage.PermissionDenied, storage.BucketNotFound):
-        return Failure(422, f"no readable image at {uri}", field)
+        return Failure(422, "no readable image at this URI (no such object, or no access)", field)
     except storage.StorageError as exc:
         return Failure(503, f"cannot read {uri}: {exc}", field)
 
