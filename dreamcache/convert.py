@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import save
 
 from .adapters import AdapterError, adapter_metadata
+from .errors import DreamCacheError
 
 # LDM block of the official model -> diffusers block (spec 7). The widths are read from the checkpoint, so a
 # checkpoint of the same layout at another width (a smaller or a wider UNet) converts too.
@@ -41,7 +42,7 @@ def heads_for(backbone: str, channels: int) -> int:
     elif backbone in FIXED_HEADS:
         heads, rest = FIXED_HEADS[backbone], channels % FIXED_HEADS[backbone]
     else:
-        raise ValueError(f"backbone must be one of {BACKBONES}, got {backbone!r}")
+        raise DreamCacheError(f"backbone must be one of {BACKBONES}, got {backbone!r}")
     if rest or not heads:
         raise AdapterError(f"a block of {channels} channels cannot have {backbone}'s head split")
     return heads
@@ -135,7 +136,7 @@ def convert_official_checkpoint(data: bytes, backbone: str = "sd21", dtype: torc
     SD's is labelled backbone "custom" (any UNet of those widths may load it).
     """
     if backbone not in BACKBONES:
-        raise ValueError(f"backbone must be one of {BACKBONES}, got {backbone!r}")
+        raise DreamCacheError(f"backbone must be one of {BACKBONES}, got {backbone!r}")
     try:
         with warnings.catch_warnings():  # torch's pickle-protocol advisory would be a second stderr line
             warnings.simplefilter("ignore")

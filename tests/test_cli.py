@@ -44,7 +44,9 @@ def test_cache_then_generate(tmp_path, capsys, tiny_model_dir):
                              "--num-images", "2", "--steps", "2", "--out", tmp_path / "img")
     assert code == 0, err
     written = sorted(p.name for p in (tmp_path / "img").iterdir())
-    assert written == ["both-p0-s0-0.png", "both-p0-s0-1.png", "both-p1-s0-0.png", "both-p1-s0-1.png"]
+    # Named from subject, prompt, seed and a hash of every setting (two samples of a prompt differ by their index).
+    assert len(written) == 4 and [name.rsplit("-", 1)[0] for name in written] == [
+        "both-a-cat-s0", "both-a-cat-s0", "both-a-dog-s0", "both-a-dog-s0"], written
 
 
 def test_bad_inputs_exit_2_with_one_line(tmp_path, capsys, tiny_model_dir):
