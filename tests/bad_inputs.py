@@ -23,12 +23,12 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 Kind = str  # "cache" | "adapter" | "model" | "checkpoint" | "generate_body"
 
 
-@dataclass(frozen=True)
-class Materials:
+class Materials(NamedTuple):
     """What the cases are made from: a scratch folder, the tiny model, a valid cache of it (bytes)."""
 
     tmp: Path

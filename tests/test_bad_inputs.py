@@ -69,34 +69,34 @@ def test_cli_refuses_bad_input_with_exit_2_and_one_line(case: Case, materials, m
     assert "weights_only=False" not in err and "weights_only` set to `False" not in err
 
 
-# -- Serve (the shared test apps: the open app's caches are a local folder) ------------------------------------------
-def _place_cache(open_api, case: Case, made) -> str:
+# -- Serve (the shared test apps; the auth app keeps its caches on S3, as a deployment does) -------------------------
+def _place_cache(api, case: Case, made) -> str:
+    from dreamcache import storage
+
     subject = f"{case.name}-{uuid.uuid4().hex[:6]}"
-    Path(open_api.caches).mkdir(parents=True, exist_ok=True)
-    target = Path(open_api.caches) / f"{subject}.safetensors"
-    target.write_bytes(Path(made[case.name]).read_bytes())
+    storage.write_bytes(f"{api.caches}/{subject}.safetensors", Path(made[case.name]).read_bytes())
     return subject
 
 
-def test_serve_answers_bad_input_with_its_4xx_naming_the_field(open_api, made):
+def test_serve_answers_bad_input_with_its_4xx_naming_the_field(auth_api, made):
     """Every case and entry point is tried, and all mismatches are reported at once."""
     generate = {"prompt": "x", "steps": 1, "height": 64, "width": 64}
     wrong = []
-    with open_api.client() as client:
+    with auth_api.client() as client:
         for case in cases("cache", "generate_body"):
             if case.kind == "generate_body":
                 tries = [(case.generate, case.generate.names, client.post(
                     "/v1/generate", content=made[case.name], headers={"content-type": "application/json"}))]
             else:
-                subject = _place_cache(open_api, case, made)
+                subject = _place_cache(auth_api, case, made)
                 tries = [(expected, expected.names.replace(case.name, subject), call()) for expected, call in (
                     (case.subject, lambda: client.get(f"/v1/subjects/{subject}")),
                     (case.generate, lambda: client.post("/v1/generate", json={"subject_id": subject, **generate})),
                 ) if expected is not None]
             for expected, names, got in tries:
                 if got.status_code != expected.status or names not in got.text:
-                    wrong.append((case.name, str(got.request.url.path), got.status_code, got.text[:200]))
-    assert not wrong, wrong
+                    wrong.append(f"{case.name} {got.request.url.path}: {got.status_code} {got.text[:120]}")
+    assert not wrong, "\n".join(wrong)
 
 
 def test_serve_png_carries_its_parameters(open_api, materials):
