@@ -121,11 +121,12 @@ def unsafe_checkpoint_reason(torch_message: str) -> str:
     found = re.search(r"unsupported GLOBAL ([\w.]+)|Unsupported global: GLOBAL ([\w.]+)", torch_message)
     if found:
         name = found.group(1) or found.group(2)
-        return (f"not a plain tensor checkpoint: it references {name} (code, not tensors); refusing to unpickle it")
-    if "Weights only load failed" in torch_message or "Unsupported operand" in torch_message:
-        return "not a plain tensor checkpoint: it holds pickle objects other than tensors; refusing to unpickle it"
-    first = next((line.strip() for line in torch_message.splitlines() if line.strip()), "unreadable")
-    return f"not a readable PyTorch checkpoint ({first})"
+        return f"not a plain tensor checkpoint: it references {name} (code, not tensors); refusing to unpickle it"
+    # torch's text is advice (re-run with weights_only=False, file an issue) around one line of diagnosis.
+    advice = ("weights_only", "Weights only load failed", "Check the documentation", "Please file an issue")
+    detail = "; ".join(line.strip() for line in torch_message.splitlines()
+                       if line.strip() and not any(a in line for a in advice)) or "not a pickle torch reads"
+    return f"not a plain tensor checkpoint ({detail}); refusing to unpickle it"
 
 
 def convert_official_checkpoint(data: bytes, backbone: str = "sd21", dtype: torch.dtype = torch.float16) -> bytes:

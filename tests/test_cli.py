@@ -67,7 +67,7 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path, capsys, tiny_model_dir):
     assert run_cli(capsys, "cache", "--model", model, "--out", tmp_path / "c2", good)[0] == 0
     assert_user_error(run_cli(capsys, "generate", "--model", model, "--adapter", tmp_path / "half.safetensors", "--cache",
                               tmp_path / "c2" / "ok.safetensors", "--prompt", "x", "--steps", "1"), "half.safetensors")
-    assert_user_error(run_cli(capsys, "convert-official", tmp_path / "bad.png", tmp_path / "o.safetensors"), "weights_only")
+    assert_user_error(run_cli(capsys, "convert-official", tmp_path / "bad.png", tmp_path / "o.safetensors"), "refusing to unpickle")
 
 
 def test_generate_passes_eta(monkeypatch, tmp_path):
