@@ -39,6 +39,7 @@ from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import Attention
 from torch import nn
 
+from .errors import DreamCacheError
 from .layers import CachedLayer, select_layers
 from .safetensors_header import read_metadata
 
@@ -49,8 +50,11 @@ ADAPTER_FORMAT_VERSION = "1"
 LinearCatInit = Literal["default", "identity"]
 
 
-class AdapterError(ValueError):
-    """An adapter file or state dict that does not fit the UNet it is loaded into."""
+class AdapterError(DreamCacheError, ValueError):
+    """An adapter file or state dict that does not fit the UNet it is loaded into (a ValueError too, for
+    callers written before the DreamCacheError family)."""
+
+    kind = "incompatible"
 
 
 def backbone_family(unet_config: Mapping) -> str:
@@ -341,4 +345,13 @@ def parse_adapter_file(data: bytes, source: str) -> tuple[dict[str, torch.Tensor
         raise AdapterError(f"{source} is not a readable safetensors adapter file ({exc})") from None
     if metadata.get("format") != ADAPTER_FORMAT:
         raise AdapterError(f"{source} is not a DreamCache adapter file (metadata format={metadata.get('format')!r})")
+    bad = non_finite_tensors(state)
+    if bad:  # NaN/inf weights render all-black images without any error: refuse them here
+        raise AdapterError(f"{source}: adapter tensor(s) {bad[:3]} hold NaN or inf values (a corrupt or diverged "
+                           "checkpoint)", kind="invalid")
     return state, metadata
+
+
+def non_finite_tensors(tensors: Mapping[str, torch.Tensor]) -> list[str]:
+    """The names of the floating-point tensors with a NaN or inf value, sorted."""
+    return sorted(name for name, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all()))

@@ -100,6 +100,10 @@ class FeatureCache:
         stored = sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()})
         if tensors and stored != [cache.info.dtype]:
             raise CacheError(f"{source}: metadata says {cache.info.dtype} tensors, the file holds {stored}")
+        bad = sorted(name for name, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all()))
+        if bad:  # NaN/inf features render all-black images without any error: refuse the file at load
+            raise CacheError(f"{source}: cache tensor(s) {bad[:3]} hold NaN or inf values (a corrupt cache; "
+                             "recompute it)", kind="invalid")
         cache.validate(source, layers, base_model)
         return cache
 

@@ -7,6 +7,8 @@ import json
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 
+from .errors import DreamCacheError
+
 CACHE_FORMAT = "dreamcache-cache"
 CACHE_FORMAT_VERSION = "1"
 CACHE_TIMESTEP = 1  # 0-based DDPM index: the second-least-noisy level (sigma 0.041), as the official code
@@ -14,8 +16,12 @@ CACHE_TIMESTEP = 1  # 0-based DDPM index: the second-least-noisy level (sigma 0.
 CACHE_DTYPES = ("float16", "float32")
 
 
-class CacheError(ValueError):
-    """A cache that cannot be used: unreadable, malformed, or made with another base model."""
+class CacheError(DreamCacheError, ValueError):
+    """A cache that cannot be used: unreadable, malformed, or made with another base model.
+
+    Still a ValueError, so that callers written before the DreamCacheError family keep working."""
+
+    kind = "incompatible"
 
 
 def library_version() -> str:
@@ -42,6 +48,14 @@ class CacheInfo:
     dtype: str = "float16"  # of the stored tensors: float16 (default, as the official fp16 inference) or float32
     library_version: str = field(default_factory=library_version)
     format_version: str = CACHE_FORMAT_VERSION
+
+    def fingerprint(self) -> str:
+        """A short id of what the cache was made from (model, images, settings); not the library version,
+        which does not change the features."""
+        import hashlib
+
+        made_from = {k: v for k, v in asdict(self).items() if k not in ("library_version", "subject_id")}
+        return hashlib.sha256(json.dumps(made_from, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def to_metadata(self) -> dict[str, str]:
         data = asdict(self)

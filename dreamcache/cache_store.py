@@ -25,6 +25,8 @@ def read_cache_info(uri: str, size: int | None = None) -> CacheInfo:
     ``size`` (the stored object's, from a listing) is not the size its header promises (a cut-short file)."""
     from .safetensors_header import file_size, header_length, read_metadata
 
+    if size is not None and size < 8:  # an empty object: no header to read (and S3 refuses a range of it)
+        raise CacheError(f"{uri}: not a readable cache file ({size} bytes)")
     try:
         head = storage.read_range(uri, 0, 1 << 16)
         if len(head) < 8 + header_length(head):

@@ -17,12 +17,14 @@ from pathlib import Path, PurePosixPath
 
 # torch, diffusers and the S3 client are imported by the commands that use them, not here: building the parser
 # (and so `dreamcache --help`) must not pay seconds of imports.
+from .cache_info import library_version  # torch-free
+from .errors import DreamCacheError
 from .runtime import DTYPES, pick_device, pick_dtype  # noqa: F401 - re-exported: callers import them from here
 
 logger = logging.getLogger("dreamcache")
 
 
-class UsageError(Exception):
+class UsageError(DreamCacheError):
     """A bad command line value found after parsing."""
 
 
@@ -34,6 +36,8 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from .errors import DreamCacheError
     from .images import ImageDecodeError
 
+    # ValueError stays for now: argument checks in pipeline.py, images.py, storage.py (InvalidId, parse_uri) and
+    # the jobs' settings still raise it for bad input. It also hides bugs, so new code raises DreamCacheError.
     return (DreamCacheError, ImageDecodeError, CacheError, AdapterError, storage.StorageError, ValueError,
             FileNotFoundError,
             NotADirectoryError, IsADirectoryError)
@@ -107,6 +111,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     import torch
 
     from . import storage
+    from .image_files import image_name, png_bytes
 
     pipe = load_pipeline(args, adapter=args.adapter)
     cache = pipe.load_cache(args.cache)
@@ -122,9 +127,22 @@ def cmd_generate(args: argparse.Namespace) -> None:
     out.mkdir(parents=True, exist_ok=True)
     for i, image in enumerate(result.images):
         prompt_index, sample = divmod(i, args.num_images)
-        path = out / f"{subject}-p{prompt_index}-s{args.seed}-{sample}.png"
-        image.save(path)
+        # Named from everything that decides the pixels (as the batch job names its images), so a run with
+        # another prompt or setting never overwrites an earlier image.
+        parameters = generate_parameters(args, subject, args.prompt[prompt_index], sample, cache.info.fingerprint())
+        _, name = image_name(parameters)
+        path = out / f"{subject}-{name}"
+        path.write_bytes(png_bytes(image, parameters, pipe.base_model, cache.info.fingerprint()))
         print(path)
+
+
+def generate_parameters(args: argparse.Namespace, subject: str, prompt: str, sample: int, cache_fingerprint: str) -> dict:
+    """What decides one image of ``dreamcache generate``: its name's hash and its PNG's text chunks."""
+    return {"subject_id": subject, "cache_fingerprint": cache_fingerprint, "prompt": prompt,
+            "negative_prompt": args.negative_prompt, "seed": args.seed, "sample": sample, "steps": args.steps,
+            "guidance_scale": args.guidance_scale, "image_guidance_scale": args.image_guidance_scale,
+            "guidance": args.guidance, "eta": args.eta, "height": args.height, "width": args.width,
+            "num_images": args.num_images, "model": args.model, "adapter": args.adapter, "dtype": args.dtype}
 
 
 def cmd_convert_official(args: argparse.Namespace) -> None:
@@ -196,6 +214,7 @@ def build_parser(extend: Callable[[argparse._SubParsersAction], None] | None = N
     library importing Ray."""
     parser = argparse.ArgumentParser(prog="dreamcache", description="DreamCache: personalized generation from cached features.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    parser.add_argument("--version", action="version", version=f"dreamcache {library_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("tiny-model", help="write a tiny random-weight SD model with matching random adapters")

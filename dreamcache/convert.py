@@ -8,12 +8,15 @@ read with ``torch.load(weights_only=True)``: arbitrary pickled objects are never
 from __future__ import annotations
 
 import io
+import re
+import warnings
 from collections.abc import Mapping
 
 import torch
 from safetensors.torch import save
 
 from .adapters import AdapterError, adapter_metadata
+from .errors import DreamCacheError
 
 # LDM block of the official model -> diffusers block (spec 7). The widths are read from the checkpoint, so a
 # checkpoint of the same layout at another width (a smaller or a wider UNet) converts too.
@@ -39,7 +42,7 @@ def heads_for(backbone: str, channels: int) -> int:
     elif backbone in FIXED_HEADS:
         heads, rest = FIXED_HEADS[backbone], channels % FIXED_HEADS[backbone]
     else:
-        raise ValueError(f"backbone must be one of {BACKBONES}, got {backbone!r}")
+        raise DreamCacheError(f"backbone must be one of {BACKBONES}, got {backbone!r}")
     if rest or not heads:
         raise AdapterError(f"a block of {channels} channels cannot have {backbone}'s head split")
     return heads
@@ -112,6 +115,20 @@ def convert_official_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch
     return converted
 
 
+def unsafe_checkpoint_reason(torch_message: str) -> str:
+    """What is wrong with a checkpoint torch.load(weights_only=True) refused, without torch's advice to re-run
+    with weights_only=False (that would execute the file's code): just the offending global or opcode."""
+    found = re.search(r"unsupported GLOBAL ([\w.]+)|Unsupported global: GLOBAL ([\w.]+)", torch_message)
+    if found:
+        name = found.group(1) or found.group(2)
+        return f"not a plain tensor checkpoint: it references {name} (code, not tensors); refusing to unpickle it"
+    # torch's text is advice (re-run with weights_only=False, file an issue) around one line of diagnosis.
+    advice = ("weights_only", "Weights only load failed", "Check the documentation", "Please file an issue")
+    detail = "; ".join(line.strip() for line in torch_message.splitlines()
+                       if line.strip() and not any(a in line for a in advice)) or "not a pickle torch reads"
+    return f"not a plain tensor checkpoint ({detail}); refusing to unpickle it"
+
+
 def convert_official_checkpoint(data: bytes, backbone: str = "sd21", dtype: torch.dtype = torch.float16) -> bytes:
     """Bytes of a ``cross_attention-*.pt`` -> bytes of a DreamCache adapter safetensors file.
 
@@ -120,11 +137,13 @@ def convert_official_checkpoint(data: bytes, backbone: str = "sd21", dtype: torc
     SD's is labelled backbone "custom" (any UNet of those widths may load it).
     """
     if backbone not in BACKBONES:
-        raise ValueError(f"backbone must be one of {BACKBONES}, got {backbone!r}")
+        raise DreamCacheError(f"backbone must be one of {BACKBONES}, got {backbone!r}")
     try:
-        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's pickle-protocol advisory would be a second stderr line
+            warnings.simplefilter("ignore")
+            state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch raises many types for foreign or malicious pickles
-        raise AdapterError(f"cannot read the checkpoint safely with weights_only=True: {exc}") from None
+        raise AdapterError(unsafe_checkpoint_reason(str(exc)), kind="unsupported") from None
     if not isinstance(state, Mapping):
         raise AdapterError(f"checkpoint holds a {type(state).__name__}, expected a dict of tensors")
     converted = {k: v.to(dtype).contiguous() for k, v in convert_official_state(state).items()}

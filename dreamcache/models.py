@@ -67,9 +67,30 @@ class BaseModel:
     fingerprint: str
 
 
+WEIGHT_FOLDERS = ("unet", "vae", "text_encoder")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def check_safetensors_weights(path: Path, uri: str) -> None:
+    """Refuse, before loading anything, a model whose weights are not all safetensors: pickle weights
+    (``.bin``, ``.ckpt``) can run code when loaded, and the libraries' own refusal is a long traceback."""
+    from .errors import DreamCacheError
+
+    for folder in WEIGHT_FOLDERS:
+        files = [f for f in (path / folder).iterdir() if f.is_file()] if (path / folder).is_dir() else []
+        if any(f.name.endswith(".safetensors") for f in files):
+            continue
+        pickles = sorted(f.name for f in files if f.name.endswith(PICKLE_SUFFIXES))
+        found = f"pickle weights {pickles}" if pickles else "no weights"
+        raise DreamCacheError(f"{uri}: {folder}/ has {found}; only .safetensors weights are loaded "
+                              "(convert them with save_pretrained(safe_serialization=True))", kind="unsupported")
+
+
 def load_base_model(uri: str, torch_dtype: torch.dtype | None = None) -> BaseModel:
     path = resolve_model_dir(uri)
-    kwargs = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
+    check_safetensors_weights(path, uri)
+    # use_safetensors=True: never fall back to a pickle file next to the safetensors one.
+    kwargs: dict = {"use_safetensors": True, **({"torch_dtype": torch_dtype} if torch_dtype is not None else {})}
     unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kwargs)
     vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **kwargs)
     text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **kwargs)

@@ -112,6 +112,10 @@ class PermissionDenied(StorageError):
     """The credentials were refused or lack permission for the object."""
 
 
+class BucketNotFound(StorageError):
+    """The S3 bucket does not exist (not an ObjectNotFound: a missing bucket is a setup error for most callers)."""
+
+
 class InvalidId(ValueError):
     """An id (subject id, job id, ...) is not safe to use as a path component or S3 key."""
 
@@ -417,7 +421,7 @@ def _check_bucket(client: Any, loc: Location, uri: str) -> None:
     except bexc.ClientError as exc:
         code, status = _error_code(exc)
         if code in ("NoSuchBucket", "404", "NotFound") or status == 404:
-            raise StorageError(f"bucket '{loc.bucket}' does not exist ({uri})") from None
+            raise BucketNotFound(f"bucket '{loc.bucket}' does not exist ({uri})") from None
         raise _translate(exc, uri, f"HEAD bucket {loc.bucket}") from exc
     _known_buckets.add(key)
 
@@ -430,7 +434,7 @@ def _translate(exc: Exception, uri: str, what: str) -> StorageError:
         code, status = _error_code(exc)
         if code == "NoSuchBucket":
             bucket = parse_uri(uri).bucket
-            return StorageError(f"bucket '{bucket}' does not exist ({uri})")
+            return BucketNotFound(f"bucket '{bucket}' does not exist ({uri})")
         if code in _NOT_FOUND_CODES or status == 404:
             return ObjectNotFound(f"object not found: {uri}")
         if code in _DENIED_CODES or status == 403:

@@ -44,7 +44,9 @@ def test_cache_then_generate(tmp_path, capsys, tiny_model_dir):
                              "--num-images", "2", "--steps", "2", "--out", tmp_path / "img")
     assert code == 0, err
     written = sorted(p.name for p in (tmp_path / "img").iterdir())
-    assert written == ["both-p0-s0-0.png", "both-p0-s0-1.png", "both-p1-s0-0.png", "both-p1-s0-1.png"]
+    # Named from subject, prompt, seed and a hash of every setting (two samples of a prompt differ by their index).
+    assert len(written) == 4 and [name.rsplit("-", 1)[0] for name in written] == [
+        "both-a-cat-s0", "both-a-cat-s0", "both-a-dog-s0", "both-a-dog-s0"], written
 
 
 def test_bad_inputs_exit_2_with_one_line(tmp_path, capsys, tiny_model_dir):
@@ -65,7 +67,7 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path, capsys, tiny_model_dir):
     assert run_cli(capsys, "cache", "--model", model, "--out", tmp_path / "c2", good)[0] == 0
     assert_user_error(run_cli(capsys, "generate", "--model", model, "--adapter", tmp_path / "half.safetensors", "--cache",
                               tmp_path / "c2" / "ok.safetensors", "--prompt", "x", "--steps", "1"), "half.safetensors")
-    assert_user_error(run_cli(capsys, "convert-official", tmp_path / "bad.png", tmp_path / "o.safetensors"), "weights_only")
+    assert_user_error(run_cli(capsys, "convert-official", tmp_path / "bad.png", tmp_path / "o.safetensors"), "refusing to unpickle")
 
 
 def test_generate_passes_eta(monkeypatch, tmp_path):

@@ -29,7 +29,8 @@ def add_evaluation_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--guidance-scale", type=float, default=7.5)
     p.add_argument("--image-guidance-scale", type=float, default=0.4)
-    p.add_argument("--guidance-mode", choices=["compositional", "joint"], default="compositional")
+    p.add_argument("--guidance", "--guidance-mode", dest="guidance", choices=["compositional", "joint"],
+                   default="compositional", help="guidance mode, as in generate (--guidance-mode: its older name)")
     p.add_argument("--negative-prompt", help="default: the official sampler's negative prompt")
     p.add_argument("--cache-prompt", default="", help='"" as the paper; the negative prompt as the official sampler')
     p.add_argument("--height", type=int)

@@ -357,7 +357,7 @@ def evaluation_from_args(args: argparse.Namespace) -> EvaluationConfig:
         references=args.references, caches=args.caches, subjects=subjects,
         prompts_per_subject=args.prompts_per_subject, images_per_prompt=args.images_per_prompt, seed=args.seed,
         steps=args.steps, guidance_scale=args.guidance_scale, image_guidance_scale=args.image_guidance_scale,
-        guidance=args.guidance_mode, cache_prompt=args.cache_prompt,
+        guidance=args.guidance, cache_prompt=args.cache_prompt,
         negative_prompt=OFFICIAL_NEGATIVE_PROMPT if args.negative_prompt is None else args.negative_prompt,
         height=args.height, width=args.width, batch_size=args.batch_size, actors=args.actors,
         gpus_per_actor=args.gpus_per_actor, cpus_per_actor=args.cpus_per_actor, dtype=args.dtype,

@@ -39,10 +39,12 @@ def add_generation_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seeds", default="0", help="seeds per prompt: 0,1,5 or 0-3 (default 0)")
     p.add_argument("--out", default=GenerationJobConfig.out, help="output folder or s3:// prefix")
     p.add_argument("--steps", type=int, default=GenerationJobConfig.steps)
-    p.add_argument("--guidance-scale", "--guidance", dest="guidance_scale", type=float,
-                   default=GenerationJobConfig.guidance_scale, help="text guidance scale (default 7.5)")
+    # One vocabulary with `dreamcache generate`: --guidance is the mode, --guidance-scale the text scale.
+    p.add_argument("--guidance-scale", type=float, default=GenerationJobConfig.guidance_scale,
+                   help="text guidance scale (default 7.5)")
     p.add_argument("--image-guidance-scale", type=float, default=GenerationJobConfig.image_guidance_scale)
-    p.add_argument("--guidance-mode", choices=["compositional", "joint"], default=GenerationJobConfig.guidance)
+    p.add_argument("--guidance", "--guidance-mode", dest="guidance", choices=["compositional", "joint"],
+                   default=GenerationJobConfig.guidance, help="guidance mode (--guidance-mode: its older name)")
     p.add_argument("--negative-prompt", help="negative prompt for prompts that do not name one")
     p.add_argument("--height", type=int)
     p.add_argument("--width", type=int)
@@ -78,7 +80,7 @@ def config_from_args(args: argparse.Namespace) -> GenerationJobConfig:
         model=args.model, adapter=args.adapter, caches=args.caches, prompts=args.prompts, plan=args.plan,
         subjects=subjects, seeds=parse_seeds(args.seeds), out=args.out, steps=args.steps,
         guidance_scale=args.guidance_scale, image_guidance_scale=args.image_guidance_scale,
-        guidance=args.guidance_mode, negative_prompt=args.negative_prompt, height=args.height, width=args.width,
+        guidance=args.guidance, negative_prompt=args.negative_prompt, height=args.height, width=args.width,
         batch_size=args.batch_size, actors=args.actors, max_actors=args.max_actors,
         gpus_per_actor=args.gpus_per_actor, cpus_per_actor=args.cpus_per_actor, device=args.device,
         dtype=args.dtype, torch_threads=args.torch_threads, contact_sheet=args.contact_sheet,

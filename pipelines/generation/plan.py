@@ -17,6 +17,7 @@ from typing import Any
 
 from dreamcache import storage
 from dreamcache.cache_store import CACHE_SUFFIX, CacheStore
+from dreamcache.image_files import image_name  # noqa: F401 - re-exported: the plan's public naming
 
 from .manifest import MANIFEST_NAME
 from .settings import GenerationJobConfig, check_seed
@@ -274,17 +275,6 @@ def row_parameters(config: GenerationJobConfig, subject: SubjectSource, prompt: 
         "model": storage.parse_uri(config.model).uri, "adapter": storage.parse_uri(config.adapter).uri,
         "dtype": config.dtype,
     }
-
-
-def _slug(text: str, limit: int = 48) -> str:
-    slug = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit].strip("-")
-    return slug or "prompt"
-
-
-def image_name(parameters: Mapping[str, Any]) -> tuple[str, str]:
-    """(row key, file name): readable prefix, hash of the parameters."""
-    key = hashlib.sha256(json.dumps(parameters, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-    return key, f"{_slug(parameters['prompt'])}-s{parameters['seed']}-{key[:16]}.png"
 
 
 def build_plan(config: GenerationJobConfig) -> list[PlanRow]:

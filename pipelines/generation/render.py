@@ -5,7 +5,7 @@ Ray here.
 
 from __future__ import annotations
 
-import io
+import json
 import logging
 import time
 from collections import OrderedDict
@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from dreamcache import storage
+from dreamcache.image_files import png_bytes
 
 from .manifest import result_row, result_schema
 from .settings import RenderSettings
@@ -44,15 +45,10 @@ class CacheReader:
         return cache, time.perf_counter() - start
 
 
-def encode_png(image, parameters: str) -> bytes:
-    """PNG with the row's parameters in a text chunk; the same image and parameters give the same bytes."""
-    from PIL.PngImagePlugin import PngInfo
-
-    info = PngInfo()
-    info.add_text("dreamcache", parameters)
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG", pnginfo=info)
-    return buffer.getvalue()
+def encode_png(image, parameters: str, model_fingerprint: str = "") -> bytes:
+    """PNG with the row's parameters (its JSON, as planned) in text chunks; see dreamcache.image_files."""
+    row = json.loads(parameters)
+    return png_bytes(image, row, model_fingerprint, row.get("cache_version") or "")
 
 
 def render_rows(pipe, rows: Sequence[Mapping], settings: RenderSettings, caches: CacheReader) -> list[dict]:
@@ -99,7 +95,7 @@ def render_rows(pipe, rows: Sequence[Mapping], settings: RenderSettings, caches:
         for r, image in zip(group, images):
             write_start = time.perf_counter()
             try:
-                data = encode_png(image, r["parameters"])
+                data = encode_png(image, r["parameters"], getattr(pipe, "base_model", ""))
                 storage.write_bytes(r["image_uri"], data)
             except storage.StorageError as exc:
                 results[r["plan_index"]] = result_row(r, "error", "failed", f"writing {r['image_uri']}: {exc}")

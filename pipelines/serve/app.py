@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import ValidationError
 from ray import serve
@@ -46,6 +47,7 @@ from .schema import (
     SubjectOutcome,
     Upload,
     check_image_uri,
+    validation_errors,
 )
 from .settings import ServeSettings, resolve_api_token
 
@@ -182,6 +184,11 @@ class Ingress:
         settings = self.settings
         api = FastAPI(title="DreamCache", version="1",
                       description="Personalized image generation from cached subject features.")
+
+        @api.exception_handler(RequestValidationError)
+        async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+            # FastAPI's own handler echoes each bad value, and a NaN in it made the 422 fail as a 500.
+            return JSONResponse({"detail": validation_errors(list(exc.errors()))}, status_code=422)
 
         @api.get("/healthz", tags=["ops"])
         async def healthz() -> dict[str, str]:
@@ -357,21 +364,31 @@ class Ingress:
             return Failure(422, f"at most {self.settings.max_references} images per subject", "image_uris")
         uploads = []
         for i, uri in enumerate(request.image_uris):
-            field = f"image_uris.{i}"
-            try:
-                uri = check_image_uri(uri, self.settings.allowed_image_prefixes)
-                size = await asyncio.to_thread(storage.size, uri)
-                if size > self.settings.max_upload_bytes:
-                    return Failure(413, f"{uri} is {size} bytes, over the limit of {self.settings.max_upload_bytes}", field)
-                data = await asyncio.to_thread(storage.read_bytes, uri)
-            except ValueError as exc:
-                return Failure(422, str(exc), field)
-            except (storage.ObjectNotFound, storage.PermissionDenied) as exc:
-                return Failure(422, str(exc), field)
-            except storage.StorageError as exc:
-                return Failure(503, f"cannot read {uri}: {exc}", field)
-            uploads.append(Upload(field, uri, data))
+            upload = await asyncio.to_thread(read_image_uri, uri, f"image_uris.{i}", self.settings)
+            if isinstance(upload, Failure):
+                return upload
+            uploads.append(upload)
         return request.subject_id, uploads
+
+
+def read_image_uri(uri: str, field: str, settings: ServeSettings) -> Upload | Failure:
+    """A client-named reference image, read if it lies under an allowed prefix (settings.allowed_image_prefixes).
+
+    A missing bucket, a missing key and a refused key all get the same 422 message: a different answer for each
+    would let a client probe which buckets and objects exist where the server's credentials reach."""
+    try:
+        uri = check_image_uri(uri, settings.allowed_image_prefixes)
+    except ValueError as exc:  # not under an allowed prefix, or not a URI
+        return Failure(422, str(exc), field)
+    try:
+        size = storage.size(uri)
+        if size > settings.max_upload_bytes:
+            return Failure(413, f"{uri} is {size} bytes, over the limit of {settings.max_upload_bytes}", field)
+        return Upload(field, uri, storage.read_bytes(uri))
+    except (storage.ObjectNotFound, storage.PermissionDenied, storage.BucketNotFound):
+        return Failure(422, "no readable image at this URI (no such object, or no access)", field)
+    except storage.StorageError as exc:
+        return Failure(503, f"cannot read {uri}: {exc}", field)
 
 
 def _stop_on_signal(signum, frame) -> None:

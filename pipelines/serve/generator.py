@@ -17,7 +17,6 @@
 from __future__ import annotations
 
 import asyncio
-import io
 import logging
 import threading
 import time
@@ -32,6 +31,7 @@ from ray import serve
 from dreamcache import storage
 from dreamcache.cache import CacheError, FeatureCache
 from dreamcache.cache_store import CacheStore, read_cache_info
+from dreamcache.image_files import png_bytes
 from dreamcache.images import ImageDecodeError, ImageLimits, decode_image, sha256_hex
 
 from .batching import DeviceQueue, outside_request
@@ -92,12 +92,6 @@ def _cache_failure(exc: CacheError | storage.StorageError, subject_id: str, unkn
     return Failure(503, f"the cache store is unavailable: {exc}")
 
 
-def _png(image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG", compress_level=4)
-    return buffer.getvalue()
-
-
 @serve.deployment(name="Generator", health_check_period_s=10, health_check_timeout_s=60)
 class Generator:
     def __init__(self, settings_args: dict[str, Any]) -> None:
@@ -146,9 +140,11 @@ class Generator:
         uri = self.store.uri_for(subject_id)
         try:
             held = self._peek(subject_id)
-            # Not resident: the file's header says all, no need to fetch its tensors.
-            info = held.info if held is not None else await asyncio.to_thread(read_cache_info, uri)
-            metadata = subject_metadata(subject_id, info, uri, await asyncio.to_thread(storage.size, uri))
+            nbytes = await asyncio.to_thread(storage.size, uri)
+            # Not resident: the file's header says all, no need to fetch its tensors; its size must match the
+            # header's, so that a cut-short file answers 409 here as generate does, not 200.
+            info = held.info if held is not None else await asyncio.to_thread(read_cache_info, uri, nbytes)
+            metadata = subject_metadata(subject_id, info, uri, nbytes)
             return SubjectOutcome(False, metadata, self.replica)
         except (CacheError, storage.StorageError) as exc:
             return _cache_failure(exc, subject_id)
@@ -301,7 +297,9 @@ class Generator:
             self._count("busy_s", info["seconds"])
             offset = 0
             for i, item in zip(indices, group):
-                outcomes[i] = (images[offset : offset + item.job.num_images], {**info, "cache": item.cache_state})
+                outcomes[i] = (images[offset : offset + item.job.num_images],
+                               {**info, "cache": item.cache_state, "job": item.job,
+                                "cache_fingerprint": item.cache.info.fingerprint()})
                 offset += item.job.num_images
         return outcomes
 
@@ -341,7 +339,12 @@ class Generator:
                 results.append(outcome)
                 continue
             images, info = outcome
-            results.append(GenerateResult([_png(image) for image in images], self.replica, info["cache"],
+            job: GenerateJob = info["job"]
+            base = {k: v for k, v in job.parameters().items() if k != "num_images"}
+            # Image k of a request is seed + k: each PNG carries the seed that makes it again alone.
+            pngs = [png_bytes(image, {**base, "subject_id": job.subject_id, "seed": job.seed + k}, self.pipe.base_model,
+                              info["cache_fingerprint"], compress_level=4) for k, image in enumerate(images)]
+            results.append(GenerateResult(pngs, self.replica, info["cache"],
                                           info["batch_images"], info["batch_subjects"], info["seconds"]))
         return results
 

@@ -36,8 +36,9 @@ class GenerateRequest(BaseModel):
     negative_prompt: str | None = Field(default=None, max_length=MAX_PROMPT_CHARS)
     num_images: int = Field(default=1, ge=1, le=MAX_IMAGES_PER_REQUEST)
     steps: int = Field(default=50, ge=1, le=MAX_STEPS)
-    guidance_scale: float = Field(default=7.5, ge=0.0, le=MAX_GUIDANCE)
-    image_guidance_scale: float = Field(default=0.4, ge=0.0, le=MAX_GUIDANCE)
+    # allow_inf_nan=False: JSON's NaN/Infinity extensions would pass ge/le (NaN compares false) into the sampler.
+    guidance_scale: float = Field(default=7.5, ge=0.0, le=MAX_GUIDANCE, allow_inf_nan=False)
+    image_guidance_scale: float = Field(default=0.4, ge=0.0, le=MAX_GUIDANCE, allow_inf_nan=False)
     guidance: Literal["compositional", "joint"] = "compositional"
     seed: int | None = Field(default=None, ge=0, le=2**31 - 1, description="image i uses seed + i; omitted: random")
     height: int | None = Field(default=None, ge=8, le=4096, multiple_of=8,
@@ -153,6 +154,14 @@ def image_failure(exc: "ImageDecodeError", field_name: str) -> Failure:
     else:
         status = 422
     return Failure(status, str(exc), field_name)
+
+
+def validation_errors(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """pydantic's errors without what the client sent (``input``, ``ctx``, ``url``): an echoed NaN or bytes
+    value cannot be encoded as JSON (that made the 422 a 500), and echoing input is not needed to name the field."""
+    return [{"loc": [str(part) if not isinstance(part, int) else part for part in error.get("loc", ())],
+             "msg": str(error.get("msg", "invalid value")), "type": str(error.get("type", "value_error"))}
+            for error in errors]
 
 
 def check_image_uri(uri: str, allowed_prefixes: tuple[str, ...]) -> str:

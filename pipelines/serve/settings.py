@@ -60,7 +60,9 @@ class ServeSettings:
     max_pixels: int = 40_000_000  # per reference image, checked before decoding
     min_side: int = 64  # generated image sides, pixels (multiples of 8)
     max_side: int | None = None  # None: twice the model's default resolution
-    allowed_image_prefixes: tuple[str, ...] = ("s3://",)  # what JSON image URIs may name; () turns them off
+    # What JSON image URIs may name. Empty by default (uploads only): a server reads what its credentials reach,
+    # so any allowed prefix lets clients make it read objects there; name one explicitly, e.g. an uploads prefix.
+    allowed_image_prefixes: tuple[str, ...] = ()
 
     # -- how new subjects are cached (as the caching job does) -----------------------------------------------
     resolution: int | None = None  # None: the model's default
