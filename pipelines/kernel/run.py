@@ -126,8 +126,6 @@ class Progress:
     (a tqdm bar on a terminal), from a counter actor the stages report to."""
 
     def __init__(self, label: str, total: int | None, interval: float = 5.0) -> None:
-        import ray
-
         self.label, self.total, self.interval = label, total, interval
         self.counter = new_tally()
         self._stop = threading.Event()
