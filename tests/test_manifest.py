@@ -42,6 +42,7 @@ def cache(tiny_model_dir, images: str, out: str, **kw):
     return run_caching(CachingJobConfig(out=out, model=str(tiny_model_dir), images=images, batch_size=4, **kw))
 
 
+@pytest.mark.timeout(900)  # six caching runs and a generation run: 170 s alone on 2 cores, 300 s on a loaded machine
 def test_runs_merge_repairs_and_never_collide(ray_cluster, tiny_model_dir, tmp_path):
     out = str(tmp_path / "out")
     first = refs(tmp_path / "a", {"red": "red", "blue": "blue"})
