@@ -352,22 +352,25 @@ def subjects_dataset(config: GenerationJobConfig):
     """Every subject the caches know, as a dataset: a caching job's manifest (its output prefix, or a single
     ``manifest.parquet`` file), else the ``<subject_id>.safetensors`` files under the prefix."""
     import pyarrow as pa
-    import ray
 
-    from ..kernel.listing import list_prefix
+    from ..kernel.listing import list_prefix, read_parquet_files
     from ..kernel.manifest import ManifestLog
 
     if config.caches.lower().endswith(".parquet"):
         if not storage.exists(config.caches):
             raise storage.ObjectNotFound(f"caching manifest not found: {config.caches}")
+        import pyarrow.parquet as pq
+
         filesystem, path = storage.pyarrow_filesystem(config.caches)
-        try:
-            rows = ray.data.read_parquet(path, filesystem=filesystem, file_extensions=None)
-            missing = {"subject_id", "status", "cache_uri"} - set(rows.schema().names)
+        try:  # the footer alone: a wrong file fails here, in one line, before any task runs
+            names = pq.read_schema(path, filesystem=filesystem).names
         except (pa.ArrowInvalid, OSError) as exc:
             raise ValueError(f"caching manifest {config.caches} is not a readable Parquet file: {exc}") from None
+        missing = {"subject_id", "status", "cache_uri"} - set(names)
         if missing:
             raise ValueError(f"caching manifest {config.caches} lacks column(s) {sorted(missing)}")
+        rows = read_parquet_files([config.caches], columns=[c for c in _caching_view().names if c in names],
+                                  split_row_groups=True)
         return rows.map_batches(_subjects_from_caching_rows, batch_format="pyarrow")
     caching = ManifestLog(config.caches, "caching", _caching_view(), key="subject_id",
                           legacy_columns=("cache_uri", "source_uris", "status"))

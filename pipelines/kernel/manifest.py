@@ -69,7 +69,7 @@ class ManifestVersion:
         return json.dumps(body, indent=1, sort_keys=True)
 
 
-def _conform(batch: pa.Table, schema: pa.Schema) -> pa.Table:
+def conform(batch: pa.Table, schema: pa.Schema) -> pa.Table:
     """Rows of an older version (or a legacy file) in today's schema: missing columns null, extra ones dropped."""
     columns = [batch[name].cast(f.type) if name in batch.column_names else pa.nulls(batch.num_rows, f.type)
                for name, f in zip(schema.names, schema)]
@@ -150,7 +150,7 @@ class ManifestLog:
             raise ManifestError(f"manifest version {version.version} ({version.uri}) names {missing[0]}, which is "
                                 f"gone; move {self.commits} aside to rebuild from the store")
         return read_parquet_files(list(version.files)).map_batches(
-            _conform, fn_kwargs={"schema": schema}, batch_format="pyarrow", batch_size=None)
+            conform, fn_kwargs={"schema": schema}, batch_format="pyarrow", batch_size=None)
 
     def iter_batches(self, version: ManifestVersion) -> Iterable[pa.RecordBatch]:
         """A version's rows in batches, without Ray (the ``dreamcache manifest`` command)."""
@@ -160,7 +160,7 @@ class ManifestLog:
         paths = [storage.pyarrow_filesystem(f)[1] for f in version.files]
         try:
             for batch in pads.dataset(paths, filesystem=filesystem, format="parquet").to_batches():
-                yield from _conform(pa.Table.from_batches([batch]), self.schema).to_batches()
+                yield from conform(pa.Table.from_batches([batch]), self.schema).to_batches()
         except (OSError, pa.ArrowInvalid) as exc:
             raise ManifestError(f"manifest version {version.version} ({version.uri}) cannot be read: {exc}") from None
 

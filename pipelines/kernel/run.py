@@ -53,9 +53,9 @@ def count_rows(table: pa.Table) -> dict[str, int]:
 def _write_part(batch: pa.Table, folder: str, schema: pa.Schema, name: str,
                 count: Callable[[pa.Table], dict[str, int]]) -> pa.Table:
     """One part file per batch, written by the worker; returns one stats row (never the rows)."""
-    from .manifest import _conform
+    from .manifest import conform
 
-    table = _conform(batch, schema)
+    table = conform(batch, schema)
     uri = storage.join_uri(folder, f"{name}-{uuid.uuid4().hex}.parquet")
     storage.write_parquet(uri, table)
     return pa.table({"file": [uri], "rows": [table.num_rows], "counts": [json.dumps(count(table))]},
@@ -271,9 +271,9 @@ SOURCE = "_source"  # which input a colocated row came from
 
 
 def _tag(batch: pa.Table, tag: str, schema: pa.Schema) -> pa.Table:
-    from .manifest import _conform
+    from .manifest import conform
 
-    table = _conform(batch, schema)
+    table = conform(batch, schema)
     return table.set_column(schema.get_field_index(SOURCE), SOURCE, pa.array([tag] * batch.num_rows, pa.string()))
 
 
@@ -308,10 +308,10 @@ def colocate(sources: Mapping[str, tuple], key: str, partitions: int):
 
 def split_sources(block: pa.Table, schemas: Mapping[str, pa.Schema]) -> dict[str, pa.Table]:
     """A colocated block back into one table per source, each in its own schema."""
-    from .manifest import _conform
+    from .manifest import conform
 
     tags = block[SOURCE]
-    return {tag: _conform(block.filter(pc.equal(tags, tag)), schema) for tag, schema in schemas.items()}
+    return {tag: conform(block.filter(pc.equal(tags, tag)), schema) for tag, schema in schemas.items()}
 
 
 def partitions_for(rows: int | None) -> int:
