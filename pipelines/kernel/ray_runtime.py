@@ -19,6 +19,10 @@ LOCAL_DEFAULTS = {
     "RAY_USAGE_STATS_ENABLED": "0",
     "RAY_AUTH_MODE": "disabled",
 }
+# A job runs several Ray Data executions in a row (plan, compute, publish), and Ray by default kills idle workers
+# above one per CPU after 1 s, so each execution started its task workers again: seconds per worker on a small
+# machine. Keeping them for a minute took a 3-subject rerun from 72 s to 19 s on the 2-core box (loaded).
+IDLE_WORKER_KEEP_MS = 60_000
 
 
 def init_ray(address: str | None = None, num_cpus: float | None = None, **kwargs) -> None:
@@ -39,7 +43,10 @@ def init_ray(address: str | None = None, num_cpus: float | None = None, **kwargs
     for key, value in LOCAL_DEFAULTS.items():
         os.environ.setdefault(key, value)
     # address="local": a stale cluster file from an earlier `ray start` must not make this connect there.
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **kwargs)
+    cpus = int(num_cpus or os.cpu_count() or 1)
+    system_config = {"num_workers_soft_limit": max(16, 2 * cpus), "idle_worker_killing_time_threshold_ms":
+                     IDLE_WORKER_KEEP_MS, **kwargs.pop("_system_config", {})}
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _system_config=system_config, **kwargs)
     logger.info("started a local Ray: %s", ray.cluster_resources())
 
 
