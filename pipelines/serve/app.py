@@ -395,6 +395,9 @@ class Ingress:
         except asyncio.TimeoutError:
             response.cancel()
             return Failure(504, f"no answer within the request's {max(timeout, 0):.3g} s timeout")
+        except asyncio.CancelledError:  # the client went away (or its grid was closed): so goes the replica's work
+            response.cancel()
+            raise
         except BackPressureError:
             return Failure(503, "the generator replicas are at capacity; retry later")
         except (DeploymentUnavailableError, RayActorError) as exc:  # no replica yet, or one died mid-request
