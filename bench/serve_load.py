@@ -11,6 +11,13 @@ allowed errors: any other status makes the exit code 1.
 
 Every request asks for one image (the hardest case for batching: a batch needs batch-size requests) of one of
 ``--subjects`` subjects, so the served batches mix subjects as the offline baseline's batches do.
+
+``--workload grid``: each client sends POST /v1/grids of ``--grid-subjects`` subjects x ``--grid-prompts``
+prompts x one seed, in turn over all subjects, and reads the NDJSON stream; reported: cells/s, each cell's
+latency from its grid's start (p50/p95), the share of cells per replica and the cache hit ratio (from the
+cells' ``replica`` and ``cache`` fields), against the same offline baseline:
+
+    python bench/serve_load.py --workload grid --replicas 2 --subjects 32 --clients 4 --cpus-per-replica 0.5
 """
 
 from __future__ import annotations
@@ -163,6 +170,70 @@ async def run_clients(url: str, args, subjects: list[str]) -> dict:
     }
 
 
+async def run_grid_clients(url: str, args, subjects: list[str]) -> dict:
+    """Closed-loop clients each sending one grid after the other (see the module docstring)."""
+    import httpx
+
+    cell_latencies: list[float] = []
+    statuses: Counter = Counter()  # of the grid requests
+    cell_errors: Counter = Counter()
+    replicas: Counter = Counter()
+    caches: Counter = Counter()
+    deadline = time.monotonic() + args.duration
+    prompts = [{"prompt": p} for p in (PROMPTS * args.grid_prompts)[: args.grid_prompts]]
+
+    async def client(index: int, http: httpx.AsyncClient) -> None:
+        n = 0
+        while time.monotonic() < deadline:
+            first = (index + n * args.clients) * args.grid_subjects
+            chosen = [subjects[(first + k) % len(subjects)] for k in range(args.grid_subjects)]
+            body = {"subject_ids": chosen, "prompts": prompts, "seeds": [index * 100_000 + n], "steps": args.steps,
+                    "guidance": args.guidance}
+            n += 1
+            started = time.monotonic()
+            try:
+                async with http.stream("POST", "/v1/grids", json=body) as response:
+                    statuses[response.status_code] += 1
+                    if response.status_code != 200:
+                        await response.aread()
+                        await asyncio.sleep(0.5)
+                        continue
+                    async for line in response.aiter_lines():
+                        if not line:
+                            continue
+                        if time.monotonic() > deadline:  # after the window: not part of the measured rate
+                            return
+                        cell = json.loads(line)
+                        if "png" in cell:
+                            cell_latencies.append(time.monotonic() - started)
+                            replicas[cell["replica"]] += 1
+                            caches[cell["cache"]] += 1
+                        else:
+                            cell_errors[cell["error"]["status"]] += 1
+            except httpx.HTTPError as exc:
+                statuses[f"transport:{type(exc).__name__}"] += 1
+
+    limits = httpx.Limits(max_connections=args.clients, max_keepalive_connections=args.clients)
+    async with httpx.AsyncClient(base_url=url, timeout=args.request_timeout + 30, limits=limits) as http:
+        started = time.monotonic()
+        await asyncio.gather(*(client(i, http) for i in range(args.clients)))
+        elapsed = min(time.monotonic(), deadline) - started
+    cell_latencies.sort()
+    pick = (lambda q: cell_latencies[min(len(cell_latencies) - 1, int(q * len(cell_latencies)))]) \
+        if cell_latencies else (lambda q: float("nan"))
+    cells = len(cell_latencies)
+    return {
+        "seconds": elapsed, "ok": cells, "images": cells, "requests_per_s": statuses.get(200, 0) / elapsed,
+        "images_per_s": cells / elapsed, "p50_s": pick(0.50), "p95_s": pick(0.95),
+        "mean_s": statistics.fmean(cell_latencies) if cell_latencies else float("nan"),
+        "statuses": {str(k): v for k, v in sorted(statuses.items(), key=str)},
+        "cell_errors": {str(k): v for k, v in sorted(cell_errors.items())},
+        "replica_share": {r: v / max(cells, 1) for r, v in sorted(replicas.items())},
+        "cache_hit_ratio": caches.get("hit", 0) / max(cells, 1),
+        "503_without_retry_after": 0,
+    }
+
+
 def serve_and_load(args, model: str, adapter: str, references, caches: str) -> tuple[dict, dict]:
     import httpx
     from ray import serve
@@ -177,7 +248,7 @@ def serve_and_load(args, model: str, adapter: str, references, caches: str) -> t
         "replicas": args.replicas, "max_batch_size": args.batch_size, "batch_wait_timeout_s": args.batch_wait,
         "max_ongoing_requests": args.max_ongoing or 2 * args.batch_size, "max_queued_requests": args.max_queued,
         "request_timeout_s": args.request_timeout, "cpus_per_replica": args.cpus_per_replica, "ingress_cpus": 0.5,
-        "max_caches_per_replica": max(len(references), 2),
+        "max_caches_per_replica": args.caches_per_replica or max(len(references), 2),
     }
     if args.gpus_per_replica is not None:
         app_args["gpus_per_replica"] = args.gpus_per_replica
@@ -195,12 +266,19 @@ def serve_and_load(args, model: str, adapter: str, references, caches: str) -> t
             for subject in subjects:  # warm-up: every subject resident, first calls paid
                 http.post("/v1/generate", json={"subject_id": subject, "prompt": "x", "steps": args.steps}).raise_for_status()
         generator = serve.get_deployment_handle("Generator", "dreamcache-bench")
-        before = generator.stats.remote().result(timeout_s=60)
-        result = asyncio.run(run_clients(url, args, subjects))
-        after = generator.stats.remote().result(timeout_s=60)
-        # Replica-side figures of the load window only (with one replica; a sum over replicas needs a per-replica call).
-        stats = {k: after[k] - before[k] for k in ("batches", "images", "busy_s")}
-        stats["max_batch_subjects"] = after["max_batch_subjects"]
+
+        def replica_stats() -> dict[str, dict]:  # every replica's counters (a broadcast reaches them all)
+            return {s["replica"]: s for s in generator.broadcast("stats").results(timeout_s=60)}
+
+        before = replica_stats()
+        load = run_grid_clients if args.workload == "grid" else run_clients
+        result = asyncio.run(load(url, args, subjects))
+        after = replica_stats()
+        # Replica-side figures of the load window only, summed over the replicas.
+        stats = {k: sum(a[k] - before.get(r, {}).get(k, 0) for r, a in after.items())
+                 for k in ("batches", "images", "busy_s", "loads")}
+        stats["replicas"] = len(after)
+        stats["max_batch_subjects"] = max(a["max_batch_subjects"] for a in after.values())
         return result, stats
     finally:
         serve.shutdown()
@@ -234,6 +312,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ray-address", help="default: a local Ray")
     parser.add_argument("--target", type=float, default=0.85, help="served/offline images/s to report against")
     parser.add_argument("--json-out", help="also write the figures as JSON here")
+    parser.add_argument("--workload", choices=["generate", "grid"], default="generate")
+    parser.add_argument("--grid-subjects", type=int, default=4, help="grid workload: subjects per grid")
+    parser.add_argument("--grid-prompts", type=int, default=2, help="grid workload: prompts per grid")
+    parser.add_argument("--caches-per-replica", type=int, help="LRU slots per replica (default: every subject)")
     args = parser.parse_args(argv)
     args.offline_batch_size = args.offline_batch_size or args.batch_size
 
@@ -266,12 +348,17 @@ def main(argv: list[str] | None = None) -> int:
     print(f"offline batched generation (after):  {after:.3f} images/s   (drift {after / before - 1:+.0%})")
     ratio = served["images_per_s"] / offline
     errors = {k: v for k, v in served["statuses"].items() if k not in ("200", "503")}
-    print(f"served with {args.clients} clients for {served['seconds']:.1f} s:")
+    print(f"served ({args.workload}) with {args.clients} clients for {served['seconds']:.1f} s:")
+    if args.workload == "grid":
+        print(f"  grids of {args.grid_subjects} subjects x {args.grid_prompts} prompts: cells/s "
+              f"{served['images_per_s']:.3f}, cell latency p50 {served['p50_s']:.3f} s p95 {served['p95_s']:.3f} s, "
+              f"cache hit ratio {served['cache_hit_ratio']:.3f}, replica share "
+              f"{[round(v, 3) for v in served['replica_share'].values()]}, cell errors {served['cell_errors']}")
     print(f"  requests/s {served['requests_per_s']:.3f}   images/s {served['images_per_s']:.3f}   "
           f"p50 {served['p50_s']:.3f} s   p95 {served['p95_s']:.3f} s")
     print(f"  statuses {served['statuses']}   503 without Retry-After: {served['503_without_retry_after']}")
-    print(f"  replica: {stats['batches']} batches, {stats['images'] / max(stats['batches'], 1):.2f} images/batch, "
-          f"max {stats['max_batch_subjects']} subjects in a batch, busy {stats['busy_s'] / served['seconds']:.0%} "
+    print(f"  replicas: {stats['loads']} cache loads, {stats['batches']} batches, {stats['images'] / max(stats['batches'], 1):.2f} images/batch, "
+          f"max {stats['max_batch_subjects']} subjects in a batch, busy {stats['busy_s'] / (served['seconds'] * stats['replicas']):.0%} "
           f"of the window, {stats['images'] / max(stats['busy_s'], 1e-9):.3f} images per busy second")
     # At one client every request is a batch of one: its p50 against one offline batch's time.
     batch_s = args.offline_batch_size / offline

@@ -63,6 +63,16 @@ class CacheStore:
         uri = self.uri_for(subject_id)
         return FeatureCache.from_bytes(storage.read_bytes(uri), uri, layers, base_model)
 
+    def page(self, limit: int, after: str | None = None) -> tuple[list[tuple[str, storage.ListedObject]], str | None]:
+        """Up to ``limit`` (subject id, stored object) in id-key order after the subject ``after``, and the
+        cursor of the next page (None at the end)."""
+        if after is not None:
+            storage.validate_id(after, "cursor")
+        listed, more = storage.list_page(self.root, None if after is None else after + CACHE_SUFFIX, limit,
+                                         CACHE_SUFFIX)
+        found = [(obj.name[: -len(CACHE_SUFFIX)], obj) for obj in listed]
+        return found, (found[-1][0] if more and found else None)
+
     def subjects(self) -> list[str]:
         """Subject ids with a cache file directly under the root (sorted)."""
         base = self.root.rstrip("/") + "/"

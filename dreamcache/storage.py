@@ -707,6 +707,64 @@ def list_objects(prefix_uri: str) -> list[ObjectInfo]:
     return [ObjectInfo(join_uri(prefix_uri, rel), n, v) for rel, n, v in _list_entries(prefix_uri)]
 
 
+@dataclass(frozen=True)
+class ListedObject:
+    """One entry of :func:`list_page`: its name relative to the prefix, size and last-modified time (epoch s)."""
+
+    name: str
+    size: int
+    modified: float
+
+
+def list_page(prefix_uri: str, after: str | None, limit: int, suffix: str = "") -> tuple[list[ListedObject], bool]:
+    """Up to ``limit`` objects directly under a prefix (not in its "folders") whose names end with ``suffix``, in
+    name order, starting after the name ``after``; and whether more follow. For paged listings of huge prefixes:
+    S3 is asked from ``after`` on (StartAfter) and stops at the page, so nothing of the prefix's size is held."""
+    loc = parse_uri(prefix_uri)
+    found: list[ListedObject] = []
+    if loc.scheme == "file":
+        try:
+            with os.scandir(loc.path) as entries:
+                names = sorted(e.name for e in entries if e.name.endswith(suffix) and not e.name.endswith(_TMP_SUFFIX)
+                               and (after is None or e.name > after) and e.is_file(follow_symlinks=False))
+        except FileNotFoundError:
+            return [], False
+        except OSError as exc:
+            raise _local_error(exc, prefix_uri, "list") from exc
+        for name in names:
+            if len(found) == limit:
+                return found, True
+            try:
+                st = os.stat(os.path.join(loc.path, name))
+            except FileNotFoundError:  # removed meanwhile
+                continue
+            found.append(ListedObject(name, st.st_size, st.st_mtime))
+        return found, False
+    prefix = loc.path.strip("/")
+    prefix = prefix + "/" if prefix else ""
+    kwargs: dict[str, Any] = {"Bucket": loc.bucket, "Prefix": prefix, "Delimiter": "/",
+                              "MaxKeys": min(1000, max(limit + 1, 1))}
+    if after is not None:
+        kwargs["StartAfter"] = prefix + after
+
+    def one_page(client: Any, token: str | None) -> dict[str, Any]:
+        return client.list_objects_v2(**kwargs, **({"ContinuationToken": token} if token else {}))
+
+    token: str | None = None
+    while True:
+        page = _s3_call(loc, prefix_uri, "LIST", lambda c: one_page(c, token))
+        for obj in page.get("Contents", []):
+            name = obj["Key"][len(prefix):]
+            if not name or not name.endswith(suffix):
+                continue
+            if len(found) == limit:
+                return found, True
+            found.append(ListedObject(name, int(obj["Size"]), obj["LastModified"].timestamp()))
+        token = page.get("NextContinuationToken")
+        if not page.get("IsTruncated") or not token:
+            return found, False
+
+
 def stat(uri: str) -> ObjectInfo:
     """Size and version of one file or object; ObjectNotFound if it does not exist."""
     loc = parse_uri(uri)

@@ -209,3 +209,28 @@ def test_serve_applications_import_and_match_the_caches():
         assert float(args.get("gpus_per_replica", 0)) > 0, "GPU pods may not be up yet when the app is built"
         assert args["caches"].rstrip("/") == option(cache_job, "--out").rstrip("/")
         assert args["model"] == option(cache_job, "--model"), "the service must load the model the caches were made with"
+
+
+def test_prometheus_scrapes_the_serve_pods_and_the_dashboard_charts_every_app_metric():
+    import json
+
+    from pipelines.serve import metrics
+
+    (_, service), = docs_of("RayService")
+    cluster = service["spec"]["rayClusterConfig"]
+    groups = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+    for group in groups:  # every node exports on the port the monitors scrape, by name
+        port = group["rayStartParams"]["metrics-export-port"]
+        named = {p["name"]: str(p["containerPort"]) for c in group["template"]["spec"]["containers"]
+                 for p in c.get("ports", [])}
+        assert named.get("metrics") == port, group.get("groupName", "head")
+    (_, monitor), = docs_of("PodMonitor")
+    assert monitor["spec"]["selector"]["matchLabels"]["ray.io/cluster"] == service["metadata"]["name"]
+    assert [e["port"] for e in monitor["spec"]["podMetricsEndpoints"]] == ["metrics"]
+    scrape = yaml.safe_load((INFRA / "monitoring/prometheus.yml").read_text())
+    assert any(service["metadata"]["name"] in str(job) for job in scrape["scrape_configs"])
+
+    dashboard = json.loads((INFRA / "monitoring/grafana-dashboard.json").read_text())
+    queries = " ".join(t["expr"] for panel in dashboard["panels"] for t in panel["targets"])
+    for name in metrics.ALL:
+        assert f"ray_{name}" in queries, f"no panel charts {name}"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import json
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -41,6 +42,35 @@ def register(client: httpx.Client, subject_id: str, *pngs: bytes) -> httpx.Respo
 def generate(client: httpx.Client, subject_id: str, **params) -> httpx.Response:
     body = {"subject_id": subject_id, "prompt": "a photo on a beach", "steps": 2, "seed": 1, **params}
     return client.post("/v1/generate", json=body)
+
+
+def grid_body(subject_ids: list[str], **params) -> dict:
+    return {"subject_ids": subject_ids, "prompts": [{"prompt": "a photo on a beach"}], "steps": 2, "seeds": [1],
+            **params}
+
+
+def grid_lines(client: httpx.Client, body: dict) -> list[dict]:
+    """POST /v1/grids, read as the stream it is: one JSON object per line."""
+    with client.stream("POST", "/v1/grids", json=body) as response:
+        assert response.status_code == 200, response.read()
+        assert response.headers["content-type"].startswith("application/x-ndjson")
+        return [json.loads(line) for line in response.iter_lines() if line]
+
+
+def sse_events(response: httpx.Response):
+    """(event, data) of a server-sent event stream, as they arrive."""
+    event = None
+    for line in response.iter_lines():
+        if line.startswith("event: "):
+            event = line[len("event: "):]
+        elif line.startswith("data: "):
+            yield event, json.loads(line[len("data: "):])
+
+
+def all_generator_stats(api: Api) -> list[dict]:
+    from ray import serve
+
+    return serve.get_deployment_handle("Generator", api.name).broadcast("stats").results(timeout_s=60)
 
 
 def pixels(b64_png: str) -> np.ndarray:
@@ -74,7 +104,11 @@ def test_every_route_but_healthz_and_the_page_needs_the_bearer_token(auth_api, t
     with auth_api.client(token=token) as client:
         calls = [client.get("/docs"), client.get("/openapi.json"),
                  client.get("/v1/subjects/anything"), generate(client, "anything"),
-                 register(client, "anything", reference_png(0))]
+                 register(client, "anything", reference_png(0)),
+                 client.get("/v1/subjects"), client.delete("/v1/subjects/anything"),
+                 client.post("/v1/grids", json=grid_body(["anything"])),
+                 client.post("/v1/generate", json={"subject_id": "anything", "prompt": "x"},
+                             headers={"Accept": "text/event-stream"})]
         assert [r.status_code for r in calls] == [401] * len(calls)
         assert all(r.headers["www-authenticate"] == "Bearer" for r in calls)
         assert client.get("/healthz").status_code == 200 and client.get("/").status_code == 200
@@ -505,3 +539,142 @@ def test_outside_request_drops_the_callers_context_and_is_cancelled_with_it():
         assert cancelled.is_set()
 
     asyncio.run(scenario())
+
+
+# -- grids, subject management, event streams (issue 14) -------------------------------------------------------------
+def test_a_grid_over_two_replicas_streams_every_cell_once_each_as_generate_makes_it(open_api):
+    """Subjects held by both replicas x 2 prompts x 2 seeds, plus a subject nobody registered: one NDJSON line per
+    cell, every cell once; the cells ran on both replicas; the unknown subject failed its own cells only; a cell's
+    image is POST /v1/generate's for the same parameters (up to the batch-size rounding of the existing tests)."""
+    tag = uuid.uuid4().hex[:6]
+    with open_api.client() as client:
+        holders: dict[str, str] = {}
+        for i in range(3):  # a new subject goes to a replica holding the fewest: three cover both (see routing test)
+            subject = f"grid-{tag}-{i}"
+            created = register(client, subject, reference_png(150 + i))
+            assert created.status_code == 201, created.text
+            holders[subject] = created.headers[REPLICA]
+            wait_until_routed(client, subject, holders[subject])
+            if len(set(holders.values())) == OPEN_REPLICAS:
+                break
+        assert len(set(holders.values())) == OPEN_REPLICAS, holders
+        subjects = [*holders, f"grid-{tag}-missing"]
+        prompts = [{"prompt": "a photo on a beach"},
+                   {"prompt": "a toy in the snow", "negative_prompt": "blurry", "image_guidance_scale": 2.0}]
+        body = {"subject_ids": subjects, "prompts": prompts, "seeds": [5, 6], "steps": 2}
+        lines = grid_lines(client, body)
+        cells = [(line["subject_id"], line["prompt_index"], line["seed"]) for line in lines]
+        assert sorted(cells) == sorted((s, p, seed) for s in subjects for p in range(2) for seed in (5, 6))
+        for line in lines:
+            if line["subject_id"] in holders:
+                assert "png" in line and line["replica"] == holders[line["subject_id"]], line.get("error")
+            else:
+                assert line["error"]["status"] == 404 and "png" not in line
+        assert {line["replica"] for line in lines if "png" in line} == set(holders.values())
+
+        cell = next(line for line in lines if line["prompt_index"] == 1 and line["seed"] == 6 and "png" in line)
+        alone = generate(client, cell["subject_id"], prompt="a toy in the snow", negative_prompt="blurry",
+                         image_guidance_scale=2.0, seed=6, steps=2)
+        assert alone.status_code == 200, alone.text
+        assert np.abs(pixels(cell["png"]) - pixels(alone.json()["images"][0])).max() <= 2
+
+
+def test_bad_grid_bodies_are_422_naming_the_field_and_too_large_grids_413(auth_api):
+    with auth_api.client() as client:
+        cases = [({"subject_ids": ["a"], "steps": 2}, "prompts"),
+                 (grid_body([]), "subject_ids"),
+                 (grid_body(["a"], seeds=[-1]), "0"),
+                 (grid_body(["a"], prompts=[{"prompt": ""}]), "prompt"),
+                 (grid_body(["a"], prompts=[{"prompt": "x", "guidance_scale": 99}]), "guidance_scale"),
+                 (grid_body(["a"], num_images=2), "num_images"),
+                 (grid_body(["ok", "../etc"]), "1"),
+                 (grid_body(["a"], width=65), "width")]
+        for body, field in cases:
+            refused = client.post("/v1/grids", json=body)
+            assert refused.status_code == 422, (body, refused.text)
+            assert field in field_of(refused), (body, refused.json())
+        assert client.post("/v1/grids", json=grid_body(["ok", "../etc"])).json()["detail"][0]["loc"][:2] == \
+            ["body", "subject_ids"]
+        for body in (grid_body([f"s{i}" for i in range(17)]),  # an axis over its limit
+                     grid_body([f"s{i}" for i in range(16)], prompts=[{"prompt": f"p{i}"} for i in range(8)])):
+            too_large = client.post("/v1/grids", json=body)
+            assert too_large.status_code == 413, too_large.text
+            assert "dreamcache generate-batch" in too_large.json()["detail"]
+        schema = client.get("/openapi.json").json()
+    grid = schema["components"]["schemas"]["GridRequest"]
+    assert (grid["properties"]["subject_ids"]["maxItems"], grid["properties"]["prompts"]["maxItems"]) == (16, 8)
+    assert grid["x-max-cells"] == 64 and "/v1/grids" in schema["paths"]
+
+
+@pytest.mark.parametrize("app", ["auth", "open"])  # the store on S3, and on a local folder
+def test_list_subjects_in_pages_and_delete_one_from_the_store_and_every_replica(app, serve_apps):
+    api = serve_apps.api(app)
+    tag = uuid.uuid4().hex[:6]
+    mine = [f"list-{tag}-{i}" for i in range(3)]
+    with api.client() as client:
+        for i, subject in enumerate(mine):
+            pngs = [reference_png(170 + i)] * (1 + (i == 0))
+            assert register(client, subject, *pngs).status_code == 201
+        listed, cursor, pages = [], None, 0
+        while True:
+            page = client.get("/v1/subjects", params={"limit": 2, **({"cursor": cursor} if cursor else {})})
+            assert page.status_code == 200, page.text
+            listed += page.json()["subjects"]
+            pages += 1
+            cursor = page.json()["next_cursor"]
+            if cursor is None:
+                break
+        ids = [entry["id"] for entry in listed]
+        assert len(ids) == len(set(ids)) and pages >= 2 and set(mine) <= set(ids)
+        entry = next(e for e in listed if e["id"] == mine[0])
+        assert entry["references"] == 2 and entry["size"] > 1000 and entry["created"].endswith("+00:00")
+        assert field_of(client.get("/v1/subjects", params={"limit": 0})) == ["limit"]
+        assert field_of(client.get("/v1/subjects", params={"cursor": "../x"})) == ["cursor"]
+
+        assert generate(client, mine[1]).status_code == 200  # resident on some replica
+        deleted = client.delete(f"/v1/subjects/{mine[1]}")
+        assert deleted.status_code == 200, deleted.text
+        assert deleted.json()["replicas_cleared"] >= 1
+        assert all(mine[1] not in stats["resident"] for stats in all_generator_stats(api))
+        assert generate(client, mine[1]).status_code == 404
+        assert client.get(f"/v1/subjects/{mine[1]}").status_code == 404
+        assert mine[1] not in [e["id"] for e in client.get("/v1/subjects", params={"limit": 200}).json()["subjects"]]
+        assert client.delete(f"/v1/subjects/{mine[1]}").status_code == 404  # nothing left to delete
+        assert field_of(client.delete("/v1/subjects/bad..id")) == ["subject_id"]
+        # The id is free again: registered with other images, it serves the new cache (its old LRU slot refilled).
+        assert register(client, mine[1], reference_png(190)).status_code == 201
+        again = generate(client, mine[1])
+        assert again.status_code == 200, again.text
+
+
+def test_an_event_stream_reports_each_step_then_the_image(auth_api):
+    with auth_api.client() as client:
+        assert register(client, "sse-fox", reference_png(180)).status_code == 201
+        body = {"subject_id": "sse-fox", "prompt": "a photo on a beach", "steps": 3, "seed": 4}
+        with client.stream("POST", "/v1/generate", json=body, headers={"Accept": "text/event-stream"}) as response:
+            assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+            events = list(sse_events(response))
+        assert [e for e, _ in events] == ["progress"] * 4 + ["result"]
+        assert [d["step"] for _, d in events[:-1]] == [0, 1, 2, 3] and events[0][1]["steps"] == 3
+        plain = client.post("/v1/generate", json=body).json()
+        assert np.abs(pixels(events[-1][1]["images"][0]) - pixels(plain["images"][0])).max() <= 2
+        unknown = client.post("/v1/generate", json={**body, "subject_id": "sse-nobody"},
+                              headers={"Accept": "text/event-stream"})
+        assert unknown.status_code == 404 and unknown.headers["content-type"] == "application/json"
+
+
+def test_cancelling_an_event_stream_stops_the_work(auth_api):
+    with auth_api.client() as client:
+        assert register(client, "sse-cancel", reference_png(181)).status_code == 201
+        before = generator_stats(auth_api)
+        body = {"subject_id": "sse-cancel", "prompt": "x", "steps": 150, "num_images": 8, "seed": 1}
+        with client.stream("POST", "/v1/generate", json=body, headers={"Accept": "text/event-stream"}) as response:
+            for event, data in sse_events(response):
+                if event == "progress" and data["step"] >= 2:
+                    break  # leaving the block closes the connection
+        deadline = time.monotonic() + 60
+        while (stats := generator_stats(auth_api))["cancelled"] == before["cancelled"]:
+            assert time.monotonic() < deadline, "the cancelled stream's batch kept running"
+            time.sleep(0.2)
+        assert stats["steps"] - before["steps"] < 150  # stopped between steps, long before its 150th
+        assert generate(client, "sse-cancel").status_code == 200

@@ -149,3 +149,66 @@ def test_the_page_shows_api_errors(open_api: Api, browser):
     _status_shows(browser, "Generation failed (404)", timeout=60)
     assert browser.find_element(By.ID, "status").get_attribute("class") == "error"
     assert browser.find_elements(By.CSS_SELECTOR, "#gallery img") == []
+
+
+def test_picker_thumbnail_progress_and_download_links(open_api: Api, browser, reference):
+    """After an upload: the reference's thumbnail, the subject in the picker; a generation with a negative prompt,
+    both scales and the guidance mode runs with a progress bar fed by the event stream to its last step, and each
+    image has a download link named after subject, prompt and seed."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    subject = f"web-pick-{uuid.uuid4().hex[:6]}"
+    browser.get(open_api.url + "/")
+    _upload(browser, subject, reference)
+    _status_shows(browser, f"Subject {subject} ready")
+    thumb = browser.find_element(By.ID, "reference-thumb")
+    WebDriverWait(browser, 30).until(lambda d: d.execute_script(
+        "return arguments[0].complete && arguments[0].naturalWidth", thumb) == 64)
+    picker = Select(browser.find_element(By.ID, "subject-picker"))
+    WebDriverWait(browser, 30).until(lambda d: subject in [o.get_attribute("value") for o in picker.options])
+
+    _type(browser, "subject-id", "something-else")
+    picker.select_by_value(subject)  # picking a subject fills the id field
+    assert browser.find_element(By.ID, "subject-id").get_attribute("value") == subject
+    _type(browser, "prompt", "a dog in the snow")
+    for field, value in (("negative-prompt", "blurry"), ("guidance-scale", "5"), ("image-guidance-scale", "1.5"),
+                         ("num-images", "2"), ("steps", "3"), ("seed", "9")):
+        _type(browser, field, value)
+    Select(browser.find_element(By.ID, "guidance")).select_by_value("joint")
+    browser.find_element(By.ID, "generate").click()
+    _status_shows(browser, "2 image(s), seed 9")
+    progress = browser.find_element(By.ID, "progress")
+    assert (progress.get_attribute("value"), progress.get_attribute("max")) == ("3", "3")
+    links = browser.find_elements(By.CSS_SELECTOR, "#gallery a.download")
+    assert [a.get_attribute("download") for a in links] == [f"{subject}_a-dog-in-the-snow_seed{s}.png" for s in (9, 10)]
+    assert all(a.get_attribute("href").startswith("data:image/png;base64,") for a in links)
+
+
+def test_grid_mode_draws_a_table_cell_by_cell(open_api: Api, browser, reference, tmp_path):
+    """Two subjects (one unknown) x two prompts x two seeds: a table of subjects down, prompt x seed across;
+    the known subject's cells show images with download links, the unknown one's cells its error."""
+    from selenium.webdriver.common.by import By
+
+    subject = f"web-grid-{uuid.uuid4().hex[:6]}"
+    browser.get(open_api.url + "/")
+    _upload(browser, subject, reference)
+    _status_shows(browser, f"Subject {subject} ready")
+    browser.find_element(By.ID, "grid-mode").click()
+    _type(browser, "grid-subjects", f"{subject}, web-grid-nobody")
+    _type(browser, "grid-seeds", "1, 2")
+    _type(browser, "prompt", "a photo on a beach\na toy")
+    _type(browser, "steps", "2")
+    browser.find_element(By.ID, "generate").click()
+    _status_shows(browser, "Grid: 8 of 8 cell(s) done, 4 failed")
+    rows = browser.find_elements(By.CSS_SELECTOR, "#grid table tr")
+    assert len(rows) == 3  # the header and one row per subject
+    assert [th.text for th in rows[0].find_elements(By.TAG_NAME, "th")][1:] == [
+        "a photo on a beach (seed 1)", "a photo on a beach (seed 2)", "a toy (seed 1)", "a toy (seed 2)"]
+    images = rows[1].find_elements(By.CSS_SELECTOR, "td img.generated")
+    assert len(images) == 4
+    assert all(browser.execute_script("return arguments[0].naturalWidth", img) == 64 for img in images)
+    assert rows[1].find_elements(By.CSS_SELECTOR, "a.download")[3].get_attribute("download") == \
+        f"{subject}_a-toy_seed2.png"
+    failed = rows[2].find_elements(By.CSS_SELECTOR, "td.failed")
+    assert len(failed) == 4 and all(cell.text.startswith("404") for cell in failed)

@@ -6,11 +6,13 @@
 The application builder is :func:`build_app` (``import_path: pipelines.serve:build_app``); its ``args`` are the
 fields of :class:`pipelines.serve.settings.ServeSettings`.
 
-HTTP API v1 (OpenAPI at /docs): ``POST /v1/subjects``, ``GET /v1/subjects/{id}``, ``POST /v1/generate``,
-``GET /healthz``, and the web page at ``/``. The ingress validates, authenticates and routes: each request goes
-to the generator with ``multiplexed_model_id=subject_id``, so it lands on a replica that holds the subject's
-cache; its answer names that replica in ``X-DreamCache-Replica``. Every request has a server-side deadline (504
-after it); a full queue answers 503 with Retry-After.
+HTTP API v1 (OpenAPI at /docs): ``POST /v1/subjects``, ``GET /v1/subjects`` (paged), ``GET`` and ``DELETE
+/v1/subjects/{id}``, ``POST /v1/generate`` (JSON, PNG, or an event stream of its progress), ``POST /v1/grids``
+(subjects x prompts x seeds, one NDJSON line per cell as it completes), ``GET /healthz``, and the web page at
+``/``. The ingress validates, authenticates and routes: each generation (and each grid cell) goes to the
+generator with ``multiplexed_model_id=subject_id``, so it lands on a replica that holds the subject's cache; its
+answer names that replica in ``X-DreamCache-Replica``. Every request has a server-side deadline (504 after it,
+and the replica stops the work between denoising steps); a full queue answers 503 with Retry-After.
 """
 
 # No `from __future__ import annotations` here: the ingress class is pickled by value into its replica, where
@@ -18,15 +20,18 @@ after it); a full queue answers 503 with Retry-After.
 import asyncio
 import base64
 import hmac
+import json
 import logging
 import secrets
 import time
 from pathlib import Path
+from collections.abc import AsyncIterator
+from datetime import datetime, timezone
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from ray import serve
 from ray.exceptions import RayActorError
@@ -36,17 +41,25 @@ from starlette.exceptions import HTTPException
 
 # Only light imports: the ingress runs no model, so it must not pay for torch and diffusers (seconds per replica).
 from dreamcache import storage
+from dreamcache.cache_info import CacheError
+from dreamcache.cache_store import CacheStore, read_cache_info
 
+from .metrics import IngressMetrics
 from .schema import (
+    BATCH_JOB_HINT,
+    MAX_GRID_CELLS,
     Failure,
     GenerateJob,
     GenerateRequest,
     GenerateResult,
+    GridRequest,
     ModelInfo,
+    Progress,
     SubjectFromUris,
     SubjectOutcome,
     Upload,
     check_image_uri,
+    grid_too_large,
     validation_errors,
 )
 from .settings import ServeSettings, resolve_api_token
@@ -61,6 +74,10 @@ SMALL_BODY_BYTES = 1 * 2**20  # JSON requests other than subject uploads
 TIMEOUT_HEADER = "X-DreamCache-Timeout"  # seconds; lowers (never raises) the server's deadline for one request
 # The generator replica that answered (subjects and generate): shows where routing by subject sent a request.
 REPLICA_HEADER = "X-DreamCache-Replica"
+MAX_SUBJECTS_PAGE = 200  # GET /v1/subjects: each listed subject costs one ranged read of its cache's header
+# Routes as the latency metric names them: a subject id in a path would make one series per subject.
+_METRIC_ROUTES = frozenset({"/", "/healthz", "/docs", "/openapi.json", "/v1/subjects", "/v1/subjects/{subject_id}",
+                            "/v1/generate", "/v1/grids"})
 
 
 def build_app(args: dict[str, Any]):
@@ -91,6 +108,21 @@ def error_response(status: int, message: str, field: str | None = None, headers:
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+def wants_events(accept: str | None) -> bool:
+    """Whether the client asks for a server-sent event stream (``Accept: text/event-stream``)."""
+    return any(part.split(";")[0].strip().lower() == "text/event-stream" for part in (accept or "").split(","))
+
+
+def sse(event: str, data: dict[str, Any]) -> bytes:
+    return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
+
+
+def route_label(method: str, path: str) -> str:
+    if path.startswith("/v1/subjects/"):
+        path = "/v1/subjects/{subject_id}"
+    return f"{method} {path if path in _METRIC_ROUTES else 'other'}"
+
+
 def prefers_png(accept: str | None) -> bool:
     """Whether the Accept header ranks image/png above JSON (a browser's */* gets JSON)."""
     weights: dict[str, float] = {}
@@ -112,10 +144,11 @@ def prefers_png(accept: str | None) -> bool:
 class Guard:
     """Bearer-token check (every path but OPEN_PATHS) and a request-body limit (413 before reading it all)."""
 
-    def __init__(self, app, token: str | None, subject_body_bytes: int) -> None:
+    def __init__(self, app, token: str | None, subject_body_bytes: int, metrics: IngressMetrics | None = None) -> None:
         self.app = app
         self.token = token.encode() if token else None
         self.subject_body_bytes = subject_body_bytes
+        self.metrics = metrics
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -124,6 +157,23 @@ class Guard:
         root = scope.get("root_path", "")
         if root and path.startswith(root):
             path = path[len(root):] or "/"
+        if self.metrics is None:
+            return await self._guarded(scope, receive, send, path)
+        started, status = time.perf_counter(), "cancelled"  # a client gone before the answer started
+
+        async def send_and_note(message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = str(message["status"])
+            await send(message)
+
+        try:
+            await self._guarded(scope, receive, send_and_note, path)
+        finally:
+            self.metrics.latency.observe(time.perf_counter() - started,
+                                         tags={"route": route_label(scope.get("method", ""), path), "status": status})
+
+    async def _guarded(self, scope, receive, send, path: str) -> None:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         if self.token is not None and path not in OPEN_PATHS and not self._authorized(headers.get("authorization")):
             return await error_response(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})(
@@ -178,6 +228,7 @@ class Ingress:
         self.token = resolve_api_token(self.settings)
         self.generator = generator
         self.page = PAGE.read_text(encoding="utf-8")
+        self.store = CacheStore(self.settings.caches)  # listing and deleting need no replica
         self._model: ModelInfo | None = None
 
     def __serve_build_asgi_app__(self):
@@ -188,7 +239,10 @@ class Ingress:
         @api.exception_handler(RequestValidationError)
         async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
             # FastAPI's own handler echoes each bad value, and a NaN in it made the 422 fail as a 500.
-            return JSONResponse({"detail": validation_errors(list(exc.errors()))}, status_code=422)
+            errors = validation_errors(list(exc.errors()))
+            if request.url.path.endswith("/v1/grids") and (too_large := grid_too_large(errors)):
+                return error_response(413, too_large)
+            return JSONResponse({"detail": errors}, status_code=422)
 
         @api.get("/healthz", tags=["ops"])
         async def healthz() -> dict[str, str]:
@@ -230,15 +284,71 @@ class Ingress:
             assert isinstance(outcome, SubjectOutcome)
             return JSONResponse(outcome.metadata, headers={REPLICA_HEADER: outcome.replica})
 
+        @api.get("/v1/subjects", tags=["subjects"])
+        async def list_subjects(
+                limit: int = Query(50, ge=1, le=MAX_SUBJECTS_PAGE),
+                cursor: str | None = Query(None, max_length=128, description="next_cursor of the previous page"),
+        ) -> Response:
+            """The registered subjects (the cache store), in id order, a page at a time: id, number of
+            references, size in bytes, created (when its cache was written, UTC)."""
+            try:
+                page, next_cursor = await asyncio.to_thread(self.store.page, limit, cursor)
+            except storage.InvalidId as exc:
+                return error_response(422, str(exc), "query.cursor")
+            except storage.StorageError as exc:
+                return error_response(503, f"the cache store is unavailable: {exc}",
+                                      headers={"Retry-After": str(settings.retry_after_s)})
+            listed = await asyncio.gather(*(asyncio.to_thread(self._listed, sid, obj) for sid, obj in page))
+            return JSONResponse({"subjects": listed, "next_cursor": next_cursor})
+
+        @api.delete("/v1/subjects/{subject_id}", tags=["subjects"],
+                    responses={404: {"description": "no such subject"}})
+        async def delete_subject(subject_id: str) -> Response:
+            """Remove a subject: its cache from the store, then from every generator replica's memory. Repeating
+            it changes nothing more (the repeat answers 404: the subject is unknown by then)."""
+            try:
+                uri = self.store.uri_for(subject_id)
+            except storage.InvalidId as exc:
+                return error_response(422, str(exc), "path.subject_id")
+            try:
+                stored = await asyncio.to_thread(storage.exists, uri)
+                if stored:  # the store first: no replica can load it again after it forgot it
+                    await asyncio.to_thread(storage.delete, uri)
+            except storage.StorageError as exc:
+                return self._failure(Failure(503, f"the cache store is unavailable: {exc}"))
+            try:
+                # Every replica, not the one routing would pick: any of them may hold the subject.
+                held = await self.generator.broadcast("forget_subject", subject_id).results_async(
+                    timeout_s=min(30.0, settings.request_timeout_s), return_exceptions=True)
+            except TimeoutError:
+                held = [TimeoutError("no answer")]
+            unreached = [r for r in held if isinstance(r, BaseException)]
+            if unreached:
+                logger.warning("subject %s: %d replica(s) did not confirm forgetting it: %s", subject_id,
+                               len(unreached), unreached[0])
+                return self._failure(Failure(503, f"the subject's cache was {'deleted' if stored else 'not stored'}, "
+                                                  f"but {len(unreached)} replica(s) did not confirm dropping it from "
+                                                  "memory; repeat the DELETE"))
+            cleared = sum(1 for r in held if r is True)
+            if not stored and not cleared:
+                return error_response(404, f"unknown subject {subject_id!r}")
+            return JSONResponse({"subject_id": subject_id, "deleted": True, "replicas_cleared": cleared})
+
         @api.post("/v1/generate", tags=["generation"],
-                  responses={200: {"content": {"image/png": {}}, "description": "JSON, or one PNG with Accept: image/png"}})
+                  responses={200: {"content": {"image/png": {}, "text/event-stream": {}},
+                                   "description": "JSON; one PNG with Accept: image/png; with Accept: "
+                                                  "text/event-stream, events 'progress' {step, steps} then "
+                                                  "'result' (the JSON answer) or 'error' {status, detail}"}})
         async def generate(body: GenerateRequest, request: Request) -> Response:
             """Images of a subject in a context. The same seed and parameters give the same image (bit-identical
             when computed alike; a request batched with others may differ by rounding, a level or two of 255)."""
             job = await self._job(body, request.headers.get(TIMEOUT_HEADER))
             if isinstance(job, Failure):
                 return self._failure(job)
-            png = prefers_png(request.headers.get("accept"))
+            accept = request.headers.get("accept")
+            if wants_events(accept):
+                return await self._event_stream(job)
+            png = prefers_png(accept)
             if png and job.num_images != 1:
                 return error_response(406, "Accept: image/png returns one image; ask for num_images=1 or accept JSON")
             outcome = await self._call(self.generator.options(multiplexed_model_id=job.subject_id)
@@ -250,30 +360,44 @@ class Ingress:
                 return Response(outcome.pngs[0], media_type="image/png",
                                 headers={"X-DreamCache-Seed": str(job.seed), "X-DreamCache-Subject": job.subject_id,
                                          REPLICA_HEADER: outcome.replica})
-            return JSONResponse({
-                "subject_id": job.subject_id,
-                "media_type": "image/png",
-                "images": [base64.b64encode(png_bytes).decode("ascii") for png_bytes in outcome.pngs],
-                "parameters": job.parameters(),
-                "server": {"replica": outcome.replica, "cache": outcome.cache, "batch_images": outcome.batch_images,
-                           "batch_subjects": outcome.batch_subjects, "seconds": round(outcome.seconds, 4)},
-            }, headers={REPLICA_HEADER: outcome.replica})
+            return JSONResponse(result_body(job, outcome), headers={REPLICA_HEADER: outcome.replica})
 
-        return Guard(api, self.token, settings.max_request_bytes())
+        @api.post("/v1/grids", tags=["generation"], responses={
+            200: {"content": {"application/x-ndjson": {}},
+                  "description": "one JSON line per cell, in the order cells complete: subject_id, prompt_index, "
+                                 "seed, replica, and png (base64) or error {status, detail}"},
+            413: {"description": f"more cells than the limits (at most {MAX_GRID_CELLS}); {BATCH_JOB_HINT}"}})
+        async def grid(body: GridRequest, request: Request) -> Response:
+            """Every subject x prompt x seed, one image per cell, fanned out over the replicas holding each subject.
+            A cell's image is the one POST /v1/generate gives for the same parameters; an unknown or unusable
+            subject fails its own cells only."""
+            if body.cells() > MAX_GRID_CELLS:
+                return error_response(413, f"the grid has {body.cells()} cells, more than {MAX_GRID_CELLS}; "
+                                           f"{BATCH_JOB_HINT}")
+            jobs = await self._grid_jobs(body, request.headers.get(TIMEOUT_HEADER))
+            if isinstance(jobs, Failure):
+                return self._failure(jobs)
+            return StreamingResponse(self._grid_lines(jobs), media_type="application/x-ndjson")
+
+        return Guard(api, self.token, settings.max_request_bytes(), IngressMetrics())
 
     # -- helpers --------------------------------------------------------------------------------------------
-    async def _call(self, response, deadline: float | None = None):
-        """Await a generator call under the server-side deadline; overload and timeouts become Failures."""
+    async def _call(self, response, deadline: float | None = None, awaitable=None):
+        """Await a generator call (or ``awaitable``, e.g. a stream's next event) under the server-side deadline;
+        overload and timeouts become Failures."""
         timeout = (deadline - time.time()) if deadline is not None else self.settings.request_timeout_s
 
         async def wait():
-            return await response
+            return await (response if awaitable is None else awaitable)
 
         try:
             return await asyncio.wait_for(wait(), timeout=max(timeout, 0.001))
         except asyncio.TimeoutError:
             response.cancel()
             return Failure(504, f"no answer within the request's {max(timeout, 0):.3g} s timeout")
+        except asyncio.CancelledError:  # the client went away (or its grid was closed): so goes the replica's work
+            response.cancel()
+            raise
         except BackPressureError:
             return Failure(503, "the generator replicas are at capacity; retry later")
         except (DeploymentUnavailableError, RayActorError) as exc:  # no replica yet, or one died mid-request
@@ -291,11 +415,7 @@ class Ingress:
             self._model = info
         return self._model
 
-    async def _job(self, body: GenerateRequest, timeout_header: str | None) -> GenerateJob | Failure:
-        try:
-            storage.validate_id(body.subject_id)
-        except storage.InvalidId as exc:
-            return Failure(422, str(exc), "subject_id")
+    def _deadline(self, timeout_header: str | None) -> float | Failure:
         timeout = self.settings.request_timeout_s
         if timeout_header is not None:  # a client with its own deadline: no GPU time after it gives up
             try:
@@ -306,19 +426,136 @@ class Ingress:
                 return Failure(422, f"{TIMEOUT_HEADER} must be a number of seconds > 0, got {timeout_header!r}",
                                f"header.{TIMEOUT_HEADER}")
             timeout = min(timeout, asked)
+        return time.time() + timeout
+
+    async def _sides(self, height: int | None, width: int | None) -> dict[str, int] | Failure:
         model = await self._model_info()
         if isinstance(model, Failure):
             return model
         max_side = self.settings.max_side or 2 * model.default_resolution
-        sides = {"height": body.height or model.default_resolution, "width": body.width or model.default_resolution}
+        sides = {"height": height or model.default_resolution, "width": width or model.default_resolution}
         for name, value in sides.items():
             if not self.settings.min_side <= value <= max_side:
                 return Failure(422, f"{name} must be between {self.settings.min_side} and {max_side} pixels "
                                     f"(a multiple of 8) for this model, got {value}", name)
+        return sides
+
+    async def _job(self, body: GenerateRequest, timeout_header: str | None) -> GenerateJob | Failure:
+        try:
+            storage.validate_id(body.subject_id)
+        except storage.InvalidId as exc:
+            return Failure(422, str(exc), "subject_id")
+        deadline = self._deadline(timeout_header)
+        if isinstance(deadline, Failure):
+            return deadline
+        sides = await self._sides(body.height, body.width)
+        if isinstance(sides, Failure):
+            return sides
         seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
         return GenerateJob(body.subject_id, body.prompt, body.negative_prompt, body.num_images, body.steps,
                            body.guidance_scale, body.image_guidance_scale, body.guidance, seed, sides["height"],
-                           sides["width"], deadline=time.time() + timeout)
+                           sides["width"], deadline=deadline)
+
+    async def _grid_jobs(self, body: GridRequest, timeout_header: str | None
+                         ) -> list[tuple[dict[str, Any], GenerateJob]] | Failure:
+        """One GenerateJob per cell (the same job /v1/generate makes of the same parameters, so the same image),
+        each with its cell's coordinates."""
+        for i, subject_id in enumerate(body.subject_ids):
+            try:
+                storage.validate_id(subject_id)
+            except storage.InvalidId as exc:
+                return Failure(422, str(exc), f"subject_ids.{i}")
+        deadline = self._deadline(timeout_header)
+        if isinstance(deadline, Failure):
+            return deadline
+        sides = await self._sides(body.height, body.width)
+        if isinstance(sides, Failure):
+            return sides
+        seeds = body.seeds if body.seeds is not None else [secrets.randbelow(2**31)]
+        jobs = []
+        for subject_id in body.subject_ids:
+            for p, prompt in enumerate(body.prompts):
+                negative = prompt.negative_prompt if prompt.negative_prompt is not None else body.negative_prompt
+                scale = prompt.guidance_scale if prompt.guidance_scale is not None else body.guidance_scale
+                image_scale = prompt.image_guidance_scale if prompt.image_guidance_scale is not None \
+                    else body.image_guidance_scale
+                for seed in seeds:
+                    job = GenerateJob(subject_id, prompt.prompt, negative, 1, body.steps, scale, image_scale,
+                                      body.guidance, seed, sides["height"], sides["width"], deadline=deadline)
+                    jobs.append(({"subject_id": subject_id, "prompt_index": p, "seed": seed}, job))
+        return jobs
+
+    async def _grid_lines(self, jobs: list[tuple[dict[str, Any], GenerateJob]]) -> AsyncIterator[bytes]:
+        """The grid's cells, all sent at once, each to a replica holding its subject (so the grid spreads over
+        every replica that holds one of its subjects); a line per cell as it completes. At most
+        ``grid_max_in_flight`` cells wait on the replicas at once: one grid must not fill their queues alone."""
+        gate = asyncio.Semaphore(self.settings.grid_max_in_flight)
+
+        async def cell(coords: dict[str, Any], job: GenerateJob) -> bytes:
+            async with gate:
+                outcome = await self._call(self.generator.options(multiplexed_model_id=job.subject_id)
+                                           .generate.remote(job), deadline=job.deadline)
+            if isinstance(outcome, Failure):
+                line = {**coords, "error": {"status": outcome.status, "detail": outcome.message}}
+            else:
+                assert isinstance(outcome, GenerateResult)
+                line = {**coords, "replica": outcome.replica, "cache": outcome.cache,
+                        "png": base64.b64encode(outcome.pngs[0]).decode("ascii")}
+            return (json.dumps(line, separators=(",", ":")) + "\n").encode()
+
+        tasks = [asyncio.ensure_future(cell(coords, job)) for coords, job in jobs]
+        try:
+            for done in asyncio.as_completed(tasks):
+                yield await done
+        finally:  # the client went away: the cells not yet answered are cancelled (and so is their work)
+            for task in tasks:
+                task.cancel()
+
+    async def _event_stream(self, job: GenerateJob) -> Response:
+        """POST /v1/generate as server-sent events. The first event (queued, or the request's failure) is awaited
+        here, so that an unknown subject is still a plain 404, not a 200 stream that reports an error."""
+        stream = self.generator.options(multiplexed_model_id=job.subject_id, stream=True) \
+            .generate_events.remote(job)
+        first = await self._call(stream, deadline=job.deadline, awaitable=stream.__anext__())
+        if isinstance(first, Failure):
+            stream.cancel()
+            return self._failure(first)
+        assert isinstance(first, Progress)
+
+        async def events() -> AsyncIterator[bytes]:
+            try:
+                yield sse("progress", {"step": first.step, "steps": first.steps})
+                async for event in stream:
+                    if isinstance(event, Progress):
+                        yield sse("progress", {"step": event.step, "steps": event.steps})
+                    elif isinstance(event, Failure):
+                        yield sse("error", {"status": event.status, "detail": event.message})
+                        return
+                    else:
+                        assert isinstance(event, GenerateResult)
+                        yield sse("result", result_body(job, event))
+                        return
+            except (RayActorError, DeploymentUnavailableError) as exc:
+                yield sse("error", {"status": 503, "detail": f"the generator is unavailable: {type(exc).__name__}"})
+            finally:  # also when the client disconnects: cancelling the stream stops the replica's work
+                stream.cancel()
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-store", REPLICA_HEADER: first.replica})
+
+    def _listed(self, subject_id: str, obj: storage.ListedObject) -> dict[str, Any]:
+        """One entry of GET /v1/subjects: a cache's header is read for its reference count (a ranged read)."""
+        entry: dict[str, Any] = {
+            "id": subject_id, "references": None, "size": obj.size,
+            "created": datetime.fromtimestamp(obj.modified, timezone.utc).isoformat(timespec="seconds"),
+        }
+        try:
+            entry["references"] = len(read_cache_info(self.store.uri_for(subject_id), obj.size).source_hashes)
+        except (CacheError, storage.StorageError) as exc:  # listed anyway: an operator lists to find these
+            entry["error"] = str(exc)
+        except storage.InvalidId:
+            entry["error"] = "not a valid subject id"
+        return entry
 
     async def _uploads_from_form(self, request: Request) -> tuple[str, list[Upload]] | Failure:
         limit = self.settings.max_upload_bytes
@@ -369,6 +606,18 @@ class Ingress:
                 return upload
             uploads.append(upload)
         return request.subject_id, uploads
+
+
+def result_body(job: GenerateJob, outcome: GenerateResult) -> dict[str, Any]:
+    """The JSON answer of POST /v1/generate (also the 'result' event of its event stream)."""
+    return {
+        "subject_id": job.subject_id,
+        "media_type": "image/png",
+        "images": [base64.b64encode(png_bytes).decode("ascii") for png_bytes in outcome.pngs],
+        "parameters": job.parameters(),
+        "server": {"replica": outcome.replica, "cache": outcome.cache, "batch_images": outcome.batch_images,
+                   "batch_subjects": outcome.batch_subjects, "seconds": round(outcome.seconds, 4)},
+    }
 
 
 def read_image_uri(uri: str, field: str, settings: ServeSettings) -> Upload | Failure:

@@ -12,6 +12,11 @@
 * New subjects are cached here too (the GPU replica runs the caching pass) and written to the cache store.
 * One pipeline call at a time per replica (the scheduler is stateful, the GPU is one); the calls run in a
   worker thread so the replica keeps answering health checks and queueing requests meanwhile.
+* The pipeline's step callback (``callback_on_step_end``) reports each step to the requests that stream their
+  progress, and stops a call (the pipeline's ``interrupt``) once none of its requests is wanted any more: every
+  one past its deadline, or cancelled (its client went away).
+* Deleting a subject reaches every replica by a broadcast (``forget_subject``): the cache's device memory is
+  freed at once, its LRU slot is refilled from the store only if the subject is registered again.
 """
 
 from __future__ import annotations
@@ -21,8 +26,8 @@ import logging
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -35,11 +40,13 @@ from dreamcache.image_files import png_bytes
 from dreamcache.images import ImageDecodeError, ImageLimits, decode_image, sha256_hex
 
 from .batching import DeviceQueue, outside_request
+from .metrics import GeneratorMetrics
 from .schema import (
     Failure,
     GenerateJob,
     GenerateResult,
     ModelInfo,
+    Progress,
     SubjectOutcome,
     Upload,
     image_failure,
@@ -51,14 +58,32 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
+class _Watch:
+    """What the step callback needs of one request: whether anyone still wants it, and where its progress goes.
+    Written by the event loop, read by the pipeline's worker thread (plain attribute reads and writes)."""
+
+    deadline: float
+    cancelled: bool = False  # the caller went away (a cancelled request, a closed event stream)
+    on_step: Callable[[int, int], None] | None = None  # (steps done, steps), called from the worker thread
+
+    def wanted(self, now: float) -> bool:
+        return not self.cancelled and now <= self.deadline
+
+
+@dataclass
 class _BatchItem:
     job: GenerateJob
     cache: FeatureCache  # on the replica's device; items of one subject share the object
     cache_state: str
+    watch: _Watch = field(default_factory=lambda: _Watch(float("inf")))
 
 
-class _Abandoned(Exception):
-    """Every request of a pipeline call is past its deadline: stop denoising, nobody waits for it."""
+class _Stopped(Exception):
+    """No request of a pipeline call is wanted any more (past its deadline or cancelled): it was interrupted."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason  # "deadline" or "cancelled"
 
 
 class ResidentCache:
@@ -66,7 +91,9 @@ class ResidentCache:
 
     def __init__(self, subject_id: str, cache: FeatureCache, on_evict: Callable[[str], None]) -> None:
         self.subject_id = subject_id
-        self.cache = cache
+        # None once the subject was deleted (forget_subject): the LRU keeps the entry until it evicts it, and a
+        # subject registered again refills it (Serve's multiplexer has no public way to drop one entry).
+        self.cache: FeatureCache | None = cache
         self._on_evict: Callable[[str], None] | None = on_evict
 
     def __del__(self) -> None:
@@ -102,21 +129,22 @@ class Generator:
         # The batch job's loader: ServeSettings carries the same model, adapter, device, dtype, torch_threads.
         self.pipe = load_render_pipeline(settings)
         self.device, self.dtype = self.pipe.unet.device, self.pipe.unet.dtype
-        # The pipeline iterates its denoising steps through progress_bar: the one hook where a call whose
-        # requests have all timed out can be stopped between steps.
-        self.pipe.progress_bar = self._steps  # type: ignore[method-assign]
-        self._abandon: Callable[[], bool] | None = None
+        self.pipe.set_progress_bar_config(disable=True)  # progress goes to the step callback, not to stderr
         self.store = CacheStore(settings.caches)
         self.limits = ImageLimits(max_bytes=settings.max_upload_bytes, max_pixels=settings.max_pixels)
         self.replica = serve.get_replica_context().replica_id.unique_id
         self._pipe_lock = asyncio.Lock()
         self._create_lock = asyncio.Lock()  # one caching pass at a time; also makes a repeated upload a no-op
         self._fresh: dict[str, FeatureCache] = {}  # caches just computed here, handed to the LRU without a read
-        self._resident: dict[str, FeatureCache] = {}  # what the LRU holds, readable without touching its order
+        # What the LRU holds with a live cache, readable without touching its order.
+        self._resident: dict[str, ResidentCache] = {}
         self._counts_lock = threading.Lock()
+        self._waiting: set[int] = set()  # ids of the watches of generate requests not yet in a pipeline call
         self._counts = {"loads": 0, "evictions": 0, "batches": 0, "images": 0, "max_batch_subjects": 0,
-                        "max_batch_images": 0, "subjects_created": 0, "abandoned": 0,
+                        "max_batch_images": 0, "subjects_created": 0, "abandoned": 0, "cancelled": 0,
+                        "forgotten": 0, "steps": 0,  # denoising steps run (one per UNet batch per step)
                         "busy_s": 0.0}  # seconds in pipeline calls: busy_s / wall time = device utilisation
+        self._metrics = GeneratorMetrics()
         self._hold = serve.multiplexed(max_num_models_per_replica=settings.max_caches_per_replica)(
             self._make_cache_loader())
         self._device = DeviceQueue(self._device_call, settings.max_batch_size, lambda item: item.job.num_images)
@@ -153,9 +181,48 @@ class Generator:
         held = await self._cache_of(job.subject_id)
         if isinstance(held, Failure):
             return held
-        cache, state = held
-        # Enqueued with no multiplexed id, so that the batch may mix subjects (see outside_request).
-        return await outside_request(self._run_batch(_BatchItem(job, cache, state)))
+        return await self._enqueue(job, *held, _Watch(job.deadline))
+
+    async def generate_events(self, job: GenerateJob) -> AsyncIterator[Progress | GenerateResult | Failure]:
+        """``generate`` as a stream (called with ``stream=True``): Progress(0) once the request is queued, then
+        Progress per denoising step of its batch, then the result (or a Failure instead of any of these).
+        Closing the stream cancels the request; its batch stops if no other request in it is wanted."""
+        held = await self._cache_of(job.subject_id)
+        if isinstance(held, Failure):
+            yield held
+            return
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[Progress] = asyncio.Queue()
+        watch = _Watch(job.deadline, on_step=lambda step, steps: loop.call_soon_threadsafe(
+            events.put_nowait, Progress(step, steps, self.replica)))
+        task = asyncio.ensure_future(self._enqueue(job, *held, watch))
+        yield Progress(0, job.steps, self.replica)
+        try:
+            while not task.done():
+                next_event = asyncio.ensure_future(events.get())
+                await asyncio.wait({task, next_event}, return_when=asyncio.FIRST_COMPLETED)
+                if next_event.done():
+                    yield next_event.result()
+                else:
+                    next_event.cancel()
+            while not events.empty():  # steps reported just before the result
+                yield events.get_nowait()
+            yield task.result()
+        finally:  # the consumer went away (Serve cancels a closed stream) or the result is out
+            if not task.done():
+                watch.cancelled = True
+                task.cancel()
+
+    async def forget_subject(self, subject_id: str) -> bool:
+        """Drop a deleted subject's cache from this replica's memory (broadcast to every replica by the ingress
+        after it deleted the stored cache); whether this replica held it."""
+        entry = self._resident.pop(subject_id, None)
+        self._fresh.pop(subject_id, None)
+        if entry is None:
+            return False
+        entry.cache = None  # requests already in a batch keep their own reference until it finishes
+        self._count("forgotten")
+        return True
 
     async def create_subject(self, subject_id: str, uploads: list[Upload]) -> SubjectOutcome | Failure:
         """Cache a subject from its reference images and write it to the store; the same images again: 200."""
@@ -187,8 +254,10 @@ class Generator:
             self._count("subjects_created")
             # Requests for a new subject are routed here next: keep it warm without reading it back.
             self._fresh[subject_id] = cache
-            await self._hold(subject_id)
+            entry: ResidentCache = await self._hold(subject_id)
             self._fresh.pop(subject_id, None)  # left over when the subject was resident already
+            if entry.cache is None:  # an entry of the subject before it was deleted: refill it
+                self._revive(entry, cache)
             return SubjectOutcome(True, subject_metadata(subject_id, cache.info, uri, nbytes), self.replica)
 
     # -- subject caches -------------------------------------------------------------------------------------
@@ -198,18 +267,23 @@ class Generator:
             if cache is None:
                 cache = await asyncio.to_thread(self.store.read, subject_id, self.pipe.layers, self.pipe.base_model)
                 self._count("loads")
-            cache = cache.to(self.device, self.dtype)
-            self._resident[subject_id] = cache
-            return ResidentCache(subject_id, cache, self._evicted)
+            entry = ResidentCache(subject_id, cache.to(self.device, self.dtype), self._evicted)
+            self._resident[subject_id] = entry
+            return entry
 
         return load_subject_cache
+
+    def _revive(self, entry: ResidentCache, cache: FeatureCache) -> None:
+        entry.cache = cache.to(self.device, self.dtype)
+        self._resident[entry.subject_id] = entry
 
     def _evicted(self, subject_id: str) -> None:
         self._resident.pop(subject_id, None)
         self._count("evictions")
 
     def _peek(self, subject_id: str) -> FeatureCache | None:
-        return self._resident.get(subject_id)
+        entry = self._resident.get(subject_id)
+        return entry.cache if entry is not None else None
 
     async def _cache_of(self, subject_id: str) -> tuple[FeatureCache, str] | Failure:
         state = "hit" if subject_id in self._resident else "loaded"
@@ -219,9 +293,32 @@ class Generator:
             if state == "loaded" and not await asyncio.to_thread(self.store.exists, subject_id):
                 return Failure(404, f"unknown subject {subject_id!r}{hint}")
             held: ResidentCache = await self._hold(subject_id)
+            cache = held.cache
+            if cache is None:  # deleted since the LRU loaded it, and registered again (it exists): read it anew
+                state = "loaded"
+                cache = await asyncio.to_thread(self.store.read, subject_id, self.pipe.layers, self.pipe.base_model)
+                self._count("loads")
+                self._revive(held, cache)
+                cache = held.cache
         except (CacheError, storage.StorageError) as exc:
             return _cache_failure(exc, subject_id, unknown_hint=hint, unusable="cannot be used with this model")
-        return held.cache, state
+        self._metrics.cache_lookups.inc(tags={"result": "hit" if state == "hit" else "loaded"})
+        assert cache is not None
+        return cache, state
+
+    async def _enqueue(self, job: GenerateJob, cache: FeatureCache, state: str, watch: _Watch
+                       ) -> GenerateResult | Failure:
+        with self._counts_lock:
+            self._waiting.add(id(watch))
+            self._metrics.queue_length.set(len(self._waiting))
+        try:
+            # Enqueued with no multiplexed id, so that the batch may mix subjects (see outside_request).
+            return await outside_request(self._run_batch(_BatchItem(job, cache, state, watch)))
+        except asyncio.CancelledError:  # the caller went away: its batch may stop (see _step_callback)
+            watch.cancelled = True
+            raise
+        finally:
+            self._left_queue([watch])
 
     async def _existing(self, subject_id: str, hashes: tuple[str, ...]) -> SubjectOutcome | Failure | None:
         """The stored subject when it holds exactly these images (200, nothing computed); None to compute."""
@@ -258,13 +355,20 @@ class Generator:
         async with self._pipe_lock:
             return await asyncio.to_thread(self._generate, items)
 
+    def _left_queue(self, watches: list[_Watch]) -> None:
+        with self._counts_lock:
+            self._waiting.difference_update(id(w) for w in watches)
+            self._metrics.queue_length.set(len(self._waiting))
+
     def _generate(self, items: list[_BatchItem]) -> list[tuple[list[Any], dict] | Failure]:
         """Run a batch: one pipeline call per group of requests whose call parameters agree."""
         now = time.time()
+        self._left_queue([item.watch for item in items])
         outcomes: list[Any] = [None] * len(items)
-        live = [i for i, item in enumerate(items) if item.job.deadline > now]
+        live = [i for i, item in enumerate(items) if item.watch.wanted(now)]
         for i in set(range(len(items))) - set(live):
-            outcomes[i] = Failure(504, "the request timed out before a replica could run it")
+            outcomes[i] = Failure(504, "the request timed out before a replica could run it") \
+                if not items[i].watch.cancelled else Failure(499, "the request was cancelled")
         groups: dict[tuple, list[int]] = defaultdict(list)
         for i in live:
             groups[items[i].job.batch_key()].append(i)
@@ -276,10 +380,12 @@ class Generator:
             started = time.perf_counter()
             try:
                 images = self._call_pipeline(group)
-            except _Abandoned:
-                self._count("abandoned")
+            except _Stopped as stop:
+                self._count("abandoned" if stop.reason == "deadline" else "cancelled")
+                self._metrics.stopped.inc(tags={"reason": stop.reason})
                 for i in indices:
-                    outcomes[i] = Failure(504, "the request timed out while its images were being generated")
+                    outcomes[i] = Failure(504, "the request timed out while its images were being generated") \
+                        if not items[i].watch.cancelled else Failure(499, "the request was cancelled")
                 continue
             except torch.cuda.OutOfMemoryError:
                 logger.warning("out of device memory for %d request(s)", len(group))
@@ -295,6 +401,7 @@ class Generator:
                 continue
             info = {**batch, "seconds": time.perf_counter() - started}
             self._count("busy_s", info["seconds"])
+            self._metrics.images.inc(batch["batch_images"])
             offset = 0
             for i, item in zip(indices, group):
                 outcomes[i] = (images[offset : offset + item.job.num_images],
@@ -313,24 +420,37 @@ class Generator:
                 caches.append(item.cache)
                 negatives.append(job.negative_prompt or "")
                 generators.append(torch.Generator().manual_seed(job.seed + k))
-        deadline = max(item.job.deadline for item in group)
-        self._abandon = lambda: time.time() > deadline
-        try:
-            return self.pipe(
-                prompts, caches, negative_prompt=negatives, num_inference_steps=first.steps,
-                guidance_scale=first.guidance_scale, image_guidance_scale=first.image_guidance_scale,
-                guidance=first.guidance, num_images_per_prompt=1, generator=generators,
-                height=first.height, width=first.width,
-            ).images
-        finally:
-            self._abandon = None
+        stopped: list[str] = []  # set by the step callback when it interrupts the call
+        images = self.pipe(
+            prompts, caches, negative_prompt=negatives, num_inference_steps=first.steps,
+            guidance_scale=first.guidance_scale, image_guidance_scale=first.image_guidance_scale,
+            guidance=first.guidance, num_images_per_prompt=1, generator=generators,
+            height=first.height, width=first.width,
+            callback_on_step_end=self._step_callback(group, stopped), callback_on_step_end_tensor_inputs=(),
+        ).images
+        if stopped:  # the interrupted call decoded half-denoised latents: nobody gets them
+            raise _Stopped(stopped[0])
+        return images
 
-    def _steps(self, iterable: Iterable | None = None, total: int | None = None) -> Iterator:
-        """Stands in for the pipeline's progress bar: stops a call whose requests have all timed out."""
-        for step in iterable if iterable is not None else range(total or 0):
-            if self._abandon is not None and self._abandon():
-                raise _Abandoned()
-            yield step
+    def _step_callback(self, group: list[_BatchItem], stopped: list[str]):
+        """The pipeline's ``callback_on_step_end``: progress to the requests that stream it, and the interrupt
+        (the server-side deadline, and clients that went away) between steps."""
+        steps = group[0].job.steps
+        watches = [item.watch for item in group]
+
+        def on_step_end(pipe, step: int, timestep, tensors: dict) -> dict:
+            self._count("steps")
+            for watch in watches:
+                if watch.on_step is not None and not watch.cancelled:
+                    watch.on_step(step + 1, steps)
+            now = time.time()
+            if step + 1 < steps and not any(watch.wanted(now) for watch in watches):
+                # A request the ingress gave up on at its deadline is cancelled too: the deadline is the reason.
+                stopped.append("deadline" if any(now > watch.deadline for watch in watches) else "cancelled")
+                pipe._interrupt = True  # the pipeline skips the remaining steps
+            return {}
+
+        return on_step_end
 
     def _encode(self, outcomes: list[tuple[list[Any], dict] | Failure]) -> list[GenerateResult | Failure]:
         results: list[GenerateResult | Failure] = []
@@ -359,3 +479,5 @@ class Generator:
             self._counts["images"] += batch["batch_images"]
             self._counts["max_batch_subjects"] = max(self._counts["max_batch_subjects"], batch["batch_subjects"])
             self._counts["max_batch_images"] = max(self._counts["max_batch_images"], batch["batch_images"])
+        self._metrics.batch_images.observe(batch["batch_images"])
+        self._metrics.batch_subjects.observe(batch["batch_subjects"])

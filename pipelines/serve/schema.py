@@ -9,7 +9,7 @@ guess an HTTP status from a remote exception.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -45,6 +45,64 @@ class GenerateRequest(BaseModel):
                                description="pixels; default: the model's resolution; the model's limits apply")
     width: int | None = Field(default=None, ge=8, le=4096, multiple_of=8,
                               description="pixels; default: the model's resolution; the model's limits apply")
+
+
+# A grid is answered by one request whose cells all run on the serving replicas: a bound keeps one client from
+# holding every replica for minutes. Larger grids belong to the batch generation job (`dreamcache generate-batch`),
+# which writes images and a manifest to object storage instead of holding an HTTP stream open.
+MAX_GRID_SUBJECTS = 16
+MAX_GRID_PROMPTS = 8
+MAX_GRID_SEEDS = 8
+MAX_GRID_CELLS = 64
+GRID_AXES = ("subject_ids", "prompts", "seeds")
+BATCH_JOB_HINT = "use the batch generation job (dreamcache generate-batch) for larger grids"
+Seed = Annotated[int, Field(ge=0, le=2**31 - 1)]
+SubjectId = Annotated[str, Field(min_length=1, max_length=128)]
+
+
+class GridPrompt(BaseModel):
+    """One prompt of a grid; unset fields take the grid's value."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    negative_prompt: str | None = Field(default=None, max_length=MAX_PROMPT_CHARS)
+    guidance_scale: float | None = Field(default=None, ge=0.0, le=MAX_GUIDANCE, allow_inf_nan=False)
+    image_guidance_scale: float | None = Field(default=None, ge=0.0, le=MAX_GUIDANCE, allow_inf_nan=False)
+
+
+class GridRequest(BaseModel):
+    """POST /v1/grids: every subject x every prompt x every seed, one image per cell.
+
+    The axis limits (maxItems) and ``x-max-cells`` are enforced: a grid above them is answered 413."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"x-max-cells": MAX_GRID_CELLS})
+
+    subject_ids: list[SubjectId] = Field(min_length=1, max_length=MAX_GRID_SUBJECTS)
+    prompts: list[GridPrompt] = Field(min_length=1, max_length=MAX_GRID_PROMPTS)
+    seeds: list[Seed] | None = Field(default=None, min_length=1, max_length=MAX_GRID_SEEDS,
+                                     description="omitted: one random seed for the whole grid")
+    negative_prompt: str | None = Field(default=None, max_length=MAX_PROMPT_CHARS)
+    steps: int = Field(default=50, ge=1, le=MAX_STEPS)
+    guidance_scale: float = Field(default=7.5, ge=0.0, le=MAX_GUIDANCE, allow_inf_nan=False)
+    image_guidance_scale: float = Field(default=0.4, ge=0.0, le=MAX_GUIDANCE, allow_inf_nan=False)
+    guidance: Literal["compositional", "joint"] = "compositional"
+    height: int | None = Field(default=None, ge=8, le=4096, multiple_of=8)
+    width: int | None = Field(default=None, ge=8, le=4096, multiple_of=8)
+
+    def cells(self) -> int:
+        return len(self.subject_ids) * len(self.prompts) * len(self.seeds or [0])
+
+
+def grid_too_large(errors: list[dict[str, Any]]) -> str | None:
+    """The 413 message when a grid's validation errors include an axis over its limit (else None): a grid too
+    large is not malformed, it is the wrong tool, and the answer says which one to use."""
+    for error in errors:
+        loc = tuple(error.get("loc", ()))
+        if error.get("type") == "too_long" and len(loc) == 2 and loc[0] == "body" and loc[1] in GRID_AXES:
+            limit = {"subject_ids": MAX_GRID_SUBJECTS, "prompts": MAX_GRID_PROMPTS, "seeds": MAX_GRID_SEEDS}[loc[1]]
+            return f"a grid takes at most {limit} {loc[1]}; {BATCH_JOB_HINT}"
+    return None
 
 
 class SubjectFromUris(BaseModel):
@@ -109,6 +167,16 @@ class GenerateResult:
     batch_images: int  # images in the UNet batch this request ran in
     batch_subjects: int  # distinct subjects in that batch
     seconds: float  # time in the pipeline call
+
+
+@dataclass(frozen=True)
+class Progress:
+    """An event of POST /v1/generate as an event stream: the request is queued on ``replica`` (step 0), or its
+    UNet batch finished denoising step ``step`` of ``steps``."""
+
+    step: int
+    steps: int
+    replica: str = ""
 
 
 @dataclass(frozen=True)

@@ -51,6 +51,7 @@ class ServeSettings:
     ingress_replicas: int = 1
     ingress_cpus: float = 0.5
     ingress_max_ongoing_requests: int = 512
+    grid_max_in_flight: int = 32  # cells of one POST /v1/grids waiting on the generator replicas at once
 
     # -- request limits -------------------------------------------------------------------------------------
     request_timeout_s: float = 300.0  # server-side deadline of a request: 504 after it
@@ -78,7 +79,7 @@ class ServeSettings:
             if not isinstance(getattr(self, name), str) or not getattr(self, name).strip():
                 raise SettingsError(f"'{name}' is required (a path or s3:// URI)")
         positive = ("replicas", "max_ongoing_requests", "max_batch_size", "max_caches_per_replica", "ingress_replicas",
-                    "ingress_max_ongoing_requests", "retry_after_s", "max_upload_bytes", "max_references", "max_pixels",
+                    "ingress_max_ongoing_requests", "grid_max_in_flight", "retry_after_s", "max_upload_bytes", "max_references", "max_pixels",
                     "min_side")
         for name in positive:
             value = getattr(self, name)

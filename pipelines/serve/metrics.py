@@ -1,0 +1,49 @@
+"""Serve-side metrics through Ray's metrics API (``ray.serve.metrics``): exported by every Ray node's metrics agent
+in Prometheus format, with Serve's own tags (application, deployment, replica) added to each series. Prometheus
+names them ``ray_<name>`` (counters with a ``_total`` suffix); infra/monitoring/ has the scrape config and a
+Grafana dashboard built on these names (tests/test_infra.py checks that the two agree).
+
+One object per deployment replica, made in its constructor: the metrics are process-wide in Ray, the objects are
+just typed handles on them.
+"""
+
+from __future__ import annotations
+
+from ray.serve import metrics
+
+# Names as the dashboard queries them (without Ray's ``ray_`` prefix); kept in one place for the infra test.
+QUEUE_LENGTH = "dreamcache_queue_length"
+UNET_BATCH_IMAGES = "dreamcache_unet_batch_images"
+BATCH_SUBJECTS = "dreamcache_batch_subjects"
+CACHE_LOOKUPS = "dreamcache_cache_lookups"
+IMAGES = "dreamcache_images_generated"
+STOPPED = "dreamcache_stopped_batches"
+REQUEST_LATENCY = "dreamcache_request_latency_seconds"
+ALL = (QUEUE_LENGTH, UNET_BATCH_IMAGES, BATCH_SUBJECTS, CACHE_LOOKUPS, IMAGES, STOPPED, REQUEST_LATENCY)
+
+_BATCH_BOUNDARIES = [1, 2, 4, 8, 16, 32, 64]
+_LATENCY_BOUNDARIES = [0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300]
+
+
+class GeneratorMetrics:
+    def __init__(self) -> None:
+        self.queue_length = metrics.Gauge(
+            QUEUE_LENGTH, description="generate requests on this replica waiting for a pipeline call")
+        self.batch_images = metrics.Histogram(
+            UNET_BATCH_IMAGES, description="images per UNet batch (one pipeline call)", boundaries=_BATCH_BOUNDARIES)
+        self.batch_subjects = metrics.Histogram(
+            BATCH_SUBJECTS, description="distinct subjects per UNet batch", boundaries=_BATCH_BOUNDARIES)
+        self.cache_lookups = metrics.Counter(
+            CACHE_LOOKUPS, description="subject cache lookups by result: hit (resident) or loaded (from the store)",
+            tag_keys=("result",))
+        self.images = metrics.Counter(IMAGES, description="images generated (rate: images/s)")
+        self.stopped = metrics.Counter(
+            STOPPED, description="pipeline calls stopped between steps: deadline passed or every client gone",
+            tag_keys=("reason",))
+
+
+class IngressMetrics:
+    def __init__(self) -> None:
+        self.latency = metrics.Histogram(
+            REQUEST_LATENCY, description="HTTP request latency at the ingress, to the last byte, by route and status",
+            boundaries=_LATENCY_BOUNDARIES, tag_keys=("route", "status"))
