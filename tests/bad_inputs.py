@@ -156,6 +156,39 @@ def _folder_marker(ctx: Materials) -> str:
     return f"{ctx.s3_prefix}/marker-as-image/"
 
 
+_HELD: list = []  # listening sockets of the port-taken case, kept open for the session
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _busy_port() -> str:
+    import socket
+
+    held = socket.socket()
+    held.bind(("127.0.0.1", 0))
+    held.listen()
+    _HELD.append(held)
+    return str(held.getsockname()[1])
+
+
+def _serve(*options: str) -> Callable[[Materials], list[str]]:
+    """`dreamcache serve` options; ``{model}``, ``{tmp}`` and ``{busy_port}`` are filled in, and the good model,
+    an empty cache folder and a free port stand for the options a case does not give."""
+    def make(ctx: Materials) -> list[str]:
+        given = [o.format(model=ctx.model_dir, tmp=ctx.tmp, busy_port=_busy_port() if "{busy_port}" in o else "")
+                 for o in options]
+        defaults = {"--model": str(ctx.model_dir), "--caches": str(ctx.tmp / "serve-caches"),
+                    "--port": str(_free_port())}
+        return ["serve", *(x for k, v in defaults.items() if k not in given for x in (k, v)), *given]
+    return make
+
+
 def _body(field: str, value: str) -> Callable[[Materials], str]:
     return lambda ctx: f'{{"subject_id": "nobody", "prompt": "a photo", "{field}": {value}}}'
 
@@ -211,6 +244,21 @@ CASES: list[Case] = [
     Case("folder-marker-only", "folder", lambda ctx: {FOLDER_MARKER: b""}, caching="no images"),
     Case("folder-hidden-image-only", "folder", lambda ctx: {".hidden.png": _png((64, 64))}, caching="no images"),
     Case("folder-empty-subfolder", "folder", lambda ctx: {"sub/": b""}, caching="no images"),
+    # -- `dreamcache serve`: one line before anything deploys (the session's Ray: 4 CPUs, no GPU) -----------------
+    Case("serve-model-missing", "serve_cli", _serve("--model", "/nonexistent"), serve_cli="/nonexistent is not a diffusers"),
+    Case("serve-model-not-sd", "serve_cli", _serve("--model", "{tmp}"), serve_cli="no unet/config.json"),
+    Case("serve-adapter-missing", "serve_cli", _serve("--adapter", "{tmp}/none.safetensors"),
+         serve_cli="adapter file not found"),
+    Case("serve-caches-http", "serve_cli", _serve("--caches", "http://example.com/caches"),
+         serve_cli="unsupported URI scheme"),
+    Case("serve-caches-a-file", "serve_cli", _serve("--caches", "{model}/model_index.json"), serve_cli="is a file"),
+    Case("serve-port-taken", "serve_cli", _serve("--port", "{busy_port}"), serve_cli="already in use"),
+    Case("serve-device-cuda", "serve_cli", _serve("--device", "cuda"), serve_cli="--device cuda"),
+    Case("serve-gpus-over-cluster", "serve_cli", _serve("--gpus-per-replica", "1"), serve_cli="GPU 1 on one node"),
+    Case("serve-cpus-over-node", "serve_cli", _serve("--cpus-per-replica", "64"), serve_cli="CPU 64 on one node"),
+    Case("serve-replicas-over-cluster", "serve_cli", _serve("--replicas", "9", "--cpus-per-replica", "1"),
+         serve_cli="9 of the generator replicas"),
+    Case("serve-unknown-arg", "serve_cli", _serve("--arg", "max_batchsize=8"), serve_cli="unknown serve app argument"),
 ]
 
 

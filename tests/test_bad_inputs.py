@@ -17,7 +17,7 @@ from manifests import manifest_rows, manifest_table
 from PIL import Image
 
 # Kinds whose inputs the job tests make themselves (on S3, with the job's materials).
-JOB_KINDS = ("image", "image_uri", "subject_id", "folder")
+JOB_KINDS = ("image", "image_uri", "subject_id", "folder", "serve_cli")
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +77,22 @@ def test_cli_refuses_bad_input_with_exit_2_and_one_line(case: Case, materials, m
     code, _, err = run_cli(argv, capsys)
     assert_one_error_line(code, err, case.cli)
     assert "weights_only=False" not in err and "weights_only` set to `False" not in err
+
+
+# -- `dreamcache serve`: refused before it deploys ------------------------------------------------------------------
+@pytest.mark.parametrize("case", cases("serve_cli", entry="serve_cli"), ids=lambda c: c.name)
+def test_serve_cli_refuses_bad_options_before_deploying(case: Case, materials, ray_cluster, monkeypatch, capsys):
+    import torch
+
+    import pipelines.serve.app
+
+    argv = case.make(materials)
+    if "--device" in argv and torch.cuda.is_available():
+        pytest.skip("a CUDA torch: --device cuda is fine here")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)  # the session's local Ray, as `dreamcache serve` starts one
+    monkeypatch.setattr(pipelines.serve.app, "run_local", lambda *a, **k: pytest.fail(f"{case.name} deployed"))
+    code, _, err = run_cli(argv, capsys)
+    assert_one_error_line(code, err, case.serve_cli)
 
 
 # -- Serve (the shared test apps; the auth app keeps its caches on S3, as a deployment does) -------------------------
