@@ -147,12 +147,17 @@ def _image(name: str, data: Callable[[], bytes]) -> Callable[[Materials], str]:
     return lambda ctx: _write(ctx, name, data())
 
 
-def _folder_marker(ctx: Materials) -> str:
-    """An S3 "directory" object (key ending in ``/``, empty), which storage.write_bytes rightly refuses to make."""
+def put_folder_marker(uri: str) -> None:
+    """An S3 "directory" object at ``uri`` (its key ending in ``/``, empty), which storage.write_bytes rightly
+    refuses to make."""
     from dreamcache import storage
 
-    location = storage.parse_uri(f"{ctx.s3_prefix}/marker-as-image/")
-    storage.s3_client().put_object(Bucket=location.bucket, Key=location.path + "/", Body=b"")
+    location = storage.parse_uri(uri)
+    storage.s3_client().put_object(Bucket=location.bucket, Key=location.path.rstrip("/") + "/", Body=b"")
+
+
+def _folder_marker(ctx: Materials) -> str:
+    put_folder_marker(f"{ctx.s3_prefix}/marker-as-image/")
     return f"{ctx.s3_prefix}/marker-as-image/"
 
 
@@ -232,7 +237,7 @@ CASES: list[Case] = [
     Case("uri-remote-file-host", "image_uri", lambda ctx: "file://elsewhere/a.png", caching="remote host"),
     Case("uri-empty", "image_uri", lambda ctx: "", caching="no image_uri"),
     Case("uri-folder-marker", "image_uri", _folder_marker, caching="empty file"),
-    Case("id-dotdot", "subject_id", lambda ctx: "../x", caching="subject id", generation="'..'"),
+    Case("id-dotdot", "subject_id", lambda ctx: "../x", caching="subject id", generation="subject id"),
     Case("id-slash", "subject_id", lambda ctx: "a/b", caching="subject id", generation="subject id"),
     Case("id-space", "subject_id", lambda ctx: "bad id", caching="contains ' '", generation="contains ' '"),
     Case("id-control", "subject_id", lambda ctx: "bad\x01id", caching="subject id", generation="subject id"),
