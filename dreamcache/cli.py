@@ -29,18 +29,12 @@ class UsageError(DreamCacheError):
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
-    """The exceptions that mean bad input (exit 2, one line), not a bug. Importing them loads torch."""
+    """The exceptions that mean bad input (exit 2, one line), not a bug: the DreamCacheError family (argument
+    checks raise its InvalidValue, a ValueError too), storage failures, and a missing local file or folder. A
+    bare ValueError is a bug and keeps its traceback. Importing them loads boto3."""
     from . import storage
-    from .adapters import AdapterError
-    from .cache import CacheError
-    from .errors import DreamCacheError
-    from .images import ImageDecodeError
 
-    # ValueError stays for now: argument checks in pipeline.py, images.py, storage.py (InvalidId, parse_uri) and
-    # the jobs' settings still raise it for bad input. It also hides bugs, so new code raises DreamCacheError.
-    return (DreamCacheError, ImageDecodeError, CacheError, AdapterError, storage.StorageError, ValueError,
-            FileNotFoundError,
-            NotADirectoryError, IsADirectoryError)
+    return DreamCacheError, storage.StorageError, FileNotFoundError, NotADirectoryError, IsADirectoryError
 
 
 def quiet_libraries() -> None:

@@ -18,6 +18,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from .errors import InvalidValue
+
 SubjectKind = Literal["object", "live"]
 
 # DreamBooth subject -> DreamBooth class (dataset/prompts_and_classes.txt).
@@ -112,9 +114,9 @@ def subject_kind(subject: str) -> SubjectKind:
 def check_subjects(subjects: Sequence[str]) -> list[str]:
     unknown = [s for s in subjects if s not in DREAMBOOTH_CLASSES]
     if unknown:
-        raise ValueError(f"not DreamBench subjects: {unknown}; known: {', '.join(SUBJECTS)}")
+        raise InvalidValue(f"not DreamBench subjects: {unknown}; known: {', '.join(SUBJECTS)}")
     if len(set(subjects)) != len(subjects):
-        raise ValueError("subjects must not repeat")
+        raise InvalidValue("subjects must not repeat")
     return list(subjects)
 
 
@@ -125,7 +127,7 @@ def dreambench_prompts(subjects: Sequence[str] | None = None,
     ``prompts_per_subject`` below 25 takes the first prompts of each list (a smoke run, not the benchmark).
     """
     if not 1 <= prompts_per_subject <= PROMPTS_PER_SUBJECT:
-        raise ValueError(f"prompts_per_subject must be 1..{PROMPTS_PER_SUBJECT}, got {prompts_per_subject}")
+        raise InvalidValue(f"prompts_per_subject must be 1..{PROMPTS_PER_SUBJECT}, got {prompts_per_subject}")
     rows = []
     for subject in check_subjects(list(subjects) if subjects is not None else list(SUBJECTS)):
         kind = subject_kind(subject)

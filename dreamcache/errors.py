@@ -18,3 +18,8 @@ class DreamCacheError(Exception):
         super().__init__(message)
         if kind is not None:
             self.kind = kind
+
+
+class InvalidValue(DreamCacheError, ValueError):
+    """A bad argument or setting value (a ValueError too, for callers that catch that). Raise it where a value
+    from a user (a flag, a config field, a line of a file) is refused; a bare ValueError is left for bugs."""

@@ -33,6 +33,8 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .errors import DreamCacheError, InvalidValue
+
 if TYPE_CHECKING:  # torch is imported by pixels_to_input alone: decoding and limits (job parsers, readers) need none
     import torch
 
@@ -82,12 +84,14 @@ _SIXTEEN_BIT_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N"})
 _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
 
 
-class ImageDecodeError(ValueError):
+class ImageDecodeError(DreamCacheError, ValueError):
     """Raised for any input that cannot be used as an image, whatever the reason.
 
     ``source`` names the input (a path, an object key, an upload name) and ``reason``
     says what is wrong with it, so entry points can report both without parsing text.
     """
+
+    kind = "unreadable"
 
     def __init__(self, source: str, reason: str) -> None:
         self.source = source
@@ -118,15 +122,15 @@ class ImageLimits:
         for name in ("max_bytes", "max_pixels", "min_side"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"ImageLimits.{name} must be a positive int, got {value!r}")
+                raise InvalidValue(f"ImageLimits.{name} must be a positive int, got {value!r}")
         if isinstance(self.formats, str) or not self.formats:
-            raise ValueError(f"ImageLimits.formats must be a non-empty tuple of names, got {self.formats!r}")
+            raise InvalidValue(f"ImageLimits.formats must be a non-empty tuple of names, got {self.formats!r}")
         formats = tuple(str(f).upper() for f in self.formats)
         # Catch typos such as "JPG" when the limits are built, not on the first request.
         Image.init()
         unknown = [f for f in formats if f not in Image.OPEN]
         if unknown:
-            raise ValueError(f"ImageLimits.formats has formats Pillow cannot open: {', '.join(unknown)}")
+            raise InvalidValue(f"ImageLimits.formats has formats Pillow cannot open: {', '.join(unknown)}")
         object.__setattr__(self, "formats", formats)
 
 
@@ -214,7 +218,7 @@ def prepare_reference(
         return rgb.resize((width, height), Image.Resampling.BILINEAR)
     if mode == "pad":
         return _pad_to(rgb, width, height)
-    raise ValueError(f"mode must be 'resize' or 'pad', got {mode!r}")
+    raise InvalidValue(f"mode must be 'resize' or 'pad', got {mode!r}")
 
 
 def to_tensor(images: Sequence[Image.Image]) -> torch.Tensor:
@@ -379,15 +383,15 @@ def _parse_resolution(resolution: int | tuple[int, int]) -> tuple[int, int]:
     """Return (height, width), rejecting sizes the latent grid cannot represent."""
     if isinstance(resolution, (tuple, list)):
         if len(resolution) != 2:
-            raise ValueError(f"resolution must be an int or (height, width), got {resolution!r}")
+            raise InvalidValue(f"resolution must be an int or (height, width), got {resolution!r}")
         height, width = resolution
     else:
         height = width = resolution
     for side in (height, width):
         if isinstance(side, bool) or not isinstance(side, (int, np.integer)):
-            raise ValueError(f"resolution sides must be ints, got {resolution!r}")
+            raise InvalidValue(f"resolution sides must be ints, got {resolution!r}")
         if side <= 0 or side % 8:
-            raise ValueError(f"resolution sides must be positive multiples of 8, got {resolution!r}")
+            raise InvalidValue(f"resolution sides must be positive multiples of 8, got {resolution!r}")
     return int(height), int(width)
 
 

@@ -41,6 +41,7 @@ from .adapters import (
     AdapterError, DreamCacheAdapters, LinearCatInit, adapter_file_bytes, backbone_family, parse_adapter_file,
 )
 from .branching import widen_batch_after_encoder
+from .errors import InvalidValue
 from .cache import CacheInfo, FeatureCache, HostCopies, cache_dtype_name, extract_features, reference_seed
 from .images import PreprocessMode, pixels_to_input, prepare_reference, sha256_hex
 from .layers import select_layers
@@ -339,7 +340,7 @@ class DreamCachePipeline(DiffusionPipeline):
         height = height or self.default_resolution
         width = width or self.default_resolution
         if height % 8 or width % 8:
-            raise ValueError(f"height and width must be multiples of 8, got {height}x{width}")
+            raise InvalidValue(f"height and width must be multiples of 8, got {height}x{width}")
         self._guidance_scale, self._guidance_rescale, self._clip_skip = guidance_scale, guidance_rescale, clip_skip
         self._interrupt = False
 
@@ -387,7 +388,7 @@ class DreamCachePipeline(DiffusionPipeline):
         self._num_timesteps = len(timesteps)
         latent_shape = (batch, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
         if isinstance(generator, list) and len(generator) != batch:
-            raise ValueError(f"{len(generator)} generators for {batch} images: pass one, or one per image")
+            raise InvalidValue(f"{len(generator)} generators for {batch} images: pass one, or one per image")
         if latents is None:
             latents = randn_tensor(latent_shape, generator=generator, device=device, dtype=context.dtype)
         latents = latents.to(device, context.dtype) * self.scheduler.init_noise_sigma
@@ -432,22 +433,23 @@ class DreamCachePipeline(DiffusionPipeline):
         if isinstance(negative_prompt, str):
             return [negative_prompt] * count
         if len(negative_prompt) != count:
-            raise ValueError(f"{len(negative_prompt)} negative prompts for {count} prompts")
+            raise InvalidValue(f"{len(negative_prompt)} negative prompts for {count} prompts")
         return list(negative_prompt)
 
     @staticmethod
     def _prompts(prompt, prompt_embeds, negative_prompt, negative_prompt_embeds) -> tuple[list[str] | None, int]:
         """The prompts as a list (None when embeddings are given) and their count."""
         if (prompt is None) == (prompt_embeds is None):
-            raise ValueError("pass exactly one of prompt= and prompt_embeds=")
+            raise InvalidValue("pass exactly one of prompt= and prompt_embeds=")
         if negative_prompt is not None and negative_prompt_embeds is not None:
-            raise ValueError("pass at most one of negative_prompt= and negative_prompt_embeds=")
+            raise InvalidValue("pass at most one of negative_prompt= and negative_prompt_embeds=")
         if prompt_embeds is not None:
             if prompt_embeds.ndim != 3:
-                raise ValueError(f"prompt_embeds must be [prompts, tokens, dim], got shape {tuple(prompt_embeds.shape)}")
+                raise InvalidValue(
+                    f"prompt_embeds must be [prompts, tokens, dim], got shape {tuple(prompt_embeds.shape)}")
             if negative_prompt_embeds is not None and negative_prompt_embeds.shape != prompt_embeds.shape:
-                raise ValueError(f"negative_prompt_embeds {tuple(negative_prompt_embeds.shape)} and prompt_embeds "
-                                 f"{tuple(prompt_embeds.shape)} must have the same shape")
+                raise InvalidValue(f"negative_prompt_embeds {tuple(negative_prompt_embeds.shape)} and prompt_embeds "
+                                   f"{tuple(prompt_embeds.shape)} must have the same shape")
             return None, prompt_embeds.shape[0]
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         return prompts, len(prompts)
@@ -457,15 +459,15 @@ class DreamCachePipeline(DiffusionPipeline):
         """One cache (or None) per prompt, from ``cache`` or computed from ``reference_images``."""
         if reference_images is None:
             if cache is UNSET:
-                raise ValueError("no subject: pass cache= (from cache_subject, the fast path) or reference_images=; "
-                                 "cache=None generates without personalization")
+                raise InvalidValue("no subject: pass cache= (from cache_subject, the fast path) or reference_images=; "
+                                   "cache=None generates without personalization")
             return list(cache) if isinstance(cache, (list, tuple)) else [cache] * count
         if cache is not UNSET:
-            raise ValueError("pass either cache= or reference_images=, not both")
+            raise InvalidValue("pass either cache= or reference_images=, not both")
         entries = [reference_images] * count if isinstance(reference_images, Image.Image) else list(reference_images)
         if len(entries) != count:
-            raise ValueError(f"{len(entries)} reference_images entries for {count} prompts: pass one image (for "
-                             "all prompts) or one image or list of images per prompt")
+            raise InvalidValue(f"{len(entries)} reference_images entries for {count} prompts: pass one image (for "
+                               "all prompts) or one image or list of images per prompt")
         computed: dict[int, FeatureCache] = {}  # an entry repeated for several prompts is cached once
         for entry in entries:
             if entry is not None and id(entry) not in computed:
@@ -474,16 +476,16 @@ class DreamCachePipeline(DiffusionPipeline):
 
     def _check_call(self, count, caches, guidance, num_images, steps, tensor_inputs) -> None:
         if not count:
-            raise ValueError("at least one prompt is required")
+            raise InvalidValue("at least one prompt is required")
         if len(caches) != count:
-            raise ValueError(f"{len(caches)} caches for {count} prompts: pass one cache, or one per prompt")
+            raise InvalidValue(f"{len(caches)} caches for {count} prompts: pass one cache, or one per prompt")
         unknown = [k for k in tensor_inputs if k not in self._callback_tensor_inputs]
         if unknown:
-            raise ValueError(f"callback_on_step_end_tensor_inputs {unknown} not in {self._callback_tensor_inputs}")
+            raise InvalidValue(f"callback_on_step_end_tensor_inputs {unknown} not in {self._callback_tensor_inputs}")
         if guidance not in ("compositional", "joint"):
-            raise ValueError(f"guidance must be 'compositional' or 'joint', got {guidance!r}")
+            raise InvalidValue(f"guidance must be 'compositional' or 'joint', got {guidance!r}")
         if num_images < 1 or steps < 1:
-            raise ValueError("num_images_per_prompt and num_inference_steps must be >= 1")
+            raise InvalidValue("num_images_per_prompt and num_inference_steps must be >= 1")
         for i, c in enumerate(caches):
             if c is not None and not isinstance(c, FeatureCache):
                 raise TypeError(f"cache {i} is a {type(c).__name__}, expected a FeatureCache")

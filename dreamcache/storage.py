@@ -48,6 +48,8 @@ import boto3
 import botocore.exceptions as bexc
 from botocore.config import Config
 
+from .errors import InvalidValue
+
 if TYPE_CHECKING:  # pyarrow is heavy; imported lazily (pyarrow_filesystem, read_parquet, write_parquet)
     import pyarrow
     import pyarrow.fs
@@ -116,8 +118,15 @@ class BucketNotFound(StorageError):
     """The S3 bucket does not exist (not an ObjectNotFound: a missing bucket is a setup error for most callers)."""
 
 
-class InvalidId(ValueError):
+class InvalidId(InvalidValue):
     """An id (subject id, job id, ...) is not safe to use as a path component or S3 key."""
+
+    kind = "unsafe_id"
+
+
+class InvalidURI(InvalidValue):
+    """Not a URI this module can use: an empty string, an unsupported scheme (``http://``), ``s3://`` without a
+    bucket, a ``file://`` URI with a remote host, a prefix where an object is needed."""
 
 
 # --------------------------------------------------------------------------- URIs
@@ -148,14 +157,14 @@ class Location:
 def parse_uri(uri: str) -> Location:
     """Parse a local path, ``file://`` URI or ``s3://bucket/key`` URI.
 
-    Raises ValueError for an empty URI, an unsupported scheme (``http://``, ``gs://``...),
+    Raises InvalidURI for an empty URI, an unsupported scheme (``http://``, ``gs://``...),
     an S3 URI without a bucket, or a ``file://`` URI naming a remote host.
     """
     if not isinstance(uri, (str, os.PathLike)):
-        raise ValueError(f"expected a URI string, got {type(uri).__name__}")
+        raise InvalidURI(f"expected a URI string, got {type(uri).__name__}")
     uri = os.fspath(uri)
     if not uri or not uri.strip():
-        raise ValueError("empty URI")
+        raise InvalidURI("empty URI")
     m = _SCHEME_RE.match(uri)
     if m is None:  # a plain local path
         return Location("file", None, os.path.abspath(os.path.expanduser(uri)))
@@ -164,16 +173,16 @@ def parse_uri(uri: str) -> Location:
     if scheme == "s3":
         bucket, _, key = rest.partition("/")
         if not bucket:
-            raise ValueError(f"S3 URI needs a bucket: {uri!r} (expected s3://bucket/key)")
+            raise InvalidURI(f"S3 URI needs a bucket: {uri!r} (expected s3://bucket/key)")
         return Location("s3", bucket, key.lstrip("/"))
     if scheme == "file":
         host, sep, path = rest.partition("/")
         if host not in ("", "localhost"):
-            raise ValueError(f"file:// URI with a remote host is not supported: {uri!r}")
+            raise InvalidURI(f"file:// URI with a remote host is not supported: {uri!r}")
         if not sep:
-            raise ValueError(f"file:// URI needs an absolute path: {uri!r}")
+            raise InvalidURI(f"file:// URI needs an absolute path: {uri!r}")
         return Location("file", None, os.path.abspath("/" + path))
-    raise ValueError(
+    raise InvalidURI(
         f"unsupported URI scheme {scheme + '://'!r} in {uri!r}: use a local path, file:// or s3://"
     )
 
@@ -246,7 +255,7 @@ def _env_int(name: str, default: int, minimum: int = 1) -> int:
     try:
         return max(minimum, int(raw)) if raw else default
     except ValueError:
-        raise ValueError(f"{name} must be an integer, got {raw!r}") from None
+        raise InvalidValue(f"{name} must be an integer, got {raw!r}") from None
 
 
 def _env_float(name: str, default: float) -> float:
@@ -254,7 +263,7 @@ def _env_float(name: str, default: float) -> float:
     try:
         return max(0.0, float(raw)) if raw else default
     except ValueError:
-        raise ValueError(f"{name} must be a number, got {raw!r}") from None
+        raise InvalidValue(f"{name} must be a number, got {raw!r}") from None
 
 
 _THROTTLING_CODES = frozenset({
@@ -350,7 +359,7 @@ class _S3Settings:
         env = os.environ
         endpoint = (env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or "").strip()
         if endpoint and not endpoint.lower().startswith(("http://", "https://")):
-            raise ValueError(
+            raise InvalidValue(
                 f"AWS_ENDPOINT_URL_S3/AWS_ENDPOINT_URL must start with http:// or https://, "
                 f"got {endpoint!r}"
             )
@@ -578,7 +587,7 @@ def write_bytes(uri: str, data: bytes) -> None:
             raise _local_error(exc, uri, "write") from exc
         return
     if not loc.path or loc.path.endswith("/"):
-        raise ValueError(f"cannot write an object to a prefix: {uri!r}")
+        raise InvalidURI(f"cannot write an object to a prefix: {uri!r}")
     body = bytes(data)
     _s3_call(loc, uri, "PUT", lambda c: c.put_object(Bucket=loc.bucket, Key=loc.path, Body=body))
 

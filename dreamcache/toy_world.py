@@ -35,6 +35,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from .errors import InvalidValue
+
 logger = logging.getLogger(__name__)
 
 SIZE = 32  # pixels: the toy model's native resolution
@@ -88,7 +90,7 @@ def subject(subject_id: str) -> Subject:
     for s in SUBJECTS:
         if s.id == subject_id:
             return s
-    raise ValueError(f"unknown toy-world subject {subject_id!r}; known: {', '.join(SUBJECT_IDS)}")
+    raise InvalidValue(f"unknown toy-world subject {subject_id!r}; known: {', '.join(SUBJECT_IDS)}")
 
 
 def prompt(scene: str, position: str) -> str:

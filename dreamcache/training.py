@@ -51,6 +51,7 @@ from torch import nn
 from . import storage
 from .adapters import LinearCatInit, adapter_file_bytes, parse_adapter_file
 from .cache import extract_features
+from .errors import InvalidValue
 from .images import ImageLimits
 from .pipeline import DreamCachePipeline
 from .triplets import (
@@ -106,17 +107,17 @@ class TrainingConfig:
         counts = ("steps", "batch_size", "grad_accum", "checkpoint_every", "keep_checkpoints", "log_every", "data_workers")
         for name in counts:
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise InvalidValue(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+            raise InvalidValue(f"lr must be > 0, got {self.lr}")
         if not 0 <= self.caption_dropout <= 1:
-            raise ValueError(f"caption_dropout must be in [0, 1], got {self.caption_dropout}")
+            raise InvalidValue(f"caption_dropout must be in [0, 1], got {self.caption_dropout}")
         if self.mixed_precision not in ("auto", "no", "fp16", "bf16"):
-            raise ValueError(f"mixed_precision must be auto, no, fp16 or bf16, got {self.mixed_precision!r}")
+            raise InvalidValue(f"mixed_precision must be auto, no, fp16 or bf16, got {self.mixed_precision!r}")
         if self.save_dtype not in ("fp16", "fp32"):
-            raise ValueError(f"save_dtype must be fp16 or fp32, got {self.save_dtype!r}")
+            raise InvalidValue(f"save_dtype must be fp16 or fp32, got {self.save_dtype!r}")
         if self.resolution is not None and (self.resolution <= 0 or self.resolution % 8):
-            raise ValueError(f"resolution must be a positive multiple of 8, got {self.resolution}")
+            raise InvalidValue(f"resolution must be a positive multiple of 8, got {self.resolution}")
 
     def summary(self) -> dict:
         data = asdict(self)
@@ -462,8 +463,8 @@ class AdapterTrainer:
         except storage.ObjectNotFound:
             raise FileNotFoundError(f"{uri} is not a training checkpoint (no state.json)") from None
         if state["base_model"] != self.pipe.base_model:
-            raise ValueError(f"checkpoint {uri} was trained on base model {state['base_model']}, this run's model is "
-                             f"{self.pipe.base_model}; use another --out or --resume never")
+            raise InvalidValue(f"checkpoint {uri} was trained on base model {state['base_model']}, this run's model is "
+                               f"{self.pipe.base_model}; use another --out or --resume never", kind="incompatible")
         weights, _ = parse_adapter_file(storage.read_bytes(storage.join_uri(uri, ADAPTER_FILE)), uri)
         self.pipe.adapters.load_state_dict({k: v.to(self.device, torch.float32) for k, v in weights.items()})
         saved = torch.load(io.BytesIO(storage.read_bytes(storage.join_uri(uri, "optimizer.pt"))),

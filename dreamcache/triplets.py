@@ -38,6 +38,7 @@ import torch
 from PIL import Image, ImageEnhance
 
 from . import storage
+from .errors import InvalidValue
 from .images import ImageDecodeError, ImageLimits, decode_image, prepare_reference
 
 logger = logging.getLogger(__name__)
@@ -53,7 +54,7 @@ TRIPLET_SCHEMA_FIELDS = (
 DEFAULT_ROW_GROUP_SIZE = 64
 
 
-class TripletError(ValueError):
+class TripletError(InvalidValue):
     """A triplet row that cannot be used (missing image, unreadable bytes, empty mask, ...)."""
 
 
@@ -75,10 +76,10 @@ class ReferenceAugment:
 
     def __post_init__(self) -> None:
         if not 0 < self.min_width_fraction <= 1:
-            raise ValueError(f"min_width_fraction must be in (0, 1], got {self.min_width_fraction}")
+            raise InvalidValue(f"min_width_fraction must be in (0, 1], got {self.min_width_fraction}")
         for name in ("flip_p", "jitter_p", "erase_p"):
             if not 0 <= getattr(self, name) <= 1:
-                raise ValueError(f"{name} must be a probability, got {getattr(self, name)}")
+                raise InvalidValue(f"{name} must be a probability, got {getattr(self, name)}")
 
 
 NO_AUGMENT = ReferenceAugment(min_width_fraction=1.0, flip_p=0.0, jitter_p=0.0, erase_p=0.0)
@@ -307,7 +308,7 @@ def write_triplets(rows: Iterable[Mapping], uri: str, row_group_size: int = DEFA
     for row in rows:
         unknown = set(row) - set(names)
         if unknown:
-            raise ValueError(f"unknown triplet columns {sorted(unknown)}; the format has {names}")
+            raise InvalidValue(f"unknown triplet columns {sorted(unknown)}; the format has {names}")
         for name in names:
             value = row.get(name)
             columns[name].append(image_bytes(value) if isinstance(value, Image.Image) else value)

@@ -30,7 +30,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from dreamcache.storage import StorageError
     from pipelines.evaluation import evaluation_from_args, result_lines, run_evaluation
     from pipelines.kernel.ray_runtime import init_ray, run_entrypoint
 
@@ -39,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         init_ray(args.ray_address)
         return result_lines(run_evaluation(config))
 
-    return run_entrypoint("evaluate", work, (ValueError, StorageError))
+    return run_entrypoint("evaluate", work)
 
 
 if __name__ == "__main__":

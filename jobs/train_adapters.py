@@ -30,15 +30,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from dreamcache.adapters import AdapterError
-    from dreamcache.storage import StorageError
-    from dreamcache.triplets import TripletError
     from pipelines.kernel.ray_runtime import run_entrypoint
     from pipelines.training import run_from_args
 
     return run_entrypoint(
         "train_adapters", lambda: ["train_adapters: " + json.dumps(run_from_args(args), default=str)],
-        (ValueError, FileNotFoundError, StorageError, TripletError, AdapterError),
+        (FileNotFoundError,),  # a local triplet or model file; the DreamCacheError family is bad input already
     )
 
 

@@ -129,6 +129,8 @@ def _add_serve_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--arg", action="append", default=[], metavar="KEY=VALUE",
                    help="any other app argument (JSON value, e.g. --arg 'autoscaling={\"min_replicas\":1}')")
     p.add_argument("--ray-address", help="a Ray cluster to join (default: $RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--wait-for-resources", action="store_true",
+                   help="an autoscaler adds nodes for the replicas: do not fail when the cluster lacks them now")
     p.set_defaults(func=cmd_serve)
 
 
@@ -151,14 +153,20 @@ def serve_app_args(args: argparse.Namespace) -> dict:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    from dreamcache.cli import UsageError
-    from pipelines.serve import run_local
-    from pipelines.serve.settings import SettingsError
+    import os
 
-    try:
-        run_local(serve_app_args(args), host=args.host, port=args.port, ray_address=args.ray_address)
-    except SettingsError as exc:
-        raise UsageError(str(exc)) from None
+    from pipelines.kernel.ray_runtime import init_ray
+    from pipelines.serve import preflight, run_local
+    from pipelines.serve.settings import ServeSettings
+
+    # Every bad option ends here in one line (exit 2), before anything deploys: see pipelines.serve.preflight.
+    app_args = serve_app_args(args)
+    settings = ServeSettings.from_args(app_args)
+    local = not (args.ray_address or os.environ.get("RAY_ADDRESS"))
+    preflight.check_inputs(settings, args.host, args.port, local=local)
+    init_ray(args.ray_address)  # run_local's own init_ray then finds it started
+    preflight.check_cluster(settings, wait=args.wait_for_resources)
+    run_local(app_args, host=args.host, port=args.port, ray_address=args.ray_address)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,7 +1,8 @@
 """Issue 11: one bad-input contract for every entry point. Each case of the corpus (``bad_inputs.py``) runs through
-every entry point that takes its kind: the CLI (exit 2, exactly one ``dreamcache: error:`` line, no traceback)
-and Serve (the 4xx, naming the field or file). Then the outputs that must describe themselves (PNG text chunks,
-file names) and the one command-line vocabulary."""
+every entry point that takes its kind: the CLI (exit 2, exactly one ``dreamcache: error:`` line, no traceback),
+Serve (the 4xx, naming the field or file) and the Ray Data jobs (one error row per case with its reason, the job
+itself succeeding: one caching and one generation job hold every case at once). Then the outputs that must
+describe themselves (PNG text chunks, file names) and the one command-line vocabulary."""
 
 from __future__ import annotations
 
@@ -11,8 +12,12 @@ import uuid
 from pathlib import Path
 
 import pytest
-from bad_inputs import CASES, Case, Materials, cases
+from bad_inputs import CASES, TEST_IMAGE_PIXELS, Case, Materials, cases
+from manifests import manifest_rows, manifest_table
 from PIL import Image
+
+# Kinds whose inputs the job tests make themselves (on S3, with the job's materials).
+JOB_KINDS = ("image", "image_uri", "subject_id", "folder", "serve_cli")
 
 
 @pytest.fixture(scope="module")
@@ -26,8 +31,13 @@ def materials(tmp_path_factory, tiny_pipe, tiny_model_dir) -> Materials:
 
 @pytest.fixture(scope="module")
 def made(materials) -> dict[str, str]:
-    """Every case's input, made once."""
-    return {case.name: case.make(materials) for case in CASES}
+    """Every case's input but the jobs' ones, made once."""
+    return {case.name: case.make(materials) for case in CASES if case.kind not in JOB_KINDS}
+
+
+@pytest.fixture(scope="module")
+def job_materials(materials, s3_server) -> Materials:
+    return materials._replace(s3_prefix=f"s3://{s3_server.bucket}/bad-inputs-{uuid.uuid4().hex[:8]}")
 
 
 def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
@@ -67,6 +77,22 @@ def test_cli_refuses_bad_input_with_exit_2_and_one_line(case: Case, materials, m
     code, _, err = run_cli(argv, capsys)
     assert_one_error_line(code, err, case.cli)
     assert "weights_only=False" not in err and "weights_only` set to `False" not in err
+
+
+# -- `dreamcache serve`: refused before it deploys ------------------------------------------------------------------
+@pytest.mark.parametrize("case", cases("serve_cli", entry="serve_cli"), ids=lambda c: c.name)
+def test_serve_cli_refuses_bad_options_before_deploying(case: Case, materials, ray_cluster, monkeypatch, capsys):
+    import torch
+
+    import pipelines.serve.app
+
+    argv = case.make(materials)
+    if "--device" in argv and torch.cuda.is_available():
+        pytest.skip("a CUDA torch: --device cuda is fine here")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)  # the session's local Ray, as `dreamcache serve` starts one
+    monkeypatch.setattr(pipelines.serve.app, "run_local", lambda *a, **k: pytest.fail(f"{case.name} deployed"))
+    code, _, err = run_cli(argv, capsys)
+    assert_one_error_line(code, err, case.serve_cli)
 
 
 # -- Serve (the shared test apps; the auth app keeps its caches on S3, as a deployment does) -------------------------
@@ -111,6 +137,84 @@ def test_serve_png_carries_its_parameters(open_api, materials):
     text = Image.open(io.BytesIO(answer.content)).text
     assert (text["prompt"], text["negative_prompt"], text["seed"], text["guidance"]) == ("a red dog", "blur", "7", "joint")
     assert {"guidance_scale", "image_guidance_scale", "steps", "model_fingerprint", "cache_fingerprint"} <= set(text)
+
+
+# -- the Ray Data jobs: one job each for all their cases ----------------------------------------------------------
+def _mismatches(case: Case, expected: str, errors: list[str | None]) -> list[str]:
+    """Why the rows of ``case`` do not say ``expected`` ([] when each one does)."""
+    if not errors:
+        return [f"{case.name}: no manifest row"]
+    return [f"{case.name}: {error!r}" for error in errors if error is None or expected not in error]
+
+
+def test_caching_job_gives_each_bad_catalog_row_its_error_row(ray_cluster, job_materials):
+    from serve_fixtures import reference_png
+
+    from dreamcache import storage
+    from pipelines.caching import CachingJobConfig, run_caching
+
+    ctx = job_materials
+    good = f"{ctx.s3_prefix}/refs/good/1.png"
+    storage.write_bytes(good, reference_png(3))
+    lines, subject_of = [{"subject_id": "good", "image_uri": good}], {}
+    for case in cases("image", "image_uri", "subject_id", entry="caching"):
+        given = case.make(ctx)
+        if case.kind == "image":  # uploaded beside the good reference, under the case's name
+            uri = f"{ctx.s3_prefix}/refs/{case.name}/{Path(given).name}"
+            storage.write_bytes(uri, Path(given).read_bytes())
+            line = {"subject_id": case.name, "image_uri": uri}
+        elif case.kind == "image_uri":
+            line = {"subject_id": case.name, "image_uri": given}
+        else:
+            line = {"subject_id": given, "image_uri": good}
+        lines.append(line)
+        subject_of[case.name] = line["subject_id"]
+    catalog = f"{ctx.s3_prefix}/catalog.jsonl"
+    storage.write_bytes(catalog, "".join(json.dumps(line) + "\n" for line in lines).encode())
+    out = f"{ctx.s3_prefix}/caches"
+    summary = run_caching(CachingJobConfig(out=out, model=str(ctx.model_dir), catalog=catalog, batch_size=4,
+                                           max_image_pixels=TEST_IMAGE_PIXELS))
+    rows = manifest_rows(out, "caching")
+    assert rows["good"]["status"] == "ok" and summary.computed == 1, rows["good"]
+    wrong = [m for case in cases("image", "image_uri", "subject_id", entry="caching")
+             for m in _mismatches(case, case.caching, [rows[subject_of[case.name]]["error"]]
+                                  if subject_of[case.name] in rows else [])]
+    assert not wrong, "\n".join(wrong)
+    assert len(rows) == summary.errors + 1 == len(lines)  # one row per subject, none dropped
+    assert all(rows[s]["cache_uri"] is None for s in subject_of.values())
+    assert set(storage.list_files(ctx.s3_prefix)) <= {*storage.list_files(f"{ctx.s3_prefix}/refs"), catalog,
+                                                      *storage.list_files(out)}  # no cache escaped its folder
+
+
+def test_generation_job_gives_each_bad_subject_its_error_rows(ray_cluster, job_materials, made, tmp_path):
+    from pipelines.generation import GenerationJobConfig, run_generation
+
+    ctx = job_materials
+    caches = tmp_path / "caches"
+    caches.mkdir()
+    (caches / "good.safetensors").write_bytes(ctx.good_cache)
+    subject_of = {}
+    for case in cases("cache", "subject_id", entry="generation"):
+        if case.kind == "cache":  # the bad file in the cache folder under the case's name
+            (caches / f"{case.name}.safetensors").write_bytes(Path(made[case.name]).read_bytes())
+            subject_of[case.name] = case.name
+        else:
+            subject_of[case.name] = case.make(ctx)
+    out = tmp_path / "out"
+    summary = run_generation(GenerationJobConfig(
+        model=str(ctx.model_dir), adapter=str(ctx.model_dir / "adapter.safetensors"), caches=str(caches),
+        out=str(out), prompts=["a photo"], subjects=["good", *subject_of.values()], steps=1, height=64, width=64,
+        contact_sheet="none"))
+    rows = manifest_table(str(out), "generation").to_pylist()
+    by_subject: dict[str, list[dict]] = {}
+    for row in rows:
+        by_subject.setdefault(row["subject_id"], []).append(row)
+    assert [r["status"] for r in by_subject["good"]] == ["ok"] and summary.rendered == 1, by_subject.get("good")
+    wrong = [m for case in cases("cache", "subject_id", entry="generation")
+             for m in _mismatches(case, case.generation, [r["error"] for r in by_subject.get(subject_of[case.name], [])])]
+    assert not wrong, "\n".join(wrong)
+    assert summary.failed == len(subject_of) and all(r["image_uri"] is None for r in rows if r["status"] == "error")
+    assert {p.name for p in out.iterdir()} - {"_manifests", "_runs"} == {"good"}  # no image path from a bad id
 
 
 # -- JSON image URIs: an explicit allow-list, and no existence oracle ------------------------------------------------

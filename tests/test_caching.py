@@ -24,6 +24,7 @@ from dreamcache import storage
 from dreamcache.cache import FeatureCache
 from pipelines.caching import CachingJobConfig, JobInputError, run_caching
 
+from .bad_inputs import FOLDER_MARKER, Materials, cases, put_folder_marker
 from .manifests import manifest_rows
 
 REPO = Path(__file__).resolve().parents[1]
@@ -53,11 +54,24 @@ def model_uri(s3_server, tiny_model_dir):
 
 
 LONG_ID = "x" * 129
+# The bad-input corpus's subject folders (tests/bad_inputs.py) join this prefix run: the listing is their only
+# entry point, and a job of their own would cost tens of seconds for what this run already does.
+CORPUS_FOLDERS = cases("folder", entry="caching")
+
+
+def put_folder(root: str, subject: str, files: dict[str, bytes]) -> None:
+    """A corpus folder under ``root``: its files, and its marker keys (ending in "/"), which write_bytes refuses."""
+    for key, data in files.items():
+        uri = f"{root}/{subject}/" + ("" if key == FOLDER_MARKER else key)
+        if uri.endswith("/"):
+            put_folder_marker(uri)
+        else:
+            storage.write_bytes(uri, data)
 
 
 @pytest.fixture(scope="module")
-def catalog(s3_server):
-    """A prefix of subjects, good and bad."""
+def catalog(s3_server, tmp_path_factory, tiny_model_dir):
+    """A prefix of subjects, good and bad (the corpus's folders among them)."""
     root = f"s3://{s3_server.bucket}/caching-refs-{os.getpid()}"
     files = {
         "red/1.png": png("red"),
@@ -75,6 +89,9 @@ def catalog(s3_server):
     }
     for key, data in files.items():
         storage.write_bytes(f"{root}/{key}", data)
+    ctx = Materials(tmp_path_factory.mktemp("caching-corpus"), tiny_model_dir, b"", root)
+    for case in CORPUS_FOLDERS:
+        put_folder(root, case.name, case.make(ctx))
     return root
 
 
@@ -92,8 +109,13 @@ def first_run(ray_cluster, catalog, model_uri, s3_server):
 def test_every_subject_ends_in_exactly_one_row(first_run, tiny_pipe):
     out, summary = first_run
     rows = manifest(out)
-    assert set(rows) == {"red", "duo", "corrupt", "empty", "text", "huge", "a..b", "bad\x01id", LONG_ID, "stray.png"}
-    assert (summary.computed, summary.errors) == (2, 8)
+    folders = {case.name for case in CORPUS_FOLDERS}
+    assert set(rows) == {"red", "duo", "corrupt", "empty", "text", "huge", "a..b", "bad\x01id", LONG_ID,
+                         "stray.png"} | folders
+    assert (summary.computed, summary.errors) == (2, 8 + len(folders))
+    wrong = [f"{c.name}: {rows[c.name]['error']!r}" for c in CORPUS_FOLDERS
+             if c.caching not in (rows[c.name]["error"] or "")]
+    assert not wrong, "\n".join(wrong)
     for subject in ("red", "duo"):
         assert rows[subject]["status"] == "ok" and rows[subject]["action"] == "computed"
         cache = tiny_pipe.load_cache(rows[subject]["cache_uri"])  # same base model: the S3 copy of the tiny model
@@ -124,7 +146,7 @@ def test_rerun_does_no_work_and_writes_no_duplicates(first_run, catalog, model_u
     summary = run_caching(config(catalog, out, model_uri))
     assert (summary.computed, summary.skipped) == (0, 6)  # the 4 unusable subject ids are reported, not "skipped"
     rows = manifest(out)
-    assert len(rows) == 10 and {r["action"] for r in rows.values()} == {"skipped", "failed"}
+    assert len(rows) == 10 + len(CORPUS_FOLDERS) and {r["action"] for r in rows.values()} == {"skipped", "failed"}
     assert {s: storage.stat(r["cache_uri"]).version for s, r in rows.items() if r["cache_uri"]} == before
     assert rows["corrupt"]["status"] == "error"  # bad input stays reported
 

@@ -119,16 +119,21 @@ def test_ray_clusters_autoscale_gpu_workers_on_the_image_ray():
             assert group["maxReplicas"] > group["minReplicas"], f"{name}: a GPU group that cannot scale"
 
 
+def secret(name: str) -> dict:
+    (found,) = [doc for _, doc in docs_of("Secret") if doc["metadata"]["name"] == name]
+    return found
+
+
 def test_every_ray_pod_gets_the_image_and_s3_credentials_from_the_secret():
-    (_, secret), = docs_of("Secret")
-    assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= set(secret["stringData"])
-    assert {secret["stringData"][k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")} == {"REPLACE_ME"}, \
+    secret_ = secret("s3-credentials")
+    assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= set(secret_["stringData"])
+    assert {secret_["stringData"][k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")} == {"REPLACE_ME"}, \
         "the example must hold no real keys"
     images = set()
     for name, cluster in ray_cluster_specs():
         for container in containers(cluster):
             refs = [e["secretRef"]["name"] for e in container.get("envFrom", []) if "secretRef" in e]
-            assert refs == [secret["metadata"]["name"]], f"{name}/{container['name']}"
+            assert refs == [secret_["metadata"]["name"]], f"{name}/{container['name']}"
             env = {e["name"]: e.get("value") for e in container.get("env", [])}
             assert env.get("HF_HUB_OFFLINE") == "1", f"{name}/{container['name']}: nothing may download weights"
             images.add(container["image"])
@@ -234,3 +239,63 @@ def test_prometheus_scrapes_the_serve_pods_and_the_dashboard_charts_every_app_me
     queries = " ".join(t["expr"] for panel in dashboard["panels"] for t in panel["targets"])
     for name in metrics.ALL:
         assert f"ray_{name}" in queries, f"no panel charts {name}"
+
+
+# -- one set of locations; auth on; what an operator needs to know --------------------------------------------------
+def serve_config_apps() -> list[tuple[str, dict]]:
+    """Every Serve application's args: the RayService's serveConfigV2 and infra/serve/serve-config.yaml."""
+    (name, service), = docs_of("RayService")
+    apps = [(name, app) for app in yaml.safe_load(service["spec"]["serveConfigV2"])["applications"]]
+    config = yaml.safe_load((INFRA / "serve" / "serve-config.yaml").read_text())
+    return apps + [("serve/serve-config.yaml", app) for app in config["applications"]]
+
+
+def test_every_file_names_the_same_model_adapter_and_caches():
+    """Issue 11 (defect 14): the Serve configs, the caching RayJob and both nightly schedules agree, so a cache
+    store is always read with the model it was made with."""
+    seen: dict[str, set[tuple[str, str]]] = {"model": set(), "adapter": set(), "caches": set()}
+    for where, app in serve_config_apps():
+        for key in seen:
+            seen[key].add((app["args"][key].rstrip("/"), where))
+    for where, module, args in job_commands():
+        if module == "jobs.cache_catalog":
+            seen["model"].add((option(args, "--model"), where))
+            seen["caches"].add((option(args, "--out").rstrip("/"), where))
+        elif module == "jobs.generate_batch":
+            for key in seen:
+                seen[key].add((option(args, f"--{key}").rstrip("/"), where))
+    for key, values in seen.items():
+        assert len({value for value, _ in values}) == 1, f"{key} differs: {sorted(values)}"
+    assert len({where for values in seen.values() for _, where in values}) == 5  # 2 Serve configs, 3 RayJob specs
+
+
+def test_serve_auth_is_on_and_its_token_secret_is_mounted_where_the_app_reads_it():
+    token = secret("dreamcache-api-token")
+    assert token["stringData"] == {"api-token": "REPLACE_ME"}, "the example must hold no real token"
+    for where, app in serve_config_apps():
+        path = Path(app["args"].get("api_token_file") or "")
+        assert path.name == "api-token", f"{where}: auth must be on by default (api_token_file)"
+    (name, service), = docs_of("RayService")
+    path = Path(yaml.safe_load(service["spec"]["serveConfigV2"])["applications"][0]["args"]["api_token_file"])
+    cluster = service["spec"]["rayClusterConfig"]
+    for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
+        pod = group["template"]["spec"]
+        volumes = {v["name"]: v for v in pod.get("volumes", [])}
+        for container in pod["containers"]:
+            mounts = [m for m in container.get("volumeMounts", []) if m["mountPath"] == str(path.parent)]
+            assert mounts, f"{name}/{container['name']}: nothing mounted at {path.parent}"
+            assert volumes[mounts[0]["name"]]["secret"]["secretName"] == token["metadata"]["name"]
+
+
+def test_the_scheduler_uses_a_maintained_kubectl_image():
+    (_, kube_cron), = docs_of("CronJob")
+    (container,) = kube_cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"]
+    assert not container["image"].startswith("bitnami/"), "bitnami/kubectl is no longer maintained"
+    assert container["image"].split("/")[0] in ("alpine", "registry.k8s.io"), container["image"]
+
+
+def test_readme_names_the_prerequisites_the_endpoint_and_a_smoke_test():
+    readme = (INFRA / "README.md").read_text()
+    assert "NVIDIA GPU operator" in readme and "nvidia.com/gpu" in readme
+    assert "serve-svc" in readme and "/healthz" in readme and "Authorization: Bearer" in readme
+    assert "serve/serve-config.yaml" in readme

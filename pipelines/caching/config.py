@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass, field
 
 from dreamcache import storage
-from dreamcache.errors import DreamCacheError
+from dreamcache.errors import InvalidValue
 from dreamcache.images import ImageLimits
 
 from ..kernel import new_run_id
@@ -14,7 +14,7 @@ from ..kernel import new_run_id
 KIND = "caching"  # the manifest's folder: <out>/_manifests/caching/
 
 
-class JobInputError(DreamCacheError, ValueError):
+class JobInputError(InvalidValue):
     """The job's inputs cannot be used at all (as opposed to one bad subject, which becomes an error row)."""
 
 
@@ -64,7 +64,7 @@ class CachingJobConfig:
             for uri in (self.out, self.model, self.images or self.catalog):
                 storage.parse_uri(uri)
             storage.validate_id(self.run_id, "run id")
-        except ValueError as exc:
+        except InvalidValue as exc:
             raise JobInputError(str(exc)) from None
         # The job's own outputs under its inputs would come back as phantom subjects on the next run.
         if self.images is not None and _inside(self.out, self.images):

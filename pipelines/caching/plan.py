@@ -103,7 +103,7 @@ def _references_from_catalog(batch: pa.Table) -> pa.Table:
         else:
             try:
                 storage.parse_uri(uri)
-            except ValueError as exc:  # http://, s3:// without a bucket, ...: this subject's error, not the job's
+            except storage.InvalidURI as exc:  # http://, s3:// without a bucket: this subject's error, not the job's
                 problem = f"image_uri {uri!r}: {exc}"
         problems.append(problem)
         if problem:

@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 from dreamcache import storage
+from dreamcache.errors import InvalidValue
 from dreamcache.dreambench import (
     IMAGES_PER_PROMPT,
     PROMPTS_PER_SUBJECT,
@@ -54,7 +55,7 @@ logger = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 
 
-class EvaluationInputError(ValueError):
+class EvaluationInputError(InvalidValue):
     """The dataset, references or settings cannot make a benchmark run."""
 
 

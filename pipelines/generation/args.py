@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
+from dreamcache.errors import InvalidValue
+
 from .settings import GenerationJobConfig, parse_seeds
 
 if TYPE_CHECKING:
@@ -75,7 +77,7 @@ def config_from_args(args: argparse.Namespace) -> GenerationJobConfig:
             subjects += [line.strip() for line in read_text(args.subjects_file, "subjects file").splitlines()
                          if line.strip() and not line.lstrip().startswith("#")]
         if not subjects:
-            raise ValueError("--subjects/--subjects-file name no subject")
+            raise InvalidValue("--subjects/--subjects-file name no subject")
     return GenerationJobConfig(
         model=args.model, adapter=args.adapter, caches=args.caches, prompts=args.prompts, plan=args.plan,
         subjects=subjects, seeds=parse_seeds(args.seeds), out=args.out, steps=args.steps,

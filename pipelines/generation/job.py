@@ -57,6 +57,7 @@ from dreamcache import storage
 
 from ..kernel import new_run_id
 from ..kernel.listing import list_prefix
+from ..kernel.model_info import check_model_inputs
 from ..kernel.ray_runtime import check_resources
 from ..kernel.run import JobRun, Progress, colocate, partitions_for
 from .manifest import RUNS_DIR, manifest_log, manifest_schema, result_schema
@@ -89,14 +90,6 @@ class GenerationSummary:
 
     def as_dict(self) -> dict:
         return {**asdict(self), "images_per_s": self.images_per_s}
-
-
-def _check_model_inputs(config: GenerationJobConfig) -> None:
-    """Fail before Ray starts when the model or adapter is not there (an actor would fail on each retry)."""
-    if not storage.exists(storage.join_uri(config.model, "unet", "config.json")):
-        raise ValueError(f"{config.model} is not a diffusers Stable Diffusion folder (no unet/config.json)")
-    if not storage.exists(config.adapter):
-        raise storage.ObjectNotFound(f"adapter file not found: {config.adapter}")
 
 
 def _actor_resources(config: GenerationJobConfig) -> tuple[float, float]:
@@ -167,7 +160,7 @@ def run_generation(config: GenerationJobConfig) -> GenerationSummary:
     config.validate()
     run_id = config.run_id or new_run_id()
     prompts = load_prompts(config) if config.plan is None else None
-    _check_model_inputs(config)
+    check_model_inputs(config.model, config.adapter)
     init_ray()
     run = JobRun(manifest_log(config.out), run_id)
     planned = plan_dataset(config, prompts) if prompts is not None else _explicit_plan(config)

@@ -16,6 +16,7 @@ from typing import Any
 
 from dreamcache import storage
 from dreamcache.cache_store import CACHE_SUFFIX, CacheStore
+from dreamcache.errors import InvalidValue
 from dreamcache.image_files import image_name  # noqa: F401 - re-exported: the plan's public naming
 
 from .manifest import MANIFEST_NAME
@@ -76,7 +77,7 @@ def read_text(uri: str, what: str) -> str:
     try:
         return storage.read_bytes(uri).decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise ValueError(f"{what} {uri} is not UTF-8 text: {exc}") from None
+        raise InvalidValue(f"{what} {uri} is not UTF-8 text: {exc}") from None
 
 
 def _json_lines(text: str, source: str) -> list[dict]:
@@ -87,9 +88,9 @@ def _json_lines(text: str, source: str) -> list[dict]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise ValueError(f"{source} line {number}: not JSON ({exc.msg})") from None
+            raise InvalidValue(f"{source} line {number}: not JSON ({exc.msg})") from None
         if not isinstance(row, dict):
-            raise ValueError(f"{source} line {number}: expected a JSON object, got {type(row).__name__}")
+            raise InvalidValue(f"{source} line {number}: expected a JSON object, got {type(row).__name__}")
         rows.append(row | {"__line__": number})
     return rows
 
@@ -103,7 +104,7 @@ def _is_jsonl(uri: str, text: str) -> bool:
 
 def _number(value: Any, name: str, where: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{where}: {name} must be a number, got {value!r}")
+        raise InvalidValue(f"{where}: {name} must be a number, got {value!r}")
     return float(value)
 
 
@@ -113,13 +114,13 @@ def prompt_spec(entry: str | Mapping[str, Any], config: GenerationJobConfig, whe
         entry = {"prompt": entry}
     unknown = set(entry) - PROMPT_KEYS - {"__line__", "subject_id", "seed"}
     if unknown:
-        raise ValueError(f"{where}: unknown key(s) {sorted(unknown)}; allowed: {sorted(PROMPT_KEYS)}")
+        raise InvalidValue(f"{where}: unknown key(s) {sorted(unknown)}; allowed: {sorted(PROMPT_KEYS)}")
     prompt = entry.get("prompt")
     if not isinstance(prompt, str) or not prompt.strip():
-        raise ValueError(f"{where}: 'prompt' must be a non-empty string, got {prompt!r}")
+        raise InvalidValue(f"{where}: 'prompt' must be a non-empty string, got {prompt!r}")
     negative = entry.get("negative_prompt", config.negative_prompt)
     if negative is not None and not isinstance(negative, str):
-        raise ValueError(f"{where}: negative_prompt must be a string, got {negative!r}")
+        raise InvalidValue(f"{where}: negative_prompt must be a string, got {negative!r}")
     return PromptSpec(
         prompt=prompt.strip(),
         negative_prompt=(negative or "").strip(),
@@ -146,7 +147,7 @@ def load_prompts(config: GenerationJobConfig) -> list[PromptSpec]:
         places = [f"prompt {i}" for i in range(len(entries))]
     specs = list(dict.fromkeys(prompt_spec(e, config, where) for e, where in zip(entries, places)))
     if not specs:
-        raise ValueError(f"no prompts in {source!r}")
+        raise InvalidValue(f"no prompts in {source!r}")
     return specs
 
 
@@ -158,10 +159,10 @@ def _caching_manifest_subjects(uri: str) -> list[SubjectSource]:
     try:
         table = storage.read_parquet(uri)
     except (pa.ArrowInvalid, OSError) as exc:
-        raise ValueError(f"caching manifest {uri} is not a readable Parquet file: {exc}") from None
+        raise InvalidValue(f"caching manifest {uri} is not a readable Parquet file: {exc}") from None
     missing = {"subject_id", "status", "cache_uri"} - set(table.column_names)
     if missing:
-        raise ValueError(f"caching manifest {uri} lacks column(s) {sorted(missing)}")
+        raise InvalidValue(f"caching manifest {uri} lacks column(s) {sorted(missing)}")
     return _sources(_subjects_from_caching_rows(table).to_pylist(), uri)
 
 
@@ -228,7 +229,7 @@ def _plan_file_rows(source: str | Sequence[Mapping[str, Any]]) -> list[tuple[dic
         try:
             rows = storage.read_parquet(source).to_pylist()
         except (pa.ArrowInvalid, OSError) as exc:
-            raise ValueError(f"plan {source} is not a readable Parquet file: {exc}") from None
+            raise InvalidValue(f"plan {source} is not a readable Parquet file: {exc}") from None
         return [({k: v for k, v in r.items() if v is not None}, f"{source} row {i}") for i, r in enumerate(rows)]
     return [(row, f"{source} line {row['__line__']}") for row in _json_lines(read_text(source, "plan file"), source)]
 
@@ -240,7 +241,7 @@ def _requested_rows(config: GenerationJobConfig,
         prompts = load_prompts(config)
         subjects = list(config.subjects) if config.subjects is not None else sorted(known)
         if not subjects:
-            raise ValueError(f"no subjects: {config.caches} holds no caches")
+            raise InvalidValue(f"no subjects: {config.caches} holds no caches")
         for subject in dict.fromkeys(subjects):
             for prompt in prompts:
                 for seed in config.seeds:
@@ -248,14 +249,14 @@ def _requested_rows(config: GenerationJobConfig,
         return
     rows = _plan_file_rows(config.plan)
     if not rows:
-        raise ValueError(f"the plan {config.plan!r} has no rows")
+        raise InvalidValue(f"the plan {config.plan!r} has no rows")
     wanted = set(config.subjects) if config.subjects is not None else None
     for row, where in rows:
         unknown = set(row) - PLAN_KEYS - {"__line__"}
         if unknown:
-            raise ValueError(f"{where}: unknown key(s) {sorted(unknown)}; allowed: {sorted(PLAN_KEYS)}")
+            raise InvalidValue(f"{where}: unknown key(s) {sorted(unknown)}; allowed: {sorted(PLAN_KEYS)}")
         if "subject_id" not in row:
-            raise ValueError(f"{where}: 'subject_id' is required")
+            raise InvalidValue(f"{where}: 'subject_id' is required")
         if wanted is not None and row["subject_id"] not in wanted:
             continue
         prompt = prompt_spec(row, config, where)
@@ -365,10 +366,10 @@ def subjects_dataset(config: GenerationJobConfig):
         try:  # the footer alone: a wrong file fails here, in one line, before any task runs
             names = pq.read_schema(path, filesystem=filesystem).names
         except (pa.ArrowInvalid, OSError) as exc:
-            raise ValueError(f"caching manifest {config.caches} is not a readable Parquet file: {exc}") from None
+            raise InvalidValue(f"caching manifest {config.caches} is not a readable Parquet file: {exc}") from None
         missing = {"subject_id", "status", "cache_uri"} - set(names)
         if missing:
-            raise ValueError(f"caching manifest {config.caches} lacks column(s) {sorted(missing)}")
+            raise InvalidValue(f"caching manifest {config.caches} lacks column(s) {sorted(missing)}")
         rows = read_parquet_files([config.caches], columns=[c for c in _caching_view().names if c in names],
                                   split_row_groups=True)
         return rows.map_batches(_subjects_from_caching_rows, batch_format="pyarrow")

@@ -9,6 +9,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from dreamcache.errors import InvalidValue
+
 ContactSheetMode = Literal["new", "all", "none"]
 
 
@@ -49,24 +51,24 @@ class GenerationJobConfig:
 
     def validate(self) -> None:
         if (self.prompts is None) == (self.plan is None):
-            raise ValueError("give exactly one of prompts (with subjects x seeds) or an explicit plan")
+            raise InvalidValue("give exactly one of prompts (with subjects x seeds) or an explicit plan")
         for name in ("steps", "batch_size", "actors", "cache_lru_size", "contact_sheet_cell"):
             if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise InvalidValue(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_actors is not None and self.max_actors < self.actors:
-            raise ValueError(f"max_actors ({self.max_actors}) must be >= actors ({self.actors})")
+            raise InvalidValue(f"max_actors ({self.max_actors}) must be >= actors ({self.actors})")
         if self.guidance not in ("compositional", "joint"):
-            raise ValueError(f"guidance must be 'compositional' or 'joint', got {self.guidance!r}")
+            raise InvalidValue(f"guidance must be 'compositional' or 'joint', got {self.guidance!r}")
         if self.dtype not in ("auto", "fp16", "bf16", "fp32"):
-            raise ValueError(f"dtype must be auto, fp16, bf16 or fp32, got {self.dtype!r}")
+            raise InvalidValue(f"dtype must be auto, fp16, bf16 or fp32, got {self.dtype!r}")
         if self.contact_sheet not in ("new", "all", "none"):
-            raise ValueError(f"contact_sheet must be new, all or none, got {self.contact_sheet!r}")
+            raise InvalidValue(f"contact_sheet must be new, all or none, got {self.contact_sheet!r}")
         for name in ("height", "width"):
             value = getattr(self, name)
             if value is not None and (value < 8 or value % 8):
-                raise ValueError(f"{name} must be a positive multiple of 8, got {value}")
+                raise InvalidValue(f"{name} must be a positive multiple of 8, got {value}")
         if not list(self.seeds):
-            raise ValueError("at least one seed is required")
+            raise InvalidValue("at least one seed is required")
         for seed in self.seeds:
             check_seed(seed)
         if self.run_id is not None:
@@ -93,7 +95,7 @@ class RenderSettings:
 
 def check_seed(seed: Any) -> int:
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
-        raise ValueError(f"a seed must be an integer in [0, 2**63), got {seed!r}")
+        raise InvalidValue(f"a seed must be an integer in [0, 2**63), got {seed!r}")
     return seed
 
 
@@ -107,8 +109,8 @@ def parse_seeds(text: str) -> list[int]:
         try:
             values = range(int(low), int(high) + 1) if sep else [int(part)]
         except ValueError:
-            raise ValueError(f"bad seed list {text!r}: use numbers and ranges like 0,1,5 or 0-3") from None
+            raise InvalidValue(f"bad seed list {text!r}: use numbers and ranges like 0,1,5 or 0-3") from None
         seeds.extend(check_seed(v) for v in values)
     if not seeds:
-        raise ValueError(f"no seeds in {text!r}")
+        raise InvalidValue(f"no seeds in {text!r}")
     return list(dict.fromkeys(seeds))

@@ -50,10 +50,11 @@ def init_ray(address: str | None = None, num_cpus: float | None = None, **kwargs
     logger.info("started a local Ray: %s", ray.cluster_resources())
 
 
-def check_resources(needs: dict[str, float], what: str, wait: bool = False) -> None:
+def check_resources(needs: dict[str, float], what: str, wait: bool = False, count: int = 1) -> None:
     """Fail fast, in one line, when no node of the cluster can hold ``needs`` (one actor's resources: they must
-    fit on a single node), instead of waiting forever for nodes that never come. ``wait=True`` skips the check:
-    for clusters whose autoscaler adds such nodes on demand (the KubeRay manifests pass --wait-for-resources)."""
+    fit on a single node), or when the whole cluster cannot hold ``count`` of them, instead of waiting forever
+    for nodes that never come. ``wait=True`` skips the check: for clusters whose autoscaler adds such nodes on
+    demand (the KubeRay manifests pass --wait-for-resources)."""
     import ray
 
     from dreamcache.errors import DreamCacheError
@@ -62,13 +63,19 @@ def check_resources(needs: dict[str, float], what: str, wait: bool = False) -> N
     if wait or not needs:
         return
     nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
-    if any(all(node.get(k, 0) >= v for k, v in needs.items()) for node in nodes):
-        return
-    offered = "; ".join(", ".join(f"{k} {v:g}" for k, v in sorted(node.items()) if not k.startswith("node:")
-                                  and k not in ("memory", "object_store_memory")) for node in nodes)
-    raise DreamCacheError(f"{what} need {', '.join(f'{k} {v:g}' for k, v in needs.items())} on one node, but no "
-                          f"node of the cluster offers that (nodes: {offered or 'none'}); lower the request, or pass "
-                          f"--wait-for-resources if an autoscaler adds such nodes", kind="unavailable")
+    hint = "lower the request, or pass --wait-for-resources if an autoscaler adds such nodes"
+    if not any(all(node.get(k, 0) >= v for k, v in needs.items()) for node in nodes):
+        offered = "; ".join(", ".join(f"{k} {v:g}" for k, v in sorted(node.items()) if not k.startswith("node:")
+                                      and k not in ("memory", "object_store_memory")) for node in nodes)
+        raise DreamCacheError(f"{what} need {', '.join(f'{k} {v:g}' for k, v in needs.items())} on one node, but no "
+                              f"node of the cluster offers that (nodes: {offered or 'none'}); {hint}",
+                              kind="unavailable")
+    total = {k: sum(node.get(k, 0) for node in nodes) for k in needs}
+    short = {k: v * count for k, v in needs.items() if v * count > total[k]}
+    if short:
+        raise DreamCacheError(f"{count} of {what} need {', '.join(f'{k} {v:g}' for k, v in short.items())} in all, "
+                              f"but the cluster has {', '.join(f'{k} {total[k]:g}' for k in short)}; {hint}",
+                              kind="unavailable")
 
 
 def quiet_ray_data_console() -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from dreamcache import storage
+from dreamcache.errors import InvalidValue
 
 logger = logging.getLogger(__name__)
 
@@ -22,7 +23,7 @@ TOKEN_FILE_ENV = "DREAMCACHE_API_TOKEN_FILE"
 MAX_IMAGES_PER_REQUEST = 8
 
 
-class SettingsError(ValueError):
+class SettingsError(InvalidValue):
     """An application argument is missing, unknown or out of range."""
 
 

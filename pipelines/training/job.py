@@ -33,6 +33,7 @@ import numpy as np
 from dreamcache import storage
 from dreamcache.images import ImageLimits
 from dreamcache.triplets import ReferenceAugment, TripletBatch, TripletError, parquet_files, pixels_to_tensor, prepare_triplet
+from dreamcache.errors import InvalidValue
 
 if TYPE_CHECKING:  # the training loop pulls in diffusers: Ray Data's preparation tasks must not pay for that import
     from dreamcache.training import AdapterTrainer, TrainingConfig, TrainingResult
@@ -58,11 +59,11 @@ class ScaleConfig:
 
     def validate(self) -> None:
         if self.num_workers < 1:
-            raise ValueError(f"num_workers must be >= 1, got {self.num_workers}")
+            raise InvalidValue(f"num_workers must be >= 1, got {self.num_workers}")
         if self.cpus_per_worker <= 0 or self.data_cpus <= 0:
-            raise ValueError("cpus_per_worker and data_cpus must be > 0")
+            raise InvalidValue("cpus_per_worker and data_cpus must be > 0")
         if self.max_failures < 0:
-            raise ValueError(f"max_failures must be >= 0, got {self.max_failures}")
+            raise InvalidValue(f"max_failures must be >= 0, got {self.max_failures}")
 
 
 def run_local(config: TrainingConfig) -> TrainingResult:
