@@ -36,7 +36,6 @@ import logging
 import os
 import random
 import re
-import shutil
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -47,6 +46,7 @@ from urllib.parse import urlsplit
 import boto3
 import botocore.exceptions as bexc
 from botocore.config import Config
+from tqdm import tqdm
 
 from .errors import InvalidValue
 
@@ -895,21 +895,28 @@ def _iter_local_shard(root: str, index: int, count: int, recursive: bool, uri: s
                 yield name + "/", 0, ""
 
 
-def _fetch_one(src_uri: str, dest: Path) -> None:
-    """Copy one file or object to ``dest`` atomically, streaming (no whole-file buffering)."""
+def _fetch_one(src_uri: str, dest: Path, progress: Callable[[int], Any] | None = None) -> None:
+    """Copy one file or object to ``dest`` atomically, streaming (no whole-file buffering); ``progress`` is
+    called with each chunk's size in bytes."""
     loc = parse_uri(src_uri)
     if loc.scheme == "file":
+        def copy(fh) -> None:
+            while chunk := src.read(1 << 20):
+                fh.write(chunk)
+                if progress:
+                    progress(len(chunk))
+
         try:
             with open(loc.path, "rb") as src:
-                _atomic_local_write(str(dest), lambda fh: shutil.copyfileobj(src, fh, 1 << 20))
+                _atomic_local_write(str(dest), copy)
         except OSError as exc:
             raise _local_error(exc, src_uri, "copy") from exc
         return
-    # download_fileobj does parallel ranged GETs; each retry starts a fresh temp file.
+    # download_fileobj does parallel ranged GETs; each retry starts a fresh temp file (and counts its bytes again).
     _s3_call(
         loc, src_uri, "download",
         lambda c: _atomic_local_write(
-            str(dest), lambda fh: c.download_fileobj(loc.bucket, loc.path, fh)
+            str(dest), lambda fh: c.download_fileobj(loc.bucket, loc.path, fh, Callback=progress)
         ),
     )
 
@@ -946,7 +953,7 @@ def download_prefix(prefix_uri: str, local_dir: str | os.PathLike[str]) -> Path:
         known = json.loads(versions_file.read_text())
     except (FileNotFoundError, ValueError):
         known = {}
-    fetched = 0
+    todo = []
     for rel, nbytes, version in entries:
         dest = root.joinpath(*rel.split("/"))
         if not dest.resolve().is_relative_to(root):  # a key like "../x" must not escape
@@ -956,9 +963,15 @@ def download_prefix(prefix_uri: str, local_dir: str | os.PathLike[str]) -> Path:
                 continue
         except FileNotFoundError:
             pass
-        _fetch_one(join_uri(prefix_uri, rel), dest)
-        known[rel] = version
-        fetched += 1
+        todo.append((rel, nbytes, version, dest))
+    fetched = 0
+    # Model folders are gigabytes: a byte-level bar on a terminal (none in logs: disable=None is "not a TTY").
+    with tqdm(total=sum(t[1] for t in todo), unit="B", unit_scale=True, unit_divisor=1024, disable=None,
+              desc=f"mirroring {prefix_uri}", leave=False) as bar:
+        for rel, _, version, dest in todo:
+            _fetch_one(join_uri(prefix_uri, rel), dest, progress=bar.update)
+            known[rel] = version
+            fetched += 1
     if fetched:
         _atomic_local_write(str(versions_file), lambda fh: fh.write(json.dumps(known, sort_keys=True).encode()))
     log.info("download_prefix %s -> %s: %d fetched, %d up to date",

@@ -373,6 +373,18 @@ def test_download_prefix_mirrors_and_skips_unchanged(s3_prefix, tmp_path):
     assert not [p for p in dest.rglob("*") if p.name.endswith(".dreamcache-tmp")]
 
 
+def test_copies_report_their_bytes_as_they_go(s3_prefix, tmp_path):
+    """The progress callback behind download_prefix's bar counts every byte, from S3 and from a local folder."""
+    data = os.urandom(3 * 2**20 + 7)  # more than one local chunk
+    (tmp_path / "src.bin").write_bytes(data)
+    write_bytes(join_uri(s3_prefix, "big.bin"), data)
+    for src in (join_uri(s3_prefix, "big.bin"), str(tmp_path / "src.bin")):
+        seen: list[int] = []
+        dest = tmp_path / f"copy-{len(src)}.bin"
+        storage._fetch_one(src, dest, progress=seen.append)
+        assert dest.read_bytes() == data and sum(seen) == len(data) and len(seen) > 1, src
+
+
 def test_download_prefix_empty_prefix_is_an_error(s3_prefix, tmp_path):
     with pytest.raises(ObjectNotFound, match="no files under"):
         download_prefix(join_uri(s3_prefix, "nothing-here"), tmp_path)

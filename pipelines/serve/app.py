@@ -428,6 +428,17 @@ class Ingress:
             timeout = min(timeout, asked)
         return time.time() + timeout
 
+    async def _limits(self, timeout_header: str | None, height: int | None, width: int | None
+                      ) -> tuple[float, dict[str, int]] | Failure:
+        """A request's deadline and image sides, or the Failure that refuses them (one check for every route)."""
+        deadline = self._deadline(timeout_header)
+        if isinstance(deadline, Failure):
+            return deadline
+        sides = await self._sides(height, width)
+        if isinstance(sides, Failure):
+            return sides
+        return deadline, sides
+
     async def _sides(self, height: int | None, width: int | None) -> dict[str, int] | Failure:
         model = await self._model_info()
         if isinstance(model, Failure):
@@ -445,12 +456,10 @@ class Ingress:
             storage.validate_id(body.subject_id)
         except storage.InvalidId as exc:
             return Failure(422, str(exc), "subject_id")
-        deadline = self._deadline(timeout_header)
-        if isinstance(deadline, Failure):
-            return deadline
-        sides = await self._sides(body.height, body.width)
-        if isinstance(sides, Failure):
-            return sides
+        limits = await self._limits(timeout_header, body.height, body.width)
+        if isinstance(limits, Failure):
+            return limits
+        deadline, sides = limits
         seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
         return GenerateJob(body.subject_id, body.prompt, body.negative_prompt, body.num_images, body.steps,
                            body.guidance_scale, body.image_guidance_scale, body.guidance, seed, sides["height"],
@@ -465,12 +474,10 @@ class Ingress:
                 storage.validate_id(subject_id)
             except storage.InvalidId as exc:
                 return Failure(422, str(exc), f"subject_ids.{i}")
-        deadline = self._deadline(timeout_header)
-        if isinstance(deadline, Failure):
-            return deadline
-        sides = await self._sides(body.height, body.width)
-        if isinstance(sides, Failure):
-            return sides
+        limits = await self._limits(timeout_header, body.height, body.width)
+        if isinstance(limits, Failure):
+            return limits
+        deadline, sides = limits
         seeds = body.seeds if body.seeds is not None else [secrets.randbelow(2**31)]
         jobs = []
         for subject_id in body.subject_ids:
