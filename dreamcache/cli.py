@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
@@ -38,13 +39,19 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
 
 def quiet_libraries() -> None:
-    """Keep stderr for our own messages: no weight-loading bars or advisory warnings from the libraries."""
-    import diffusers
-    import transformers
+    """Keep stderr for our own messages: no weight-loading bars or advisory warnings from the libraries.
 
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    diffusers.utils.logging.set_verbosity_error()
+    A library not imported yet is quieted by the environment variables it reads at import, not by importing it
+    here: importing diffusers pulls in torch, seconds that `dreamcache manifest` or `--help` must not pay."""
+    for name, value in (("TRANSFORMERS_VERBOSITY", "error"), ("DIFFUSERS_VERBOSITY", "error"),
+                        ("HF_HUB_DISABLE_PROGRESS_BARS", "1")):
+        os.environ.setdefault(name, value)
+    if "transformers" in sys.modules:
+        transformers = sys.modules["transformers"]
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+    if "diffusers" in sys.modules:
+        sys.modules["diffusers"].utils.logging.set_verbosity_error()
 
 
 def load_pipeline(args: argparse.Namespace, adapter: str | None = None):
