@@ -23,6 +23,7 @@ from PIL import Image
 from dreamcache import storage
 from dreamcache.cache import FeatureCache
 from pipelines.caching import CachingJobConfig, JobInputError, run_caching
+from pipelines.kernel.ray_runtime import local_system_config
 
 from .bad_inputs import FOLDER_MARKER, Materials, cases, put_folder_marker
 from .manifests import manifest_rows
@@ -271,7 +272,10 @@ def test_ray_job_submit_on_a_started_cluster(catalog, model_uri, s3_prefix):
     head = _ray_node(bin_dir, env, temp_dir, log, "--head", f"--port={gcs}", "--num-cpus=2",
                      '--resources={"caching_node": 1}',
                      "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--include-dashboard=true",
-                     f"--ray-client-server-port={_free_port()}")
+                     f"--ray-client-server-port={_free_port()}",
+                     # What init_ray gives a local Ray (kernel.ray_runtime): idle workers kept between the job's
+                     # Ray Data executions, instead of restarted for each on these 2 cores.
+                     "--system-config", json.dumps(local_system_config(2)))
     try:
         address = f"http://127.0.0.1:{dashboard}"
         deadline = time.time() + 180

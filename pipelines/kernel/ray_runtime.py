@@ -43,11 +43,15 @@ def init_ray(address: str | None = None, num_cpus: float | None = None, **kwargs
     for key, value in LOCAL_DEFAULTS.items():
         os.environ.setdefault(key, value)
     # address="local": a stale cluster file from an earlier `ray start` must not make this connect there.
-    cpus = int(num_cpus or os.cpu_count() or 1)
-    system_config = {"num_workers_soft_limit": max(16, 2 * cpus), "idle_worker_killing_time_threshold_ms":
-                     IDLE_WORKER_KEEP_MS, **kwargs.pop("_system_config", {})}
+    system_config = {**local_system_config(num_cpus), **kwargs.pop("_system_config", {})}
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _system_config=system_config, **kwargs)
     logger.info("started a local Ray: %s", ray.cluster_resources())
+
+
+def local_system_config(num_cpus: float | None = None) -> dict[str, int]:
+    """Ray system settings for a one-machine Ray (``ray.init`` here, or ``ray start --system-config``)."""
+    cpus = int(num_cpus or os.cpu_count() or 1)
+    return {"num_workers_soft_limit": max(16, 2 * cpus), "idle_worker_killing_time_threshold_ms": IDLE_WORKER_KEEP_MS}
 
 
 def check_resources(needs: dict[str, float], what: str, wait: bool = False, count: int = 1) -> None:
