@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import heapq
 import json
 import logging
 import os
@@ -734,8 +735,10 @@ def list_page(prefix_uri: str, after: str | None, limit: int, suffix: str = "") 
     if loc.scheme == "file":
         try:
             with os.scandir(loc.path) as entries:
-                names = sorted(e.name for e in entries if e.name.endswith(suffix) and not e.name.endswith(_TMP_SUFFIX)
-                               and (after is None or e.name > after) and e.is_file(follow_symlinks=False))
+                # The page's names only (limit + 1 tells whether more follow), not a sorted list of the folder.
+                names = heapq.nsmallest(limit + 1, (
+                    e.name for e in entries if e.name.endswith(suffix) and not e.name.endswith(_TMP_SUFFIX)
+                    and (after is None or e.name > after) and e.is_file(follow_symlinks=False)))
         except FileNotFoundError:
             return [], False
         except OSError as exc:
