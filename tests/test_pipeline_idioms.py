@@ -139,7 +139,9 @@ def test_scale_zero_is_the_no_cache_output_and_one_the_method(tiny_pipe, red, sc
     published = run(tiny_pipe, "a toy", red)
     tiny_pipe.set_adapter_scale(0.0)
     # spec 4.2: with the bypass blended in fully, e_I = e_0, so compositional guidance is plain CFG
-    torch.testing.assert_close(run(tiny_pipe, "a toy", red), run(tiny_pipe, "a toy", None), rtol=1e-5, atol=1e-6)
+    # The two runs batch their guidance branches differently, so the CPU's kernels may round differently: latents
+    # reach |12| and differed by 1.3e-5 on one Xeon (1e-6 on another); half the scale moves them by 0.3.
+    torch.testing.assert_close(run(tiny_pipe, "a toy", red), run(tiny_pipe, "a toy", None), rtol=1e-5, atol=1e-4)
     tiny_pipe.set_adapter_scale(0.5)
     half = run(tiny_pipe, "a toy", red)
     assert (half - published).abs().max() > 1e-4
