@@ -95,6 +95,25 @@ def test_serve_cli_refuses_bad_options_before_deploying(case: Case, materials, r
     assert_one_error_line(code, err, case.serve_cli)
 
 
+# The serve CLI cases about the app's inputs (not the port, device or cluster, which only the CLI binds or sees).
+DEPLOY_CASES = [c for c in cases("serve_cli", entry="serve_cli") if c.name.startswith(("serve-model", "serve-adapter",
+                                                                                         "serve-caches"))]
+
+
+@pytest.mark.parametrize("case", DEPLOY_CASES, ids=lambda c: c.name)
+def test_the_app_builder_refuses_bad_inputs_as_serve_deploy_and_kuberay_call_it(case: Case, materials):
+    """`serve deploy` and a RayService call ``pipelines.serve:build_app`` with the config's args, not the CLI: the
+    same one-line error fails the deploy there, before any replica starts."""
+    from dreamcache.cli import build_parser, user_errors
+    from pipelines.cli import add_ray_commands, serve_app_args
+    from pipelines.serve import build_app
+
+    app_args = serve_app_args(build_parser(add_ray_commands).parse_args(case.make(materials)))
+    with pytest.raises(user_errors()) as failed:  # what the CLI would print as its one line
+        build_app(app_args)
+    assert case.serve_cli in str(failed.value) and "\n" not in str(failed.value)
+
+
 # -- Serve (the shared test apps; the auth app keeps its caches on S3, as a deployment does) -------------------------
 def _place_cache(api, case: Case, made) -> str:
     from dreamcache import storage

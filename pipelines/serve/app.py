@@ -45,6 +45,7 @@ from dreamcache.cache_info import CacheError
 from dreamcache.cache_store import CacheStore, read_cache_info
 
 from .metrics import IngressMetrics
+from .preflight import check_inputs
 from .schema import (
     BATCH_JOB_HINT,
     MAX_GRID_CELLS,
@@ -88,6 +89,9 @@ def build_app(args: dict[str, Any]):
 
     settings = ServeSettings.from_args(dict(args))
     resolve_api_token(settings)  # an unreadable token file fails the deploy, not every request
+    # `serve deploy` and KubeRay build the app without the CLI: the same one-line checks fail the deploy here,
+    # instead of replicas that Serve restarts forever. The port and device are the CLI's (it binds them).
+    check_inputs(settings, host="", port=0, local=False)
     has_gpus = ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
     settings_args = settings.to_args()
     generator = Generator.options(**settings.generator_options(has_gpus)).bind(settings_args)
