@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -22,7 +19,6 @@ from pipelines.kernel.manifest import CommitConflict, ManifestError, ManifestLog
 
 from .manifests import latest_commit, manifest_rows
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 def png(colour) -> bytes:
@@ -42,28 +38,29 @@ def cache(tiny_model_dir, images: str, out: str, **kw):
     return run_caching(CachingJobConfig(out=out, model=str(tiny_model_dir), images=images, batch_size=4, **kw))
 
 
-@pytest.mark.timeout(900)  # six caching runs and a generation run: 170 s alone on 2 cores, 300 s on a loaded machine
+@pytest.mark.timeout(900)  # three caching runs and a generation run: about 100 s on 2 cores, 300 s loaded
 def test_runs_merge_repairs_and_never_collide(ray_cluster, tiny_model_dir, tmp_path):
     out = str(tmp_path / "out")
-    first = refs(tmp_path / "a", {"red": "red", "blue": "blue"})
+    first = refs(tmp_path / "a", {"red": "red", "blue": "blue", "white": "white"})
     second = refs(tmp_path / "b", {"green": "green"})
-    assert cache(tiny_model_dir, first, out).computed == 2
+    assert cache(tiny_model_dir, first, out).computed == 3
     # Another catalog into the same prefix: its subjects join, the first run's rows stay.
     summary = cache(tiny_model_dir, second, out)
     rows = manifest_rows(out)
-    assert set(rows) == {"red", "blue", "green"} and summary.kept == 2 and summary.computed == 1
+    assert set(rows) == {"red", "blue", "white", "green"} and summary.kept == 3 and summary.computed == 1
     assert latest_commit(out, "caching")["version"] == 2
 
     # A stored cache cut short, emptied or deleted is recomputed, not reported "ok skipped".
-    red, blue = tmp_path / "out" / "red.safetensors", tmp_path / "out" / "blue.safetensors"
+    # All three in one run: each caching run costs 15-20 s of the suite on 2 cores.
+    red, blue, white = (tmp_path / "out" / f"{s}.safetensors" for s in ("red", "blue", "white"))
     red.write_bytes(red.read_bytes()[:-10])
     blue.unlink()
+    white.write_bytes(b"")
     summary = cache(tiny_model_dir, first, out)
     rows = manifest_rows(out)
-    assert summary.computed == 2 and rows["red"]["action"] == rows["blue"]["action"] == "computed"
-    assert rows["red"]["bytes"] == red.stat().st_size and blue.is_file() and "green" in rows
-    blue.write_bytes(b"")
-    assert cache(tiny_model_dir, first, out).computed == 1
+    assert summary.computed == 3 and {rows[s]["action"] for s in ("red", "blue", "white")} == {"computed"}
+    assert all(rows[s]["bytes"] == f.stat().st_size > 0 for s, f in (("red", red), ("blue", blue), ("white", white)))
+    assert rows["green"]["action"] == "computed" and rows["green"]["run_id"] != rows["red"]["run_id"]
 
     # A generation run into the caching prefix keeps its manifest beside the caching one, under its own kind.
     from pipelines.generation import GenerationJobConfig, run_generation
@@ -72,17 +69,17 @@ def test_runs_merge_repairs_and_never_collide(ray_cluster, tiny_model_dir, tmp_p
     generation = run_generation(GenerationJobConfig(
         model=str(tiny_model_dir), adapter=str(tiny_model_dir / "adapter.safetensors"), caches=out, out=out,
         prompts=["a toy"], seeds=[0], steps=1, contact_sheet="none", batch_size=4))
-    assert generation.rendered == 3 and manifest_rows(out) == before
-    assert len(manifest_rows(out, "generation", key="row_key")) == 3
+    assert generation.rendered == 4 and manifest_rows(out) == before
+    assert len(manifest_rows(out, "generation", key="row_key")) == 4
 
     # pyarrow alone, from the commit's file list; and duckdb where it is installed.
     files = latest_commit(out, "caching")["files"]
-    assert pq.read_table(files).num_rows == 3
+    assert pq.read_table(files).num_rows == 4
     duckdb = pytest.importorskip("duckdb")
     latest = tmp_path / "out" / "_manifests" / "caching" / "_latest.json"
     con = duckdb.connect()
     con.execute(f"SET VARIABLE f = (SELECT files FROM read_json('{latest}'))")
-    assert con.execute("SELECT count(*) FROM read_parquet(getvariable('f'))").fetchone()[0] == 3
+    assert con.execute("SELECT count(*) FROM read_parquet(getvariable('f'))").fetchone()[0] == 4
 
 
 def test_bad_manifests_and_outputs_are_refused(ray_cluster, tiny_model_dir, tmp_path):
@@ -130,24 +127,25 @@ def test_commits_are_create_if_absent(tmp_path):
     assert log.current().run_id == "run-1" and log.current().version == first.version == 1
 
 
-def test_manifest_command(ray_cluster, tiny_model_dir, tmp_path):
+def test_manifest_command(ray_cluster, tiny_model_dir, tmp_path, capsys):
     images = refs(tmp_path / "refs", {"red": "red"})
     (tmp_path / "refs" / "bad").mkdir()
     (tmp_path / "refs" / "bad" / "x.png").write_bytes(b"junk")
     out = str(tmp_path / "out")
     cache(tiny_model_dir, images, out)
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    done = subprocess.run([sys.executable, "-m", "pipelines.cli", "manifest", out], capture_output=True, text=True,
-                          env=env, cwd=REPO)
-    assert done.returncode == 0, done.stderr
-    assert "caching" in done.stdout and "ok 1" in done.stdout and "error 1" in done.stdout and "bad" in done.stdout
-    done = subprocess.run([sys.executable, "-m", "pipelines.cli", "manifest", out, "--json"], capture_output=True,
-                          text=True, env=env, cwd=REPO)
-    rows = [json.loads(line) for line in done.stdout.splitlines()]
+    capsys.readouterr()
+    # In-process, as tests/test_cli.py runs the CLI: a subprocess per call cost seconds of imports each.
+    from pipelines.cli import main
+
+    assert main(["manifest", out]) == 0
+    done = capsys.readouterr()
+    assert "caching" in done.out and "ok 1" in done.out and "error 1" in done.out and "bad" in done.out
+    assert main(["manifest", out, "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert {r["subject_id"] for r in rows} == {"red", "bad"}
-    done = subprocess.run([sys.executable, "-m", "pipelines.cli", "manifest", str(tmp_path / "nothing")],
-                          capture_output=True, text=True, env=env, cwd=REPO)
-    assert done.returncode == 2 and done.stderr.count("\n") == 1 and "no manifest" in done.stderr
+    assert main(["manifest", str(tmp_path / "nothing")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no manifest" in err
 
 
 def test_one_row_per_input_at_20k_subjects(ray_cluster, tiny_model_dir, tmp_path):
