@@ -44,6 +44,7 @@ from dreamcache import storage
 from dreamcache.cache_info import CacheError
 from dreamcache.cache_store import CacheStore, read_cache_info
 
+from .batching import outside_request
 from .metrics import IngressMetrics
 from .schema import (
     BATCH_JOB_HINT,
@@ -503,10 +504,16 @@ class Ingress:
         ``grid_max_in_flight`` cells wait on the replicas at once: one grid must not fill their queues alone."""
         gate = asyncio.Semaphore(self.settings.grid_max_in_flight)
 
+        async def send(job: GenerateJob):
+            return await self._call(self._for_subject(job.subject_id).generate.remote(job), deadline=job.deadline)
+
         async def cell(coords: dict[str, Any], job: GenerateJob) -> bytes:
             async with gate:
-                outcome = await self._call(self._for_subject(job.subject_id).generate.remote(job),
-                                           deadline=job.deadline)
+                # Each cell its own Serve request: handle calls made in one request's context share its internal
+                # request id, and a router that hands each chosen replica to the request it was chosen for (the
+                # subject-affinity router; Serve's default is FIFO) matches pending requests by that id, so the
+                # grid's concurrent cells would collide there and all but one wait forever (Ray 2.60).
+                outcome = await outside_request(send(job))
             if isinstance(outcome, Failure):
                 line = {**coords, "error": {"status": outcome.status, "detail": outcome.message}}
             else:
