@@ -444,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
         mean = lambda key: statistics.fmean(run["served"][key] for run in mine)  # noqa: E731
         hits = statistics.fmean(run["served"].get("cache_hit_ratio", float("nan")) for run in mine)
         print(f"  {routing:17s} runs {len(mine)}  images/s {mean('images_per_s'):.3f} "
-              f"({', '.join(f'{run['served']['images_per_s']:.3f}' for run in mine)})  p50 {mean('p50_s'):.3f} s  "
+              f"({', '.join(format(run['served']['images_per_s'], '.3f') for run in mine)})  p50 {mean('p50_s'):.3f} s  "
               f"p95 {mean('p95_s'):.3f} s  cache hit ratio {hits:.3f}  served/offline "
               f"{statistics.fmean(run['ratio'] for run in mine):.3f}")
     if args.json_out:

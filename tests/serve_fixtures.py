@@ -34,8 +34,8 @@ from PIL import Image
 AUTH_LRU_SLOTS = 2
 AUTH_MAX_UPLOAD = 100_000
 OPEN_REPLICAS = 2  # at 0.25 CPU each: both fit the session's 4-CPU Ray next to the auth app
-DEFAULT_ROUTING = "multiplexed"  # ServeSettings.routing's default (test_serve checks the two agree)
-OTHER_ROUTING = "subject_affinity"
+DEFAULT_ROUTING = "subject_affinity"  # ServeSettings.routing's default (test_serve checks the two agree)
+OTHER_ROUTING = "multiplexed"
 
 
 class _AppToken:

@@ -52,7 +52,7 @@ class ServeSettings:
     # How a request reaches a replica holding its subject (pipelines/serve/routing.py): "multiplexed" (Serve's
     # multiplexed model ids) or "subject_affinity" (Serve's request router API, the subject as request data).
     # The default is the faster of the two in bench/results/2026-12-02-serve-routing-cpu.md.
-    routing: str = "multiplexed"
+    routing: str = "subject_affinity"
 
     # -- ingress (CPU) --------------------------------------------------------------------------------------
     ingress_replicas: int = 1
