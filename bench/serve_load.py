@@ -1,13 +1,19 @@
 """Load test of the Serve app: N concurrent clients for M seconds against a local Serve app on 127.0.0.1.
 
 Prints requests/s, images/s, p50/p95 latency and the count of every non-200 status, and the served images/s as
-a ratio to offline batched generation of the same model, batch size, steps and resolution, measured in the same
-run before Serve starts (target: >= 0.85 under sustained load). Only 503s (overload, with Retry-After) are
-allowed errors: any other status makes the exit code 1.
+a ratio to offline batched generation in the same run (target: >= 0.9). Only 503s (overload, with Retry-After)
+are allowed errors: any other status makes the exit code 1.
 
     python bench/serve_load.py                                  # tiny model on CPU, 16 clients, 30 s
     python bench/serve_load.py --clients 64 --duration 60 --model sd21-random --device cuda --dtype fp16 \\
         --steps 50 --batch-size 8 --replicas 1 --gpus-per-replica 1
+
+**The offline baseline** is what the generator replicas could do with no Serve around them: one Ray actor per
+replica, with a replica's resources (CPUs, GPUs), loaded by the replica's own loader from the same app settings
+(model, dtype, torch threads), all running back-to-back batches of the served batch size, mixing the subjects,
+at the same time; its images/s is their sum. It is measured before the first served run and after every one,
+in the same process and Ray: each run's ratio uses the mean of the baselines just before and just after it, and
+both are printed, so a machine whose speed changed under the run shows as a drift between the two.
 
 Every request asks for one image (the hardest case for batching: a batch needs batch-size requests) of one of
 ``--subjects`` subjects, so the served batches mix subjects as the offline baseline's batches do.
@@ -15,9 +21,14 @@ Every request asks for one image (the hardest case for batching: a batch needs b
 ``--workload grid``: each client sends POST /v1/grids of ``--grid-subjects`` subjects x ``--grid-prompts``
 prompts x one seed, in turn over all subjects, and reads the NDJSON stream; reported: cells/s, each cell's
 latency from its grid's start (p50/p95), the share of cells per replica and the cache hit ratio (from the
-cells' ``replica`` and ``cache`` fields), against the same offline baseline:
+cells' ``replica`` and ``cache`` fields), against the same offline baseline.
 
-    python bench/serve_load.py --workload grid --replicas 2 --subjects 32 --clients 4 --cpus-per-replica 0.5
+``--routing multiplexed,subject_affinity --repeats 2``: the app's routings (``pipelines/serve/routing.py``), run
+one after the other in turn (A B A B), a fresh app and cache store each, with a baseline between runs; the last
+lines compare the routings (means over their runs):
+
+    python bench/serve_load.py --workload grid --replicas 2 --subjects 32 --clients 4 --cpus-per-replica 0.5 \\
+        --routing multiplexed,subject_affinity --repeats 2
 """
 
 from __future__ import annotations
@@ -76,49 +87,68 @@ def png_bytes(image) -> bytes:
 
 
 # -- offline baseline -----------------------------------------------------------------------------------------
-def offline_images_per_s(args, model: str, adapter: str, references) -> float:
-    """Back-to-back batches of ``batch_size`` images mixing the subjects, one cache per image, as served."""
-    import torch
+class OfflineWorker:
+    """One replica's worth of offline generation (a Ray actor with a replica's resources): the pipeline loaded as
+    the generator loads it, then back-to-back batches of ``batch`` images mixing the subjects, one cache each."""
 
-    from dreamcache.cli import pick_device, pick_dtype
-    from dreamcache.pipeline import DreamCachePipeline
+    def __init__(self, app_args: dict, reference_pngs: list[bytes], batch: int, steps: int, guidance: str) -> None:
+        import io
 
-    if args.torch_threads:
-        torch.set_num_threads(args.torch_threads)
-    device = pick_device(args.device)
-    pipe = DreamCachePipeline.from_pretrained(model, adapter=adapter, torch_dtype=pick_dtype(args.dtype, device)).to(device)
-    pipe.set_progress_bar_config(disable=True)
-    caches = [pipe.cache_subject([image], subject_id=f"s{i}") for i, image in enumerate(references)]
-    batch = args.offline_batch_size
-    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(batch)]
-    rows = [caches[i % len(caches)] for i in range(batch)]
+        import torch
+        from PIL import Image
 
-    def one_batch(seed: int) -> None:
-        generators = [torch.Generator().manual_seed(seed + i) for i in range(batch)]
-        pipe(prompts, rows, num_inference_steps=args.steps, generator=generators, guidance=args.guidance)
-        if device.type == "cuda":
+        from pipelines.generation.render import load_render_pipeline
+        from pipelines.serve.settings import ServeSettings
+
+        self.torch = torch
+        self.pipe = load_render_pipeline(ServeSettings.from_args(app_args))  # the Generator's loader and settings
+        device, dtype = self.pipe.unet.device, self.pipe.unet.dtype
+        caches = [self.pipe.cache_subject([Image.open(io.BytesIO(data)).convert("RGB")], subject_id=f"s{i}")
+                  .to(device, dtype) for i, data in enumerate(reference_pngs)]
+        self.prompts = [PROMPTS[i % len(PROMPTS)] for i in range(batch)]
+        self.rows = [caches[i % len(caches)] for i in range(batch)]
+        self.batch, self.steps, self.guidance = batch, steps, guidance
+        self._one_batch(0)  # warm-up, before the measured window
+
+    def _one_batch(self, seed: int) -> None:
+        torch = self.torch
+        generators = [torch.Generator().manual_seed(seed + i) for i in range(self.batch)]
+        self.pipe(self.prompts, self.rows, negative_prompt=[""] * self.batch, num_inference_steps=self.steps,
+                  generator=generators, guidance=self.guidance)
+        if self.pipe.unet.device.type == "cuda":
             torch.cuda.synchronize()
 
-    one_batch(0)  # warm-up
-    images, started, seed = 0, time.perf_counter(), 1
-    while time.perf_counter() - started < args.offline_seconds or images < 2 * batch:
-        one_batch(seed)
-        images += batch
-        seed += batch
-    return images / (time.perf_counter() - started)
+    def run(self, start_at: float, seconds: float) -> float:
+        """Images/s over ``seconds`` from the wall-clock time ``start_at`` (every worker starts together)."""
+        time.sleep(max(0.0, start_at - time.time()))
+        images, started, seed = 0, time.perf_counter(), 1
+        while time.perf_counter() - started < seconds or images < 2 * self.batch:
+            self._one_batch(seed)
+            images += self.batch
+            seed += self.batch
+        return images / (time.perf_counter() - started)
 
 
-def offline_then_free(args, model: str, adapter: str, references) -> float:
-    """The baseline, then its device memory handed back: the Serve replica needs it next."""
-    import gc
+def offline_images_per_s(args, app_args: dict, references) -> float:
+    """The baseline (see the module docstring): one OfflineWorker per replica, measured together, summed; the
+    workers are gone afterwards, so the served replicas get their devices back."""
+    import ray
 
-    import torch
+    from pipelines.serve.settings import ServeSettings
 
-    rate = offline_images_per_s(args, model, adapter, references)
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    return rate
+    settings = ServeSettings.from_args(app_args)
+    options = settings.generator_options(cluster_has_gpus=ray.cluster_resources().get("GPU", 0) > 0)
+    worker = ray.remote(OfflineWorker).options(**options["ray_actor_options"])
+    pngs = [png_bytes(image) for image in references]
+    workers = [worker.remote(app_args, pngs, args.offline_batch_size, args.steps, args.guidance)
+               for _ in range(args.replicas)]
+    try:
+        ray.get([w.__ray_ready__.remote() for w in workers])  # loaded and warmed up, all of them
+        start_at = time.time() + 1.0
+        return sum(ray.get([w.run.remote(start_at, args.offline_seconds) for w in workers]))
+    finally:
+        for w in workers:
+            ray.kill(w)
 
 
 # -- load -----------------------------------------------------------------------------------------------------
@@ -234,26 +264,30 @@ async def run_grid_clients(url: str, args, subjects: list[str]) -> dict:
     }
 
 
-def serve_and_load(args, model: str, adapter: str, references, caches: str) -> tuple[dict, dict]:
-    import httpx
-    from ray import serve
-
-    from pipelines.kernel.ray_runtime import init_ray
-    from pipelines.serve import build_app
-
-    init_ray(address=args.ray_address)
-    serve.start(http_options={"host": "127.0.0.1", "port": args.port})
+def app_args_of(args, model: str, adapter: str, caches: str, routing: str) -> dict:
+    """The Serve app's args; the offline baseline is built from the same ones."""
     app_args = {
         "model": model, "adapter": adapter, "caches": caches, "device": args.device, "dtype": args.dtype,
         "replicas": args.replicas, "max_batch_size": args.batch_size, "batch_wait_timeout_s": args.batch_wait,
         "max_ongoing_requests": args.max_ongoing or 2 * args.batch_size, "max_queued_requests": args.max_queued,
         "request_timeout_s": args.request_timeout, "cpus_per_replica": args.cpus_per_replica, "ingress_cpus": 0.5,
-        "max_caches_per_replica": args.caches_per_replica or max(len(references), 2),
+        "max_caches_per_replica": args.caches_per_replica or max(args.subjects, 2), "routing": routing,
     }
     if args.gpus_per_replica is not None:
         app_args["gpus_per_replica"] = args.gpus_per_replica
     if args.torch_threads:
         app_args["torch_threads"] = args.torch_threads
+    return app_args
+
+
+def serve_and_load(args, app_args: dict, references) -> tuple[dict, dict]:
+    """Deploy the app (Serve already started), register and warm up the subjects, run the load; the app is
+    deleted afterwards."""
+    import httpx
+    from ray import serve
+
+    from pipelines.serve import build_app
+
     url = f"http://127.0.0.1:{args.port}"
     try:
         serve.run(build_app(app_args), name="dreamcache-bench", route_prefix="/")
@@ -281,10 +315,39 @@ def serve_and_load(args, model: str, adapter: str, references, caches: str) -> t
         stats["max_batch_subjects"] = max(a["max_batch_subjects"] for a in after.values())
         return result, stats
     finally:
-        serve.shutdown()
+        serve.delete("dreamcache-bench")
+
+
+def report_run(args, routing: str, served: dict, stats: dict, before: float, after: float) -> float:
+    """Print one served run against the baselines before and after it; its served/offline ratio."""
+    offline = (before + after) / 2
+    ratio = served["images_per_s"] / offline
+    print(f"== routing {routing}: served ({args.workload}) with {args.clients} clients for {served['seconds']:.1f} s")
+    if args.workload == "grid":
+        print(f"  grids of {args.grid_subjects} subjects x {args.grid_prompts} prompts: cells/s "
+              f"{served['images_per_s']:.3f}, cell latency p50 {served['p50_s']:.3f} s p95 {served['p95_s']:.3f} s, "
+              f"cache hit ratio {served['cache_hit_ratio']:.3f}, replica share "
+              f"{[round(v, 3) for v in served['replica_share'].values()]}, cell errors {served['cell_errors']}")
+    print(f"  requests/s {served['requests_per_s']:.3f}   images/s {served['images_per_s']:.3f}   "
+          f"p50 {served['p50_s']:.3f} s   p95 {served['p95_s']:.3f} s")
+    print(f"  statuses {served['statuses']}   503 without Retry-After: {served['503_without_retry_after']}")
+    print(f"  replicas: {stats['loads']} cache loads, {stats['batches']} batches, "
+          f"{stats['images'] / max(stats['batches'], 1):.2f} images/batch, max {stats['max_batch_subjects']} subjects "
+          f"in a batch, busy {stats['busy_s'] / (served['seconds'] * stats['replicas']):.0%} of the window, "
+          f"{stats['images'] / max(stats['busy_s'], 1e-9):.3f} images per busy second")
+    # At one client every request is a batch of one: its p50 against one offline batch's time.
+    batch_s = args.offline_batch_size * args.replicas / offline
+    print(f"  offline batched generation: {before:.3f} images/s before, {after:.3f} after (drift "
+          f"{after / before - 1:+.0%}), mean {offline:.3f};  served p50 / offline batch time: "
+          f"{served['p50_s'] / batch_s:.3f}")
+    print(f"  served / offline images/s: {ratio:.3f}  (target >= {args.target}: "
+          f"{'met' if ratio >= args.target else 'NOT met'})", flush=True)
+    return ratio
 
 
 def main(argv: list[str] | None = None) -> int:
+    from pipelines.serve.settings import ROUTINGS, ServeSettings
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="tiny", help="'tiny', 'sd21-random', or a diffusers folder/URI")
     parser.add_argument("--adapter", help="adapter file (default: the generated model's)")
@@ -310,9 +373,12 @@ def main(argv: list[str] | None = None) -> int:
                         "with --clients 1 compares one client's latency with the pipeline's batch-1 latency")
     parser.add_argument("--port", type=int, default=8765)
     parser.add_argument("--ray-address", help="default: a local Ray")
-    parser.add_argument("--target", type=float, default=0.85, help="served/offline images/s to report against")
+    parser.add_argument("--target", type=float, default=0.9, help="served/offline images/s to report against")
     parser.add_argument("--json-out", help="also write the figures as JSON here")
     parser.add_argument("--workload", choices=["generate", "grid"], default="generate")
+    parser.add_argument("--routing", default=ServeSettings.routing,
+                        help=f"the app's routing, or several comma-separated, run in turn ({', '.join(ROUTINGS)})")
+    parser.add_argument("--repeats", type=int, default=1, help="runs of each routing (in turn: A B A B)")
     parser.add_argument("--grid-subjects", type=int, default=4, help="grid workload: subjects per grid")
     parser.add_argument("--grid-prompts", type=int, default=2, help="grid workload: prompts per grid")
     parser.add_argument("--caches-per-replica", type=int, help="LRU slots per replica (default: every subject)")
@@ -334,45 +400,57 @@ def main(argv: list[str] | None = None) -> int:
         model, adapter = args.model, args.adapter
     references = reference_images(args.subjects, 256)  # resized to the model's resolution when cached
 
+    routings = args.routing.split(",")
+    unknown = set(routings) - set(ROUTINGS)
+    if unknown:
+        parser.error(f"--routing: unknown {', '.join(sorted(unknown))}; known: {', '.join(ROUTINGS)}")
     device = pick_device(args.device)
     print(f"model {args.model}, {args.steps} steps, {args.guidance} guidance, batch {args.batch_size}, "
-          f"{args.subjects} subjects; {device}{', ' + torch.cuda.get_device_name() if device.type == 'cuda' else ''}, "
+          f"{args.subjects} subjects, {args.replicas} replicas; {device}"
+          f"{', ' + torch.cuda.get_device_name() if device.type == 'cuda' else ''}, "
           f"{os.cpu_count()} CPU cores, torch threads {args.torch_threads or torch.get_num_threads()}", flush=True)
-    # The baseline runs before and after the load (the device is free then): a drift between the two shows a
-    # machine whose speed changed under the run (shared CPUs), and the ratio uses their mean.
-    before = offline_then_free(args, model, adapter, references)
-    print(f"offline batched generation (before): {before:.3f} images/s", flush=True)
-    served, stats = serve_and_load(args, model, adapter, references, str(work / "caches"))
-    after = offline_then_free(args, model, adapter, references)
-    offline = (before + after) / 2
-    print(f"offline batched generation (after):  {after:.3f} images/s   (drift {after / before - 1:+.0%})")
-    ratio = served["images_per_s"] / offline
-    errors = {k: v for k, v in served["statuses"].items() if k not in ("200", "503")}
-    print(f"served ({args.workload}) with {args.clients} clients for {served['seconds']:.1f} s:")
-    if args.workload == "grid":
-        print(f"  grids of {args.grid_subjects} subjects x {args.grid_prompts} prompts: cells/s "
-              f"{served['images_per_s']:.3f}, cell latency p50 {served['p50_s']:.3f} s p95 {served['p95_s']:.3f} s, "
-              f"cache hit ratio {served['cache_hit_ratio']:.3f}, replica share "
-              f"{[round(v, 3) for v in served['replica_share'].values()]}, cell errors {served['cell_errors']}")
-    print(f"  requests/s {served['requests_per_s']:.3f}   images/s {served['images_per_s']:.3f}   "
-          f"p50 {served['p50_s']:.3f} s   p95 {served['p95_s']:.3f} s")
-    print(f"  statuses {served['statuses']}   503 without Retry-After: {served['503_without_retry_after']}")
-    print(f"  replicas: {stats['loads']} cache loads, {stats['batches']} batches, {stats['images'] / max(stats['batches'], 1):.2f} images/batch, "
-          f"max {stats['max_batch_subjects']} subjects in a batch, busy {stats['busy_s'] / (served['seconds'] * stats['replicas']):.0%} "
-          f"of the window, {stats['images'] / max(stats['busy_s'], 1e-9):.3f} images per busy second")
-    # At one client every request is a batch of one: its p50 against one offline batch's time.
-    batch_s = args.offline_batch_size / offline
-    print(f"offline batch of {args.offline_batch_size}: {batch_s:.3f} s;  served p50 / offline batch time: "
-          f"{served['p50_s'] / batch_s:.3f}")
-    print(f"served / offline images/s: {ratio:.3f}  (target >= {args.target}: {'met' if ratio >= args.target else 'NOT met'})")
+
+    from ray import serve
+
+    from pipelines.kernel.ray_runtime import init_ray
+
+    init_ray(address=args.ray_address)
+    serve.start(http_options={"host": "127.0.0.1", "port": args.port})
+    order = [routing for _ in range(args.repeats) for routing in routings]  # in turn: A B A B
+    runs: list[dict] = []
+    failed = False
+    try:
+        baselines = [offline_images_per_s(args, app_args_of(args, model, adapter, "unused", order[0]), references)]
+        print(f"offline batched generation: {baselines[0]:.3f} images/s", flush=True)
+        for i, routing in enumerate(order):
+            app_args = app_args_of(args, model, adapter, str(work / f"caches-{i}"), routing)
+            served, stats = serve_and_load(args, app_args, references)
+            baselines.append(offline_images_per_s(args, app_args, references))
+            ratio = report_run(args, routing, served, stats, baselines[i], baselines[i + 1])
+            runs.append({"routing": routing, "served": served, "replica": stats, "ratio": ratio,
+                         "offline_images_per_s": {"before": baselines[i], "after": baselines[i + 1]}})
+            errors = {k: v for k, v in served["statuses"].items() if k not in ("200", "503")}
+            errors.update({f"cell {k}": v for k, v in served.get("cell_errors", {}).items() if k != "503"})
+            if errors or served["503_without_retry_after"]:
+                print(f"FAILED ({routing}): errors other than 503: {errors}", file=sys.stderr)
+                failed = True
+    finally:
+        serve.shutdown()
+    print("== routings compared (mean over runs; each run's figures above)")
+    for routing in routings:
+        mine = [run for run in runs if run["routing"] == routing]
+        if not mine:
+            continue
+        mean = lambda key: statistics.fmean(run["served"][key] for run in mine)  # noqa: E731
+        hits = statistics.fmean(run["served"].get("cache_hit_ratio", float("nan")) for run in mine)
+        print(f"  {routing:17s} runs {len(mine)}  images/s {mean('images_per_s'):.3f} "
+              f"({', '.join(format(run['served']['images_per_s'], '.3f') for run in mine)})  p50 {mean('p50_s'):.3f} s  "
+              f"p95 {mean('p95_s'):.3f} s  cache hit ratio {hits:.3f}  served/offline "
+              f"{statistics.fmean(run['ratio'] for run in mine):.3f}")
     if args.json_out:
-        Path(args.json_out).write_text(json.dumps({"offline_images_per_s": {"before": before, "after": after},
-                                                   "served": served, "ratio": ratio,
-                                                   "replica": stats, "args": vars(args)}, indent=2))
-    if errors or served["503_without_retry_after"]:
-        print(f"FAILED: errors other than 503: {errors}", file=sys.stderr)
-        return 1
-    return 0
+        Path(args.json_out).write_text(json.dumps({"offline_images_per_s": baselines, "runs": runs,
+                                                   "args": vars(args)}, indent=2))
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -7,12 +7,15 @@ starts, on a free loopback port, with all the apps, when the first test needs on
 conftest.py shuts Serve down right after the last test that uses it, so no Serve replica holds CPUs while later
 tests run Ray Data or Ray Train jobs; a use after that starts it again.
 
-Two apps, because auth is app-wide:
+Three apps, because auth and routing are app-wide:
 
 * ``auth`` at ``/``: bearer-token auth on, one generator replica with an LRU of :data:`AUTH_LRU_SLOTS`
   subjects, small upload limits and a small queue, so that every contract of the API can be reached.
 * ``open`` at ``/open``: no auth, default limits, :data:`OPEN_REPLICAS` generator replicas (routing by subject
   across replicas; the web page without a token, and under a route prefix).
+* ``other`` at ``/other``: as ``open``, but routed by the other ``routing`` setting than the default, so
+  that the routing and batching tests run under both (:data:`OTHER_ROUTING`), with the auth app's batch wait
+  so that concurrent requests share batches.
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ from PIL import Image
 AUTH_LRU_SLOTS = 2
 AUTH_MAX_UPLOAD = 100_000
 OPEN_REPLICAS = 2  # at 0.25 CPU each: both fit the session's 4-CPU Ray next to the auth app
+DEFAULT_ROUTING = "subject_affinity"  # ServeSettings.routing's default (test_serve checks the two agree)
+OTHER_ROUTING = "multiplexed"
 
 
 class _AppToken:
@@ -121,9 +126,13 @@ def serve_test_apps(model_dir: Path, s3_bucket: str, workdir: Path) -> dict[str,
     )
     open_caches = str(workdir / "open-caches")  # a local folder: the store's path backend, next to S3 above
     open_ = tiny_app_args(model_dir, open_caches, replicas=OPEN_REPLICAS, batch_wait_timeout_s=0.01)
+    other_caches = str(workdir / "other-caches")
+    other = tiny_app_args(model_dir, other_caches, replicas=OPEN_REPLICAS, batch_wait_timeout_s=0.2,
+                             routing=OTHER_ROUTING)
     return {
         "auth": AppSpec("dreamcache-test", "/", auth, f"{root}/caches", f"{root}/uploads", token),
         "open": AppSpec("dreamcache-open", "/open", open_, open_caches),
+        "other": AppSpec("dreamcache-other", "/other", other, other_caches),
     }
 
 

@@ -25,7 +25,7 @@ from PIL import Image
 from dreamcache import storage
 from serve_fixtures import AUTH_LRU_SLOTS as LRU_SLOTS
 from serve_fixtures import AUTH_MAX_UPLOAD as MAX_UPLOAD
-from serve_fixtures import OPEN_REPLICAS, Api, reference_png
+from serve_fixtures import DEFAULT_ROUTING, OPEN_REPLICAS, OTHER_ROUTING, Api, reference_png
 
 def generator_stats(api: Api) -> dict:
     """Counters of the app's generator replica (the auth app has one)."""
@@ -255,24 +255,42 @@ def test_generate_json_and_png_same_seed_same_image(auth_api):
         assert again.json()["images"] == unseeded["images"]  # the seed a request got is enough to redo it
 
 
-def test_a_batch_mixes_subjects_each_sample_with_its_own_cache(auth_api):
+def subjects_sharing_a_replica(client: httpx.Client, prefix: str, first_seed: int) -> tuple[str, str]:
+    """Two new subjects held by one replica (the one that cached each, named by its answer): at most three
+    registrations on two replicas. A batch can only mix subjects that one replica serves."""
+    holders: dict[str, list[str]] = {}
+    for i in range(OPEN_REPLICAS + 1):
+        subject = f"{prefix}-{'abc'[i]}"
+        created = register(client, subject, reference_png(first_seed + i))
+        assert created.status_code == 201, created.text
+        holders.setdefault(created.headers[REPLICA], []).append(subject)
+        pair = next((subjects for subjects in holders.values() if len(subjects) == 2), None)
+        if pair:
+            return pair[0], pair[1]
+    raise AssertionError(f"no two subjects on one replica: {holders}")
+
+
+# auth: the default routing on one replica; other: the other routing, on two (see serve_fixtures)
+@pytest.mark.parametrize("app", ["auth", "other"])
+def test_a_batch_mixes_subjects_each_sample_with_its_own_cache(app, serve_apps):
     # A strong image guidance makes the cache visible in the tiny model's pixels.
     params = {"image_guidance_scale": 30.0, "steps": 3, "prompt": "a toy"}
-    with auth_api.client() as client:
-        for subject, seed in (("mix-a", 61), ("mix-b", 62)):
-            assert register(client, subject, reference_png(seed)).status_code == 201
-        alone = {s: pixels(generate(client, s, seed=7, **params).json()["images"][0]) for s in ("mix-a", "mix-b")}
+    api = serve_apps.api(app)
+    with api.client() as client:
+        pair = subjects_sharing_a_replica(client, "mix", 61)
+        alone = {s: pixels(generate(client, s, seed=7, **params).json()["images"][0]) for s in pair}
 
-        jobs = [(s, seed) for seed in (7, 8, 9, 10) for s in ("mix-a", "mix-b")]
+        jobs = [(s, seed) for seed in (7, 8, 9, 10) for s in pair]
         with ThreadPoolExecutor(len(jobs)) as pool:
             responses = list(pool.map(lambda job: generate(client, job[0], seed=job[1], **params), jobs))
     assert [r.status_code for r in responses] == [200] * len(jobs)
     bodies = [r.json() for r in responses]
-    # Serve would split a batch by subject (multiplexed id); serve_batching.outside_request is what mixes them.
+    # Serve would split a batch by multiplexed id: serve_batching.outside_request is what mixes them under the
+    # multiplexed routing; under subject affinity there is no such id.
     assert max(b["server"]["batch_subjects"] for b in bodies) >= 2, [b["server"] for b in bodies]
     for (subject, seed), body in zip(jobs, bodies):
         if seed == 7:  # same seed and parameters as alone: the same image, up to batch-size rounding
-            other = "mix-b" if subject == "mix-a" else "mix-a"
+            other = pair[1] if subject == pair[0] else pair[0]
             own = np.abs(pixels(body["images"][0]) - alone[subject])
             assert own.max() <= 2
             assert own.mean() < np.abs(pixels(body["images"][0]) - alone[other]).mean() / 4
@@ -317,7 +335,8 @@ def wait_until_routed(client: httpx.Client, subject_id: str, holder: str, streak
     it sends the subject's requests to a replica holding the fewest subjects it knows of, which may be the holder
     by chance (a streak of 20 such chances: one in a million) or by rule (the replica that got the subject for
     holding the fewest still does, until another report arrives); the wait starts 1 s after the registration,
-    ten times the report period, so that the last report is in."""
+    ten times the report period, so that the last report is in. (Under subject affinity the router needs no
+    report: the subject's home is a hash, and the first answer already comes from it.)"""
     time.sleep(1.0)
     deadline, run = time.monotonic() + timeout, 0
     while run < streak:
@@ -327,21 +346,35 @@ def wait_until_routed(client: httpx.Client, subject_id: str, holder: str, streak
         run = run + 1 if answer.headers[REPLICA] == holder else 0
 
 
-def test_requests_for_a_subject_go_to_the_replica_that_holds_its_cache(open_api):
-    """Two generator replicas. A new subject goes to a replica holding the fewest subjects (so three subjects use
-    both replicas, whatever the web tests left there: at most one subject more on one replica), and every later
-    request for it, one after another or concurrent, to the replica that holds its cache (a cache hit there)."""
-    tag = uuid.uuid4().hex[:6]
-    with open_api.client() as client:
-        holders: dict[str, str] = {}
-        for i in range(3):
-            subject = f"route-{tag}-{i}"
-            created = register(client, subject, reference_png(90 + i))
-            assert created.status_code == 201, created.text
-            holders[subject] = created.headers[REPLICA]
-            wait_until_routed(client, subject, holders[subject])
-        assert len(set(holders.values())) == OPEN_REPLICAS, holders
+def subjects_on_every_replica(client: httpx.Client, prefix: str, first_seed: int) -> dict[str, str]:
+    """New subjects until every replica holds one; each registration is waited on until the router sends the
+    subject's requests to its holder. Returned: the first subject of each replica, with that replica (one subject
+    each, so that the tests' concurrent requests load the replicas evenly: the affinity router gives way to load).
 
+    Multiplexed routing sends a new subject to a replica holding the fewest subjects, so ``OPEN_REPLICAS + 1``
+    registrations cover both replicas whatever earlier tests left there; subject affinity sends it to its home by
+    hashing, so each registration covers the other replica with probability 1/2: twelve leave a chance of 1/2048
+    of never doing so."""
+    holders: dict[str, str] = {}
+    for i in range(12):
+        subject = f"{prefix}-{i}"
+        created = register(client, subject, reference_png(first_seed + i))
+        assert created.status_code == 201, created.text
+        holders[subject] = created.headers[REPLICA]
+        wait_until_routed(client, subject, holders[subject])
+        if len(set(holders.values())) == OPEN_REPLICAS:
+            firsts = {holder: subject for subject, holder in reversed(holders.items())}
+            return {subject: holder for holder, subject in firsts.items()}
+    raise AssertionError(f"12 subjects did not cover {OPEN_REPLICAS} replicas: {holders}")
+
+
+@pytest.mark.parametrize("app", ["open", "other"])  # both routings (see serve_fixtures)
+def test_requests_for_a_subject_go_to_the_replica_that_holds_its_cache(app, serve_apps):
+    """Two generator replicas. New subjects cover both replicas (see subjects_on_every_replica), and every later
+    request for a subject, one after another or concurrent, goes to the replica that holds its cache (a hit)."""
+    tag = uuid.uuid4().hex[:6]
+    with serve_apps.api(app).client() as client:
+        holders = subjects_on_every_replica(client, f"route-{tag}", 90)
         for seed in (1, 2):
             for subject, holder in holders.items():
                 answer = generate(client, subject, seed=seed, steps=1)
@@ -402,6 +435,80 @@ def test_settings_refuse_unknown_and_out_of_range_args():
     assert options["autoscaling_config"] == {"min_replicas": 0, "max_replicas": 4} and "num_replicas" not in options
     assert options["ray_actor_options"]["num_gpus"] == 1
     assert ServeSettings.from_args(settings.to_args()) == settings
+
+
+def test_routing_setting_names_the_router_and_the_fixtures_cover_both():
+    from ray.serve.config import RequestRouterConfig
+
+    from pipelines.serve.routing import SubjectAffinityRouter
+    from pipelines.serve.settings import ROUTINGS, ServeSettings, SettingsError
+
+    base = {"model": "m", "caches": "c"}
+    assert ServeSettings(**base).routing == DEFAULT_ROUTING and {DEFAULT_ROUTING, OTHER_ROUTING} == set(ROUTINGS)
+    with pytest.raises(SettingsError, match="routing"):
+        ServeSettings.from_args({**base, "routing": "random"})
+    assert "request_router_config" not in ServeSettings.from_args({**base, "routing": "multiplexed"}) \
+        .generator_options(cluster_has_gpus=False)
+    config = ServeSettings.from_args({**base, "routing": "subject_affinity", "max_batch_size": 16}) \
+        .generator_options(cluster_has_gpus=False)["request_router_config"]
+    router = SubjectAffinityRouter
+    assert isinstance(config, RequestRouterConfig)
+    assert config.request_router_class == f"{router.__module__}.{router.__qualname__}"
+    assert config.request_router_kwargs == {"imbalance_slack": 16}
+
+
+def test_affinity_preference_is_a_stable_home_that_gives_way_to_load():
+    from pipelines.serve.routing import preference, rendezvous_order, routing_key
+    from pipelines.serve.schema import GenerateJob
+
+    replicas = ["r1", "r2", "r3"]
+    subjects = [f"s{i}" for i in range(3000)]
+    homes = {s: rendezvous_order(s, replicas)[0] for s in subjects}
+    assert all(rendezvous_order(s, list(reversed(replicas)))[0] == homes[s] for s in subjects[:100])  # no order
+    share = {r: sum(h == r for h in homes.values()) / len(subjects) for r in replicas}
+    assert all(0.30 < v < 0.37 for v in share.values()), share
+    # A replica leaving moves only the subjects it was home to.
+    after = {s: rendezvous_order(s, ["r1", "r2"])[0] for s in subjects}
+    assert all(after[s] == homes[s] for s in subjects if homes[s] != "r3")
+
+    subject = "s0"
+    home, second, third = rendezvous_order(subject, replicas)
+    idle = dict.fromkeys(replicas, 0)
+    assert preference(subject, idle, slack=8) == [home, second, third]
+    assert preference(subject, dict.fromkeys(replicas, None), slack=8)[0] == home  # nothing known: the home
+    assert preference(subject, {**idle, home: 8}, slack=8)[0] == home  # within one batch: affinity wins
+    assert preference(subject, {**idle, home: 9}, slack=8) == [second, third, home]  # beyond: load wins
+    assert preference(subject, {home: 9, second: None, third: 0}, slack=8) == [second, third, home]
+
+    job = GenerateJob(subject, "p", None, 1, 2, 7.5, 0.4, "compositional", 0, 64, 64, deadline=0.0)
+    assert [routing_key(a) for a in ([job], ("s1", []), (), (3,))] == [subject, "s1", None, None]
+
+
+def test_subject_lru_shares_a_load_and_evicts_the_least_recently_used():
+    from pipelines.serve.generator import ResidentCache, SubjectLRU
+
+    loads: list[str] = []
+    evicted: list[str] = []
+
+    async def load(subject_id: str) -> ResidentCache:
+        loads.append(subject_id)
+        await asyncio.sleep(0.05)
+        return ResidentCache(subject_id, object(), evicted.append)  # type: ignore[arg-type]
+
+    async def scenario() -> None:
+        lru = SubjectLRU(load, capacity=2)
+        first = await asyncio.gather(*(lru("a") for _ in range(3)))  # concurrent misses: one load
+        assert loads == ["a"] and all(entry is first[0] for entry in first)
+        waiter = asyncio.ensure_future(lru("b"))
+        await asyncio.sleep(0)
+        waiter.cancel()  # a caller that goes away does not cancel the load the others wait on
+        assert (await lru("b")).subject_id == "b" and loads == ["a", "b"]
+        await lru("a")  # a is now the most recent: c evicts b
+        await lru("c")
+        assert evicted == ["b"] and loads == ["a", "b", "c"]
+        assert (await lru("a")).cache is not None and loads == ["a", "b", "c"]
+
+    asyncio.run(scenario())
 
 
 def test_api_token_from_file_or_environment(tmp_path):
@@ -542,22 +649,14 @@ def test_outside_request_drops_the_callers_context_and_is_cancelled_with_it():
 
 
 # -- grids, subject management, event streams (issue 14) -------------------------------------------------------------
-def test_a_grid_over_two_replicas_streams_every_cell_once_each_as_generate_makes_it(open_api):
+@pytest.mark.parametrize("app", ["open", "other"])  # both routings (see serve_fixtures)
+def test_a_grid_over_two_replicas_streams_every_cell_once_each_as_generate_makes_it(app, serve_apps):
     """Subjects held by both replicas x 2 prompts x 2 seeds, plus a subject nobody registered: one NDJSON line per
     cell, every cell once; the cells ran on both replicas; the unknown subject failed its own cells only; a cell's
     image is POST /v1/generate's for the same parameters (up to the batch-size rounding of the existing tests)."""
     tag = uuid.uuid4().hex[:6]
-    with open_api.client() as client:
-        holders: dict[str, str] = {}
-        for i in range(3):  # a new subject goes to a replica holding the fewest: three cover both (see routing test)
-            subject = f"grid-{tag}-{i}"
-            created = register(client, subject, reference_png(150 + i))
-            assert created.status_code == 201, created.text
-            holders[subject] = created.headers[REPLICA]
-            wait_until_routed(client, subject, holders[subject])
-            if len(set(holders.values())) == OPEN_REPLICAS:
-                break
-        assert len(set(holders.values())) == OPEN_REPLICAS, holders
+    with serve_apps.api(app).client() as client:
+        holders = subjects_on_every_replica(client, f"grid-{tag}", 150)
         subjects = [*holders, f"grid-{tag}-missing"]
         prompts = [{"prompt": "a photo on a beach"},
                    {"prompt": "a toy in the snow", "negative_prompt": "blurry", "image_guidance_scale": 2.0}]

@@ -9,8 +9,8 @@ fields of :class:`pipelines.serve.settings.ServeSettings`.
 HTTP API v1 (OpenAPI at /docs): ``POST /v1/subjects``, ``GET /v1/subjects`` (paged), ``GET`` and ``DELETE
 /v1/subjects/{id}``, ``POST /v1/generate`` (JSON, PNG, or an event stream of its progress), ``POST /v1/grids``
 (subjects x prompts x seeds, one NDJSON line per cell as it completes), ``GET /healthz``, and the web page at
-``/``. The ingress validates, authenticates and routes: each generation (and each grid cell) goes to the
-generator with ``multiplexed_model_id=subject_id``, so it lands on a replica that holds the subject's cache; its
+``/``. The ingress validates, authenticates and routes: each generation (and each grid cell) goes to a generator
+replica that holds the subject's cache (by multiplexed model id, or by subject affinity: ``routing.py``); its
 answer names that replica in ``X-DreamCache-Replica``. Every request has a server-side deadline (504 after it,
 and the replica stops the work between denoising steps); a full queue answers 503 with Retry-After.
 """
@@ -44,6 +44,7 @@ from dreamcache import storage
 from dreamcache.cache_info import CacheError
 from dreamcache.cache_store import CacheStore, read_cache_info
 
+from .batching import outside_request
 from .metrics import IngressMetrics
 from .preflight import check_inputs
 from .schema import (
@@ -266,8 +267,7 @@ class Ingress:
             if isinstance(parsed, Failure):
                 return self._failure(parsed)
             subject_id, uploads = parsed
-            outcome = await self._call(self.generator.options(multiplexed_model_id=subject_id)
-                                       .create_subject.remote(subject_id, uploads))
+            outcome = await self._call(self._for_subject(subject_id).create_subject.remote(subject_id, uploads))
             if isinstance(outcome, Failure):
                 return self._failure(outcome)
             assert isinstance(outcome, SubjectOutcome)
@@ -281,8 +281,7 @@ class Ingress:
             except storage.InvalidId as exc:
                 return error_response(422, str(exc), "path.subject_id")
             # Routed like a generate request: the replica holding the subject answers from memory.
-            outcome = await self._call(self.generator.options(multiplexed_model_id=subject_id)
-                                       .subject_info.remote(subject_id))
+            outcome = await self._call(self._for_subject(subject_id).subject_info.remote(subject_id))
             if isinstance(outcome, Failure):
                 return self._failure(outcome)
             assert isinstance(outcome, SubjectOutcome)
@@ -355,8 +354,7 @@ class Ingress:
             png = prefers_png(accept)
             if png and job.num_images != 1:
                 return error_response(406, "Accept: image/png returns one image; ask for num_images=1 or accept JSON")
-            outcome = await self._call(self.generator.options(multiplexed_model_id=job.subject_id)
-                                       .generate.remote(job), deadline=job.deadline)
+            outcome = await self._call(self._for_subject(job.subject_id).generate.remote(job), deadline=job.deadline)
             if isinstance(outcome, Failure):
                 return self._failure(outcome)
             assert isinstance(outcome, GenerateResult)
@@ -386,6 +384,14 @@ class Ingress:
         return Guard(api, self.token, settings.max_request_bytes(), IngressMetrics())
 
     # -- helpers --------------------------------------------------------------------------------------------
+    def _for_subject(self, subject_id: str, **options: Any):
+        """The generator handle for a call about ``subject_id``, routed to a replica holding it: by multiplexed
+        model id, or (subject_affinity) by the deployment's request router, which reads the subject from the
+        call's first argument (routing.routing_key): every such call passes the subject id or its job first."""
+        if self.settings.routing == "multiplexed":
+            options["multiplexed_model_id"] = subject_id
+        return self.generator.options(**options) if options else self.generator
+
     async def _call(self, response, deadline: float | None = None, awaitable=None):
         """Await a generator call (or ``awaitable``, e.g. a stream's next event) under the server-side deadline;
         overload and timeouts become Failures."""
@@ -502,10 +508,16 @@ class Ingress:
         ``grid_max_in_flight`` cells wait on the replicas at once: one grid must not fill their queues alone."""
         gate = asyncio.Semaphore(self.settings.grid_max_in_flight)
 
+        async def send(job: GenerateJob):
+            return await self._call(self._for_subject(job.subject_id).generate.remote(job), deadline=job.deadline)
+
         async def cell(coords: dict[str, Any], job: GenerateJob) -> bytes:
             async with gate:
-                outcome = await self._call(self.generator.options(multiplexed_model_id=job.subject_id)
-                                           .generate.remote(job), deadline=job.deadline)
+                # Each cell its own Serve request: handle calls made in one request's context share its internal
+                # request id, and a router that hands each chosen replica to the request it was chosen for (the
+                # subject-affinity router; Serve's default is FIFO) matches pending requests by that id, so the
+                # grid's concurrent cells would collide there and all but one wait forever (Ray 2.60).
+                outcome = await outside_request(send(job))
             if isinstance(outcome, Failure):
                 line = {**coords, "error": {"status": outcome.status, "detail": outcome.message}}
             else:
@@ -525,8 +537,7 @@ class Ingress:
     async def _event_stream(self, job: GenerateJob) -> Response:
         """POST /v1/generate as server-sent events. The first event (queued, or the request's failure) is awaited
         here, so that an unknown subject is still a plain 404, not a 200 stream that reports an error."""
-        stream = self.generator.options(multiplexed_model_id=job.subject_id, stream=True) \
-            .generate_events.remote(job)
+        stream = self._for_subject(job.subject_id, stream=True).generate_events.remote(job)
         first = await self._call(stream, deadline=job.deadline, awaitable=stream.__anext__())
         if isinstance(first, Failure):
             stream.cancel()

@@ -6,7 +6,8 @@ window, and they queue up small. :class:`DeviceQueue` sits between ``@serve.batc
 submitted to it, and whenever the device becomes free it takes every waiting item, up to the batch size, into
 one call. At low load a request runs at once; under sustained load every call is full.
 
-:func:`outside_request` lets requests of different subjects share one ``@serve.batch`` batch.
+:func:`outside_request` lets requests of different subjects share one ``@serve.batch`` batch, and gives each
+cell of a grid its own Serve request ids (``app.Ingress._grid_lines``).
 """
 
 from __future__ import annotations

@@ -1,14 +1,16 @@
 """The generator deployment: a DreamCache pipeline on one GPU replica, with its subjects' caches on the device.
 
-* Caches are held in a per-replica LRU (``@serve.multiplexed``, keyed by subject id); the ingress sends each
-  request with ``multiplexed_model_id=subject_id``, so Serve routes it to a replica that already holds the
-  subject when one has room.
+* Caches are held in a per-replica LRU keyed by subject id, and requests reach a replica that holds their
+  subject; how is the app's ``routing`` setting (``routing.py``): ``multiplexed`` (the LRU is
+  ``@serve.multiplexed``, the ingress sends ``multiplexed_model_id=subject_id``) or ``subject_affinity`` (the LRU
+  is :class:`SubjectLRU`, the subject id is request data and the ingress's request router picks the replica).
 * Requests are batched with ``@serve.batch`` ACROSS subjects: every sample attends to its own cache (the
   pipeline takes one cache per prompt), so one UNet call per step serves many subjects. Serve splits a batch by
-  multiplexed model id; that would mean one subject per batch, so requests enter the batch queue from outside
-  their request context, with no model id (``serve_batching.outside_request``); each item carries its subject's
-  cache, looked up by explicit id in the LRU. Batches then pass through a :class:`DeviceQueue`, which merges
-  the batches that wait while the device is busy into one call (``serve_batching``).
+  multiplexed model id; under ``multiplexed`` routing that would mean one subject per batch, so requests enter
+  the batch queue from outside their request context, with no model id (``serve_batching.outside_request``);
+  under ``subject_affinity`` there is no id to split by. Each item carries its subject's cache, looked up by
+  explicit id in the LRU. Batches then pass through a :class:`DeviceQueue`, which merges the batches that wait
+  while the device is busy into one call (``serve_batching``).
 * New subjects are cached here too (the GPU replica runs the caching pass) and written to the cache store.
 * One pipeline call at a time per replica (the scheduler is stateful, the GPU is one); the calls run in a
   worker thread so the replica keeps answering health checks and queueing requests meanwhile.
@@ -25,8 +27,8 @@ import asyncio
 import logging
 import threading
 import time
-from collections import defaultdict
-from collections.abc import AsyncIterator, Callable
+from collections import OrderedDict, defaultdict
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -87,7 +89,8 @@ class _Stopped(Exception):
 
 
 class ResidentCache:
-    """A subject's cache in the replica's LRU. Serve calls ``__del__`` when it evicts the entry."""
+    """A subject's cache in the replica's LRU. The LRU calls ``__del__`` when it evicts the entry (Serve's
+    multiplexer does; :class:`SubjectLRU` does the same, so one class serves both routings)."""
 
     def __init__(self, subject_id: str, cache: FeatureCache, on_evict: Callable[[str], None]) -> None:
         self.subject_id = subject_id
@@ -102,6 +105,39 @@ class ResidentCache:
         if on_evict is not None:
             on_evict(self.subject_id)
         self.cache = None  # type: ignore[assignment]  # free the device memory now, not at the next GC
+
+
+class SubjectLRU:
+    """The replica's LRU of subject caches under ``subject_affinity`` routing: ``await lru(subject_id)`` is the
+    held entry, loaded on a miss; at most ``capacity`` entries, the least recently used evicted (its ``__del__``
+    called, as Serve's multiplexer does). Concurrent misses of one subject share one load."""
+
+    def __init__(self, load: Callable[[str], Awaitable[ResidentCache]], capacity: int) -> None:
+        self._load = load
+        self._capacity = capacity
+        self._entries: OrderedDict[str, ResidentCache] = OrderedDict()
+        self._loading: dict[str, asyncio.Future[ResidentCache]] = {}
+
+    async def __call__(self, subject_id: str) -> ResidentCache:
+        entry = self._entries.get(subject_id)
+        if entry is not None:
+            self._entries.move_to_end(subject_id)
+            return entry
+        loading = self._loading.get(subject_id)
+        if loading is None:
+            loading = self._loading[subject_id] = asyncio.ensure_future(self._load_and_keep(subject_id))
+        return await asyncio.shield(loading)  # a waiter that is cancelled must not cancel the others' load
+
+    async def _load_and_keep(self, subject_id: str) -> ResidentCache:
+        try:
+            entry = await self._load(subject_id)
+        finally:
+            self._loading.pop(subject_id, None)
+        self._entries[subject_id] = entry
+        while len(self._entries) > self._capacity:
+            _, evicted = self._entries.popitem(last=False)
+            evicted.__del__()
+        return entry
 
 
 def _images_in(items: list[_BatchItem]) -> int:
@@ -145,8 +181,12 @@ class Generator:
                         "forgotten": 0, "steps": 0,  # denoising steps run (one per UNet batch per step)
                         "busy_s": 0.0}  # seconds in pipeline calls: busy_s / wall time = device utilisation
         self._metrics = GeneratorMetrics()
-        self._hold = serve.multiplexed(max_num_models_per_replica=settings.max_caches_per_replica)(
-            self._make_cache_loader())
+        # The LRU of subject caches: Serve's multiplexer, whose ids the default router routes by, or a plain one
+        # for the subject-affinity router (see routing.py). Both return a ResidentCache for a subject id.
+        self._multiplexed = settings.routing == "multiplexed"
+        self._hold: Callable[[str], Awaitable[ResidentCache]] = (
+            serve.multiplexed(max_num_models_per_replica=settings.max_caches_per_replica)(self._make_cache_loader())
+            if self._multiplexed else SubjectLRU(self._make_cache_loader(), settings.max_caches_per_replica))
         self._device = DeviceQueue(self._device_call, settings.max_batch_size, lambda item: item.job.num_images)
         self._run_batch.set_max_batch_size(settings.max_batch_size)
         self._run_batch.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
@@ -312,8 +352,9 @@ class Generator:
             self._waiting.add(id(watch))
             self._metrics.queue_length.set(len(self._waiting))
         try:
-            # Enqueued with no multiplexed id, so that the batch may mix subjects (see outside_request).
-            return await outside_request(self._run_batch(_BatchItem(job, cache, state, watch)))
+            batched = self._run_batch(_BatchItem(job, cache, state, watch))
+            # Multiplexed: enqueued with no multiplexed id, so that the batch may mix subjects (see outside_request).
+            return await (outside_request(batched) if self._multiplexed else batched)
         except asyncio.CancelledError:  # the caller went away: its batch may stop (see _step_callback)
             watch.cancelled = True
             raise

@@ -21,6 +21,8 @@ TOKEN_FILE_ENV = "DREAMCACHE_API_TOKEN_FILE"
 
 # Hard API limits (the OpenAPI schema states them); the settings below can only tighten the batch side.
 MAX_IMAGES_PER_REQUEST = 8
+# The values of ServeSettings.routing (pipelines/serve/routing.py says what each means).
+ROUTINGS = ("multiplexed", "subject_affinity")
 
 
 class SettingsError(InvalidValue):
@@ -47,6 +49,10 @@ class ServeSettings:
     max_batch_size: int = 8  # images per UNet batch (requests of different subjects share it)
     batch_wait_timeout_s: float = 0.02  # how long a batch waits to fill once its first request arrived
     max_caches_per_replica: int = 64  # per-replica LRU of subject caches held on the device
+    # How a request reaches a replica holding its subject (pipelines/serve/routing.py): "multiplexed" (Serve's
+    # multiplexed model ids) or "subject_affinity" (Serve's request router API, the subject as request data).
+    # The default is the faster of the two in bench/results/2026-12-02-serve-routing-cpu.md.
+    routing: str = "subject_affinity"
 
     # -- ingress (CPU) --------------------------------------------------------------------------------------
     ingress_replicas: int = 1
@@ -104,6 +110,8 @@ class ServeSettings:
             raise SettingsError(f"'dtype' must be auto, fp16, bf16 or fp32, got {self.dtype!r}")
         if self.torch_threads is not None and (not isinstance(self.torch_threads, int) or self.torch_threads < 1):
             raise SettingsError(f"'torch_threads' must be a positive integer, got {self.torch_threads!r}")
+        if self.routing not in ROUTINGS:
+            raise SettingsError(f"'routing' must be one of {', '.join(ROUTINGS)}, got {self.routing!r}")
         if self.preprocess not in ("resize", "pad"):
             raise SettingsError(f"'preprocess' must be 'resize' or 'pad', got {self.preprocess!r}")
         if self.autoscaling is not None and not isinstance(self.autoscaling, dict):
@@ -145,6 +153,14 @@ class ServeSettings:
             "max_ongoing_requests": self.max_ongoing_requests,
             "max_queued_requests": self.max_queued_requests,
         }
+        if self.routing == "subject_affinity":
+            from ray.serve.config import RequestRouterConfig
+
+            # An import path: the router is built in the processes that hold a handle (the ingress), which import
+            # it there. Affinity gives way to load beyond one batch of queue (see routing.py).
+            options["request_router_config"] = RequestRouterConfig(
+                request_router_class="pipelines.serve.routing.SubjectAffinityRouter",
+                request_router_kwargs={"imbalance_slack": self.max_batch_size})
         if self.autoscaling:
             options["autoscaling_config"] = dict(self.autoscaling)
         else:
