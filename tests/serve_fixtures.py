@@ -23,7 +23,7 @@ from __future__ import annotations
 import io
 import socket
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Final
 
@@ -31,11 +31,14 @@ import httpx
 import numpy as np
 from PIL import Image
 
+from pipelines.serve.settings import ROUTINGS, ServeSettings
+
 AUTH_LRU_SLOTS = 2
 AUTH_MAX_UPLOAD = 100_000
 OPEN_REPLICAS = 2  # at 0.25 CPU each: both fit the session's 4-CPU Ray next to the auth app
-DEFAULT_ROUTING = "subject_affinity"  # ServeSettings.routing's default (test_serve checks the two agree)
-OTHER_ROUTING = "multiplexed"
+# ServeSettings.routing's default, and the other value: the two apps that route run under both.
+DEFAULT_ROUTING = next(f.default for f in fields(ServeSettings) if f.name == "routing")
+OTHER_ROUTING = next(r for r in ROUTINGS if r != DEFAULT_ROUTING)
 
 
 class _AppToken:

@@ -18,7 +18,8 @@
   progress, and stops a call (the pipeline's ``interrupt``) once none of its requests is wanted any more: every
   one past its deadline, or cancelled (its client went away).
 * Deleting a subject reaches every replica by a broadcast (``forget_subject``): the cache's device memory is
-  freed at once, its LRU slot is refilled from the store only if the subject is registered again.
+  freed at once; under ``subject_affinity`` its LRU slot is freed too, under ``multiplexed`` (Serve's LRU cannot
+  drop one entry) the slot stays until evicted and is refilled only if the subject is registered again.
 """
 
 from __future__ import annotations
@@ -106,6 +107,11 @@ class ResidentCache:
             on_evict(self.subject_id)
         self.cache = None  # type: ignore[assignment]  # free the device memory now, not at the next GC
 
+    def drop(self) -> None:
+        """Out of the LRU for good (a deleted subject): the memory freed, no eviction reported, now or at GC."""
+        self._on_evict = None
+        self.cache = None  # type: ignore[assignment]
+
 
 class SubjectLRU:
     """The replica's LRU of subject caches under ``subject_affinity`` routing: ``await lru(subject_id)`` is the
@@ -138,6 +144,14 @@ class SubjectLRU:
             _, evicted = self._entries.popitem(last=False)
             evicted.__del__()
         return entry
+
+    def discard(self, subject_id: str) -> bool:
+        """Drop a deleted subject's entry, so its slot is free at once (not an eviction: no ``__del__``
+        callback); whether it was held."""
+        entry = self._entries.pop(subject_id, None)
+        if entry is not None:
+            entry.drop()
+        return entry is not None
 
 
 def _images_in(items: list[_BatchItem]) -> int:
@@ -261,6 +275,8 @@ class Generator:
         if entry is None:
             return False
         entry.cache = None  # requests already in a batch keep their own reference until it finishes
+        if isinstance(self._hold, SubjectLRU):  # Serve's multiplexer cannot drop one entry; this LRU frees the slot
+            self._hold.discard(subject_id)
         self._count("forgotten")
         return True
 

@@ -87,4 +87,4 @@ class SubjectAffinityRouter(LocalityMixin, RequestRouter):
         # Queue lengths as the router last saw them (probes and its own sends); Serve probes the ones it lacks.
         lengths = {rid: self.replica_queue_len_cache.get(r.replica_id) for rid, r in by_id.items()}
         # One replica per rank: Serve tries them in this order and takes the first that accepts.
-        return [[by_id[rid]] for rid in preference(subject, lengths, getattr(self, "imbalance_slack", 8))]
+        return [[by_id[rid]] for rid in preference(subject, lengths, self.imbalance_slack)]
