@@ -1,10 +1,12 @@
 """`make demo`: the system end to end on the embedded default: a local Ray, a local folder as the object
-store, the tiny random-weight model.
+store, and the toy world's trained model (``dreamcache/assets/toy_world``, built by ``dreamcache toy-world
+build``).
 
-Makes the tiny model, draws two reference subjects in the catalog layout (<subject_id>/<images>), runs the
-caching job (Ray Data) into a cache prefix with its manifest, and renders a 2x2 prompt x subject grid from the
-stored caches with the batch generation job, with a contact sheet. The images are noise (random weights);
-the data path is the real one.
+Writes the references of four toy-world subjects in the catalog layout (``references/<subject_id>/ref.png``),
+runs the caching job (Ray Data) into a cache prefix with its manifest, then renders a prompt x subject grid from
+the stored caches with the batch generation job (``generations/<subject_id>/``), with a contact sheet per subject:
+its reference at the head, the run's settings in the title. The captions never name a toy, so what keeps each
+subject's colour, shape and marking across the scenes is its cache; the prompts set the scene.
 """
 
 from __future__ import annotations
@@ -13,53 +15,49 @@ import argparse
 import sys
 from pathlib import Path
 
-from PIL import Image, ImageDraw
-
-PROMPTS = ["a photo of a toy on the beach", "a photo of a toy in the snow"]
-
-
-def draw_subjects(folder: Path) -> list[str]:
-    """Two synthetic subjects on white, in the catalog layout: a red ball, and a blue box seen twice."""
-    shapes = {"red-ball": [("ellipse", (220, 40, 40))], "blue-box": [("rectangle", (40, 60, 220)), ("rectangle", (30, 50, 200))]}
-    for subject, views in shapes.items():
-        (folder / subject).mkdir(parents=True, exist_ok=True)
-        for i, (shape, colour) in enumerate(views):
-            image = Image.new("RGB", (256, 256), "white")
-            getattr(ImageDraw.Draw(image), shape)((48 + 10 * i, 48, 208, 208 - 10 * i), fill=colour)
-            image.save(folder / subject / f"view{i}.png")
-    return sorted(shapes)
+# Four toys that differ from each other in colour, shape or marking, and four scenes.
+SUBJECTS = ("red-circle-stripe", "yellow-square-cross", "purple-triangle-dot", "red-triangle-cross")
+PROMPTS = ("a toy on the grass in the middle", "a toy in the sea on the left", "a toy at night on the right",
+           "a toy on the road in the middle")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    from dreamcache import toy_model
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--out", default="demo-output", help="output folder")
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=toy_model.STEPS)
+    parser.add_argument("--image-guidance-scale", type=float, default=toy_model.IMAGE_GUIDANCE_SCALE)
+    parser.add_argument("--seeds", type=int, default=2, help="images per subject and prompt")
     args = parser.parse_args(argv)
 
-    from dreamcache.models import write_tiny_model
+    from dreamcache import toy_world
     from pipelines.caching import CachingJobConfig, run_caching
     from pipelines.generation import GenerationJobConfig, run_generation, summary_lines
     from pipelines.kernel.ray_runtime import init_ray
 
     out = Path(args.out).resolve()
-    model_dir = write_tiny_model(out / "model")
-    subjects = draw_subjects(out / "references")
+    model_dir = toy_model.MODEL_DIR
+    toy_world.references(SUBJECTS, out / "references")
     cache_dir = out / "caches"
 
     init_ray()
     summary = run_caching(CachingJobConfig(out=str(cache_dir), model=str(model_dir), images=str(out / "references")))
     print(summary.line())
 
-    # The batch generation job renders the prompt x subject grid from the caching manifest, and a contact sheet.
+    # The batch generation job renders the prompt x subject grid from the caching manifest, and contact sheets.
     generation = run_generation(GenerationJobConfig(
-        model=str(model_dir), adapter=str(model_dir / "adapter.safetensors"), caches=str(cache_dir),
-        prompts=PROMPTS, seeds=[0], steps=args.steps, out=str(out / "generations"),
+        model=str(model_dir), adapter=str(toy_model.ADAPTER_PATH), caches=str(cache_dir),
+        prompts=list(PROMPTS), seeds=list(range(args.seeds)), steps=args.steps,
+        guidance_scale=toy_model.GUIDANCE_SCALE, image_guidance_scale=args.image_guidance_scale,
+        out=str(out / "generations"), contact_sheet_cell=96,
     ))
     print("\n".join(summary_lines(generation)))
-    print(f"model:         {model_dir}")
+    print(f"model:         {model_dir} (the toy world's trained model; `dreamcache toy-world build` remakes it)")
     print(f"references:    {out / 'references'}")
-    print(f"caches:        {cache_dir} ({len(subjects)} subjects; manifest {summary.manifest_uri})")
-    print(f"images:        {out / 'generations'} ({len(PROMPTS)} prompts x {len(subjects)} subjects)")
+    print(f"caches:        {cache_dir} ({len(SUBJECTS)} subjects; manifest {summary.manifest_uri})")
+    print(f"images:        {out / 'generations'} ({len(PROMPTS)} prompts x {len(SUBJECTS)} subjects x {args.seeds} seeds)")
     return 0
 
 

@@ -782,3 +782,56 @@ def test_cancelling_an_event_stream_stops_the_work(auth_api):
             time.sleep(0.2)
         assert stats["steps"] - before["steps"] < 150  # stopped between steps, long before its 150th
         assert generate(client, "sse-cancel").status_code == 200
+
+
+# -- one image, four paths ------------------------------------------------------------------------------------------
+def test_one_subject_prompt_and_seed_give_one_image_on_every_path(open_api, tiny_pipe, tiny_model_dir, tmp_path):
+    """The Python API, `dreamcache generate`, the batch generation job and Serve, given the same cache, prompt,
+    seed and settings, render the same image. Serve computes the cache from an upload; the other three read
+    that file from Serve's store, so the cache is one object and only the generation paths are compared."""
+    import torch
+
+    from dreamcache.cli import main as cli_main
+    from jobs.generate_batch import main as batch_main
+
+    prompt, seed = "a toy on the beach", 5
+    settings = {"steps": 3, "guidance_scale": 7.5, "image_guidance_scale": 3.0, "guidance": "compositional",
+                "height": 64, "width": 64}
+    with open_api.client() as client:
+        assert register(client, "fourway", reference_png(190)).status_code == 201
+        served = client.post("/v1/generate", headers={"Accept": "image/png"}, json={
+            "subject_id": "fourway", "prompt": prompt, "seed": seed, **settings})
+        assert served.status_code == 200, served.text
+    images = {"serve": np.asarray(Image.open(io.BytesIO(served.content)).convert("RGB"))}
+    cache_uri = f"{open_api.caches}/fourway.safetensors"
+
+    cache = tiny_pipe.load_cache(cache_uri)
+    api = tiny_pipe(prompt, cache, num_inference_steps=settings["steps"], guidance_scale=settings["guidance_scale"],
+                    image_guidance_scale=settings["image_guidance_scale"], guidance=settings["guidance"],
+                    height=64, width=64, generator=torch.Generator().manual_seed(seed)).images[0]
+    images["api"] = np.asarray(api.convert("RGB"))
+
+    model = ["--model", str(tiny_model_dir), "--adapter", str(tiny_model_dir / "adapter.safetensors")]
+    flags = ["--steps", "3", "--guidance-scale", "7.5", "--image-guidance-scale", "3.0", "--guidance",
+             "compositional", "--height", "64", "--width", "64"]
+    assert cli_main(["generate", *model, "--cache", cache_uri, "--prompt", prompt, "--seed", str(seed),
+                     "--out", str(tmp_path / "cli"), *flags]) == 0
+    (cli_png,) = (tmp_path / "cli").glob("*.png")
+    images["cli"] = np.asarray(Image.open(cli_png).convert("RGB"))
+
+    (tmp_path / "prompts.txt").write_text(prompt + "\n")
+    assert batch_main([*model, "--caches", open_api.caches, "--subjects", "fourway", "--prompts",
+                       str(tmp_path / "prompts.txt"), "--seeds", str(seed), "--out", str(tmp_path / "batch"),
+                       "--batch-size", "1", "--contact-sheet", "none", "-q", *flags]) == 0
+    (batch_png,) = (tmp_path / "batch" / "fourway").glob("*.png")
+    images["batch job"] = np.asarray(Image.open(batch_png).convert("RGB"))
+
+    reference = images["api"].astype(np.int16)
+    assert reference.std() > 1  # an image, not a blank: equal blanks would prove nothing
+    for path, image in images.items():
+        assert image.shape == reference.shape, path
+        assert np.abs(image.astype(np.int16) - reference).max() == 0, f"{path} differs from the Python API's image"
+    # The seed decides the image on every path: another seed through the API gives another one.
+    other = tiny_pipe(prompt, cache, num_inference_steps=3, image_guidance_scale=3.0, height=64, width=64,
+                      generator=torch.Generator().manual_seed(seed + 1)).images[0]
+    assert np.abs(np.asarray(other.convert("RGB")).astype(np.int16) - reference).max() > 0
