@@ -8,7 +8,7 @@ picker or the loader runs, not when this module is imported.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, get_args
 
 from .errors import InvalidValue
 
@@ -17,7 +17,9 @@ if TYPE_CHECKING:
 
     from .pipeline import DreamCachePipeline
 
-DTYPES = ("auto", "fp16", "bf16", "fp32")
+# The one list of dtype names: every config's ``dtype`` field and every --dtype flag take it from here.
+Dtype = Literal["auto", "fp16", "bf16", "fp32"]
+DTYPES: tuple[str, ...] = get_args(Dtype)
 
 
 def pick_device(name: str) -> torch.device:

@@ -161,12 +161,12 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     # Every bad option ends here in one line (exit 2), before anything deploys: see pipelines.serve.preflight.
     app_args = serve_app_args(args)
-    settings = ServeSettings.from_args(app_args)
+    settings = ServeSettings.model_validate(app_args)
     local = not (args.ray_address or os.environ.get("RAY_ADDRESS"))
     preflight.check_inputs(settings, args.host, args.port, local=local)
     init_ray(args.ray_address)  # run_local's own init_ray then finds it started
     preflight.check_cluster(settings, wait=args.wait_for_resources)
-    run_local(app_args, host=args.host, port=args.port, ray_address=args.ray_address)
+    run_local(settings, host=args.host, port=args.port, ray_address=args.ray_address)
 
 
 def main(argv: list[str] | None = None) -> int:
