@@ -14,6 +14,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 
 from dreamcache import storage
 from dreamcache.errors import InvalidValue
+from dreamcache.images import PreprocessMode
 from dreamcache.runtime import Dtype
 
 logger = logging.getLogger(__name__)
@@ -99,7 +100,7 @@ class ServeSettings(BaseModel):
 
     # -- how new subjects are cached (as the caching job does) -----------------------------------------------
     resolution: int | None = None  # None: the model's default
-    preprocess: Literal["resize", "pad"] = "resize"
+    preprocess: PreprocessMode = "resize"
     cache_prompt: str = ""
     cache_seed: int = 0
 
