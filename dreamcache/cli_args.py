@@ -1,6 +1,7 @@
 """Command lines derived from config dataclasses: each option is declared once, as a dataclass field whose
-metadata carries its help (and, where the field's type does not say it, its flag name, choices or parser), in the
-spirit of ``transformers.HfArgumentParser`` (which would import transformers into ``--help``).
+metadata carries its help (and where needed its older flag names, a text parser, an exclusive group); its
+type, choices and default come from the annotation and the default, in the spirit of
+``transformers.HfArgumentParser`` (which would import transformers into ``--help``).
 
     @dataclass
     class JobConfig:
@@ -56,17 +57,15 @@ class ArgumentParser(argparse.ArgumentParser):
         super().__init__(*args, formatter_class=formatter_class, **kwargs)
 
 
-def option(default: Any = dataclasses.MISSING, help: str | None = None, *, flag: str | None = None,
-           aliases: tuple[str, ...] = (), choices: Iterable[Any] | None = None, parse: Callable[[str], Any] | None = None,
-           metavar: str | None = None, one_of: str | None = None, default_factory: Any = dataclasses.MISSING) -> Any:
-    """A dataclass field that is also a command-line option. ``flag``: its name when not ``--field-name``;
-    ``aliases``: older names; ``choices``: when the annotation does not give them; ``parse``: turns the given
-    text into the field's value, in config_from_namespace (not as argparse's ``type``, so that its InvalidValue
-    is the command's one-line error, not a usage message); ``one_of``: fields with the same value form a
-    required group of which exactly one is given."""
-    spec = {"help": help, "flag": flag, "aliases": aliases, "choices": None if choices is None else tuple(choices),
-            "parse": parse, "metavar": metavar, "one_of": one_of}
-    return dataclasses.field(default=default, default_factory=default_factory, metadata={_KEY: spec})
+def option(default: Any = dataclasses.MISSING, help: str | None = None, *, aliases: tuple[str, ...] = (),
+           parse: Callable[[str], Any] | None = None, one_of: str | None = None) -> Any:
+    """A dataclass field that is also the command-line option ``--field-name`` (its type, choices and default
+    from the annotation and ``default``). ``aliases``: older names; ``parse``: turns the given text into the
+    field's value, in config_from_namespace (not as argparse's ``type``, so that its InvalidValue is the
+    command's one-line error, not a usage message); ``one_of``: fields with the same value form a required
+    group of which exactly one is given."""
+    spec = {"help": help, "aliases": aliases, "parse": parse, "one_of": one_of}
+    return dataclasses.field(default=default, metadata={_KEY: spec})
 
 
 def cli_fields(config_class: type) -> list[tuple[dataclasses.Field, dict[str, Any], Any]]:
@@ -76,8 +75,8 @@ def cli_fields(config_class: type) -> list[tuple[dataclasses.Field, dict[str, An
             if f.metadata.get(_KEY, {}) is not None]
 
 
-def flag_of(f: dataclasses.Field, spec: dict[str, Any]) -> str:
-    return spec.get("flag") or "--" + f.name.replace("_", "-")
+def flag_of(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, config_class: type, *, only: Iterable[str] | None = None) -> None:
@@ -91,8 +90,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_class: type, *,
         if spec.get("one_of"):
             target = groups.get(spec["one_of"]) or groups.setdefault(
                 spec["one_of"], parser.add_mutually_exclusive_group(required=True))
-        target.add_argument(flag_of(f, spec), *spec.get("aliases", ()), dest=f.name,
-                            **_argparse_kwargs(f, spec, hint))
+        target.add_argument(flag_of(f.name), *spec.get("aliases", ()), dest=f.name, **_argparse_kwargs(f, spec, hint))
 
 
 def config_from_namespace(config_class: type[T], args: argparse.Namespace, **values: Any) -> T:
@@ -110,20 +108,19 @@ def _argparse_kwargs(f: dataclasses.Field, spec: dict[str, Any], hint: Any) -> d
     base = _without_none(hint)
     if base is bool:  # a switch: off unless given
         return {"action": "store_true", "default": False, "help": spec.get("help")}
-    kwargs: dict[str, Any] = {"help": spec.get("help"), "metavar": spec.get("metavar"), "type": None}
-    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+    kwargs: dict[str, Any] = {"help": spec.get("help")}
+    if f.default is dataclasses.MISSING:
         kwargs["required"] = not spec.get("one_of")
     else:
-        kwargs["default"] = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-    choices = spec.get("choices") or (typing.get_args(base) if typing.get_origin(base) is Literal else None)
-    if choices:
-        kwargs["choices"] = list(choices)
+        kwargs["default"] = f.default
+    if typing.get_origin(base) is Literal:
+        kwargs["choices"] = list(typing.get_args(base))
     elif spec.get("parse") is None:  # an option with ``parse`` stays text here
         if base is dict or typing.get_origin(base) is dict:
-            kwargs["type"], kwargs["metavar"] = json.loads, kwargs["metavar"] or "JSON"
+            kwargs["type"], kwargs["metavar"] = json.loads, "JSON"
         elif base in (int, float):
             kwargs["type"] = base
-    return {key: value for key, value in kwargs.items() if value is not None or key == "default"}
+    return kwargs
 
 
 def _without_none(hint: Any) -> Any:

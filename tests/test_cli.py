@@ -162,13 +162,13 @@ def test_every_config_field_is_exactly_one_flag():
 def test_help_shows_every_default(monkeypatch):
     import dataclasses
 
-    from dreamcache.cli_args import cli_fields
+    from dreamcache.cli_args import cli_fields, flag_of
 
     monkeypatch.setenv("COLUMNS", "2000")  # no default split across lines by wrapping
     for config_class, parser, _, _ in _job_parsers():
         blocks = re.split(r"\n(?=  -)", parser.format_help())  # one per option: its flags, then its help
-        for f, spec, _ in cli_fields(config_class):
-            flag = spec.get("flag") or "--" + f.name.replace("_", "-")
+        for f, _, _ in cli_fields(config_class):
+            flag = flag_of(f.name)
             (block,) = [b for b in blocks if b.startswith(f"  {flag} ") or b.rstrip() == f"  {flag}"]
             shown = not (f.default is None or f.default is False or f.default is dataclasses.MISSING or f.default == "")
             assert (f"(default: {f.default})" in block) == shown, block
