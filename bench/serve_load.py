@@ -101,7 +101,7 @@ class OfflineWorker:
         from pipelines.serve.settings import ServeSettings
 
         self.torch = torch
-        self.pipe = load_render_pipeline(ServeSettings.from_args(app_args))  # the Generator's loader and settings
+        self.pipe = load_render_pipeline(ServeSettings.model_validate(app_args))  # the Generator's loader and settings
         device, dtype = self.pipe.unet.device, self.pipe.unet.dtype
         caches = [self.pipe.cache_subject([Image.open(io.BytesIO(data)).convert("RGB")], subject_id=f"s{i}")
                   .to(device, dtype) for i, data in enumerate(reference_pngs)]
@@ -136,7 +136,7 @@ def offline_images_per_s(args, app_args: dict, references) -> float:
 
     from pipelines.serve.settings import ServeSettings
 
-    settings = ServeSettings.from_args(app_args)
+    settings = ServeSettings.model_validate(app_args)
     options = settings.generator_options(cluster_has_gpus=ray.cluster_resources().get("GPU", 0) > 0)
     worker = ray.remote(OfflineWorker).options(**options["ray_actor_options"])
     pngs = [png_bytes(image) for image in references]
@@ -376,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target", type=float, default=0.9, help="served/offline images/s to report against")
     parser.add_argument("--json-out", help="also write the figures as JSON here")
     parser.add_argument("--workload", choices=["generate", "grid"], default="generate")
-    parser.add_argument("--routing", default=ServeSettings.routing,
+    parser.add_argument("--routing", default=ServeSettings.model_fields["routing"].default,
                         help=f"the app's routing, or several comma-separated, run in turn ({', '.join(ROUTINGS)})")
     parser.add_argument("--repeats", type=int, default=1, help="runs of each routing (in turn: A B A B)")
     parser.add_argument("--grid-subjects", type=int, default=4, help="grid workload: subjects per grid")

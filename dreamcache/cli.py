@@ -18,9 +18,11 @@ from pathlib import Path, PurePosixPath
 
 # torch, diffusers and the S3 client are imported by the commands that use them, not here: building the parser
 # (and so `dreamcache --help`) must not pay seconds of imports.
+from . import runtime
 from .cache_info import library_version  # torch-free
+from .cli_args import ArgumentParser, add_config_arguments
 from .errors import DreamCacheError
-from .runtime import DTYPES, pick_device, pick_dtype  # noqa: F401 - re-exported: callers import them from here
+from .runtime import pick_device, pick_dtype  # noqa: F401 - re-exported: callers import them from here
 
 logger = logging.getLogger("dreamcache")
 
@@ -55,18 +57,13 @@ def quiet_libraries() -> None:
 
 
 def load_pipeline(args: argparse.Namespace, adapter: str | None = None):
-    from . import runtime
-
     # adapter=False: the method's commands name their adapter file explicitly (generate) or need none (cache).
     spec = runtime.ModelSpec(model=args.model, adapter=adapter or False, device=args.device, dtype=args.dtype)
     return runtime.load_pipeline(spec)
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="diffusers Stable Diffusion folder: local path or s3:// prefix")
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
-    p.add_argument("--dtype", default="auto", choices=list(DTYPES),
-                   help="auto: fp16 on GPU, fp32 on CPU")
+    add_config_arguments(p, runtime.ModelSpec, only=("model", "device", "dtype"))
 
 
 # -- commands -------------------------------------------------------------------------------------------------
@@ -213,7 +210,7 @@ def _add_toy_world_commands(sub: argparse._SubParsersAction) -> None:
 def build_parser(extend: Callable[[argparse._SubParsersAction], None] | None = None) -> argparse.ArgumentParser:
     """The method's commands; ``extend`` adds more (the Ray commands of ``pipelines.cli``) without this
     library importing Ray."""
-    parser = argparse.ArgumentParser(prog="dreamcache", description="DreamCache: personalized generation from cached features.")
+    parser = ArgumentParser(prog="dreamcache", description="DreamCache: personalized generation from cached features.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     parser.add_argument("--version", action="version", version=f"dreamcache {library_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

@@ -8,8 +8,9 @@ picker or the loader runs, not when this module is imported.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
+from .cli_args import option
 from .errors import InvalidValue
 
 if TYPE_CHECKING:
@@ -17,7 +18,22 @@ if TYPE_CHECKING:
 
     from .pipeline import DreamCachePipeline
 
-DTYPES = ("auto", "fp16", "bf16", "fp32")
+# The one list of dtype names: every config's ``dtype`` field and every --dtype flag take it from here.
+Dtype = Literal["auto", "fp16", "bf16", "fp32"]
+DTYPES: tuple[str, ...] = get_args(Dtype)
+
+
+# The options every command and job that loads the model shares, declared once (see dreamcache.cli_args).
+def model_field() -> Any:
+    return option(help="diffusers Stable Diffusion folder: local path or s3:// prefix")
+
+
+def device_field() -> Any:
+    return option("auto", "auto (cuda if available), cpu, cuda, cuda:1, ...")
+
+
+def dtype_field() -> Any:
+    return option("auto", "auto: fp16 on GPU, fp32 on CPU")
 
 
 def pick_device(name: str) -> torch.device:
@@ -44,11 +60,11 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
 class ModelSpec:
     """Which model to load, with which adapters, where, in which precision."""
 
-    model: str  # diffusers SD folder: local path or s3:// prefix
+    model: str = model_field()
     # adapter file (path or URI); None: the folder's own adapter.safetensors if it has one; False: none
     adapter: str | Literal[False] | None = None
-    device: str = "auto"  # see pick_device
-    dtype: str = "auto"  # see pick_dtype
+    device: str = device_field()  # see pick_device
+    dtype: Dtype = dtype_field()  # see pick_dtype
     torch_threads: int | None = None  # intra-op CPU threads; None leaves torch's default
 
     def torch_device(self) -> torch.device:

@@ -15,13 +15,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `ray job submit --working-dir .` runs from the root
 
+from dreamcache.cli_args import ArgumentParser  # noqa: E402
 from pipelines.caching.args import add_caching_arguments, config_from_args  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
     # allow_abbrev=False: a typo in a manifest's args (--seed for --seeds) must fail, not match a prefix.
-    p = argparse.ArgumentParser(prog="cache_catalog.py", description=__doc__.splitlines()[0], allow_abbrev=False,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(prog="cache_catalog.py", description=__doc__.splitlines()[0], allow_abbrev=False)
     add_caching_arguments(p)
     return p
 

@@ -18,11 +18,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `ray job submit --working-dir .` runs from the root
 
+from dreamcache.cli_args import ArgumentParser  # noqa: E402
 from pipelines.evaluation.args import add_evaluation_arguments  # noqa: E402 - light: build_parser() needs no torch
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="evaluate.py", description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog="evaluate.py", description=__doc__.splitlines()[0])
     add_evaluation_arguments(p)
     p.add_argument("--ray-address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
     return p

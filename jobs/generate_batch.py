@@ -23,11 +23,12 @@ if _ROOT not in sys.path:
 
 # Only the light command-line module here: build_parser() (and the manifest checks of tests/test_infra.py)
 # must not import Ray or torch.
+from dreamcache.cli_args import ArgumentParser  # noqa: E402
 from pipelines.generation.args import add_generation_arguments, config_from_args, summary_lines  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="generate_batch", description=__doc__.splitlines()[0], allow_abbrev=False)
+    parser = ArgumentParser(prog="generate_batch", description=__doc__.splitlines()[0], allow_abbrev=False)
     add_generation_arguments(parser)
     parser.add_argument("--summary-json", help="also write the run summary as JSON to this path or URI")
     parser.add_argument("-q", "--quiet", action="store_true", help="log warnings only")

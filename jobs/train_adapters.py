@@ -19,11 +19,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `ray job submit --working-dir .` runs from the root
 
+from dreamcache.cli_args import ArgumentParser  # noqa: E402
 from pipelines.training.args import add_training_arguments  # noqa: E402 - light: build_parser() needs no torch
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="train_adapters.py", description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog="train_adapters.py", description=__doc__.splitlines()[0])
     add_training_arguments(p)
     return p
 

@@ -73,7 +73,7 @@ def _add_manifest_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("manifest", help="a job manifest's counts by status and action, and its error rows")
     p.add_argument("uri", help="a job's output prefix, its _manifests/<kind> folder, or a manifest.parquet file")
     p.add_argument("--json", action="store_true", help="every row as one JSON object per line instead")
-    p.add_argument("--errors", type=int, default=20, help="error rows to print (default 20; --json prints all)")
+    p.add_argument("--errors", type=int, default=20, help="error rows to print (--json prints all)")
     p.set_defaults(func=_cmd_manifest)
 
 
@@ -111,11 +111,14 @@ _SERVE_FLAGS = {
 
 
 def _add_serve_command(sub: argparse._SubParsersAction) -> None:
+    from dreamcache.cli_args import add_config_arguments
+    from dreamcache.runtime import DTYPES, ModelSpec
+
     p = sub.add_parser("serve", help="run the HTTP API and web page on Ray Serve (a local Ray unless $RAY_ADDRESS)")
-    p.add_argument("--model", required=True, help="diffusers Stable Diffusion folder: local path or s3:// prefix")
+    add_config_arguments(p, ModelSpec, only=("model",))
     p.add_argument("--adapter", help="adapter safetensors file (path or s3:// URI)")
     p.add_argument("--caches", required=True, help="cache store: folder or s3:// prefix of <subject_id>.safetensors")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (loopback only by default)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--replicas", type=int, help="generator replicas (default 1)")
     p.add_argument("--gpus-per-replica", type=float, help="default: 1 when the cluster has GPUs, else 0")
@@ -125,7 +128,7 @@ def _add_serve_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-ongoing-requests", type=int, help="per generator replica")
     p.add_argument("--request-timeout", type=float, help="server-side deadline per request, seconds (504 after)")
     p.add_argument("--device", help="auto (default), cpu, cuda")
-    p.add_argument("--dtype", choices=["auto", "fp16", "bf16", "fp32"])
+    p.add_argument("--dtype", choices=DTYPES, help="auto (default): fp16 on GPU, fp32 on CPU")
     p.add_argument("--arg", action="append", default=[], metavar="KEY=VALUE",
                    help="any other app argument (JSON value, e.g. --arg 'autoscaling={\"min_replicas\":1}')")
     p.add_argument("--ray-address", help="a Ray cluster to join (default: $RAY_ADDRESS, else a local Ray)")
@@ -161,12 +164,12 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     # Every bad option ends here in one line (exit 2), before anything deploys: see pipelines.serve.preflight.
     app_args = serve_app_args(args)
-    settings = ServeSettings.from_args(app_args)
+    settings = ServeSettings.model_validate(app_args)
     local = not (args.ray_address or os.environ.get("RAY_ADDRESS"))
     preflight.check_inputs(settings, args.host, args.port, local=local)
     init_ray(args.ray_address)  # run_local's own init_ray then finds it started
     preflight.check_cluster(settings, wait=args.wait_for_resources)
-    run_local(app_args, host=args.host, port=args.port, ray_address=args.ray_address)
+    run_local(settings, host=args.host, port=args.port, ray_address=args.ray_address)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -37,7 +37,7 @@ AUTH_LRU_SLOTS = 2
 AUTH_MAX_UPLOAD = 100_000
 OPEN_REPLICAS = 2  # at 0.25 CPU each: both fit the session's 4-CPU Ray next to the auth app
 # ServeSettings.routing's default, and the other value: the two apps that route run under both.
-DEFAULT_ROUTING = ServeSettings.routing  # a dataclass field: the class attribute is its default
+DEFAULT_ROUTING = ServeSettings.model_fields["routing"].default
 OTHER_ROUTING = next(r for r in ROUTINGS if r != DEFAULT_ROUTING)
 
 

@@ -1,6 +1,7 @@
 """The command line end to end on the tiny model, and its bad-input contract (exit 2, one line, no traceback)."""
 
 import io
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -129,3 +130,72 @@ def test_parsers_build_without_heavy_imports():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           cwd=Path(__file__).resolve().parents[1])
     assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr
+
+
+# -- command lines derived from the config dataclasses (dreamcache.cli_args) ----------------------------------------
+def _job_parsers():
+    """(config class, parser, its config from parsed args, the required options) for each job."""
+    from jobs.cache_catalog import build_parser as caching_parser
+    from jobs.generate_batch import build_parser as generation_parser
+    from pipelines.caching.args import config_from_args as caching_config
+    from pipelines.caching.config import CachingJobConfig
+    from pipelines.generation.args import config_from_args as generation_config
+    from pipelines.generation.settings import GenerationJobConfig
+
+    return [(CachingJobConfig, caching_parser(), caching_config, {"out": "o", "model": "m", "images": "i"}),
+            (GenerationJobConfig, generation_parser(), generation_config,
+             {"model": "m", "adapter": "a", "caches": "c", "prompts": "p.txt"})]
+
+
+def test_every_config_field_is_exactly_one_flag():
+    import dataclasses
+
+    from dreamcache.cli_args import NOT_A_FLAG
+
+    for config_class, parser, _, _ in _job_parsers():
+        dests = [action.dest for action in parser._actions]
+        for f in dataclasses.fields(config_class):
+            expected = 0 if f.metadata.get("cli", {}) is NOT_A_FLAG["cli"] else 1
+            assert dests.count(f.name) == expected, (config_class.__name__, f.name, dests.count(f.name))
+
+
+def test_help_shows_every_default(monkeypatch):
+    import dataclasses
+
+    from dreamcache.cli_args import cli_fields, flag_of
+
+    monkeypatch.setenv("COLUMNS", "2000")  # no default split across lines by wrapping
+    for config_class, parser, _, _ in _job_parsers():
+        blocks = re.split(r"\n(?=  -)", parser.format_help())  # one per option: its flags, then its help
+        for f, _, _ in cli_fields(config_class):
+            flag = flag_of(f.name)
+            (block,) = [b for b in blocks if b.startswith(f"  {flag} ") or b.rstrip() == f"  {flag}"]
+            shown = not (f.default is None or f.default is False or f.default is dataclasses.MISSING or f.default == "")
+            assert (f"(default: {f.default})" in block) == shown, block
+    assert "(default: 8)" in " ".join(run_help(["cache"]).split())  # the method's commands too
+
+
+def run_help(argv: list[str]) -> str:
+    import contextlib
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+        main([*argv, "--help"])
+    return out.getvalue()
+
+
+def test_parsed_config_equals_the_dataclass_built_directly():
+    import dataclasses
+
+    for config_class, parser, from_args, required in _job_parsers():
+        argv = [x for name, value in required.items() for x in ("--" + name, value)]
+        parsed = from_args(parser.parse_args(argv))
+        # The caching job's run id is fresh per instance; the generation job's stays None.
+        direct = dataclasses.replace(config_class(**required), run_id=parsed.run_id)
+        assert parsed == direct, config_class.__name__
+    caching, parser, from_args, _ = _job_parsers()[0]
+    parsed = from_args(parser.parse_args(["--out", "o", "--model", "m", "--catalog", "c.csv", "--actors", "3",
+                                          "--dtype", "fp16", "--actor-resources", '{"gpu_node": 1}',
+                                          "--wait-for-resources"]))
+    assert parsed == caching(out="o", model="m", catalog="c.csv", actors=3, dtype="fp16",
+                             actor_resources={"gpu_node": 1}, wait_for_resources=True, run_id=parsed.run_id)

@@ -210,7 +210,7 @@ def test_serve_applications_import_and_match_the_caches():
         assert {"model", "adapter", "caches"} <= set(args), app["import_path"]
         settings = getattr(module, "ServeSettings", None)  # the app's own validation of its args, when it has one
         if settings is not None:
-            settings.from_args(dict(args))
+            settings.model_validate(dict(args))
         assert float(args.get("gpus_per_replica", 0)) > 0, "GPU pods may not be up yet when the app is built"
         assert args["caches"].rstrip("/") == option(cache_job, "--out").rstrip("/")
         assert args["model"] == option(cache_job, "--model"), "the service must load the model the caches were made with"

@@ -423,18 +423,69 @@ def test_settings_refuse_unknown_and_out_of_range_args():
 
     base = {"model": "m", "caches": "c"}
     with pytest.raises(SettingsError, match="unknown serve app argument"):
-        ServeSettings.from_args({**base, "max_batchsize": 8})
+        ServeSettings.model_validate({**base, "max_batchsize": 8})
     with pytest.raises(SettingsError, match="max_batch_size"):
-        ServeSettings.from_args({**base, "max_batch_size": 4})
+        ServeSettings.model_validate({**base, "max_batch_size": 4})
     with pytest.raises(SettingsError, match="caches"):
-        ServeSettings.from_args({"model": "m"})
+        ServeSettings.model_validate({"model": "m"})
     with pytest.raises(SettingsError, match="min_side"):
-        ServeSettings.from_args({**base, "min_side": 60})
-    settings = ServeSettings.from_args({**base, "autoscaling": {"min_replicas": 0, "max_replicas": 4}})
+        ServeSettings.model_validate({**base, "min_side": 60})
+    settings = ServeSettings.model_validate({**base, "autoscaling": {"min_replicas": 0, "max_replicas": 4}})
     options = settings.generator_options(cluster_has_gpus=True)
     assert options["autoscaling_config"] == {"min_replicas": 0, "max_replicas": 4} and "num_replicas" not in options
     assert options["ray_actor_options"]["num_gpus"] == 1
-    assert ServeSettings.from_args(settings.to_args()) == settings
+    assert ServeSettings.model_validate(settings.model_dump()) == settings
+
+
+@pytest.mark.parametrize("bad, field", [
+    ({"replicas": 0}, "replicas"), ({"replicas": True}, "replicas"), ({"dtype": "fp8"}, "dtype"),
+    ({"request_timeout_s": 0}, "request_timeout_s"), ({"max_queued_requests": 0}, "max_queued_requests"),
+    ({"model": " "}, "model"), ({"allowed_image_prefixes": "http://x/"}, "allowed_image_prefixes"),
+])
+def test_a_bad_setting_is_one_line_naming_its_field(bad, field):
+    from pipelines.serve.settings import ServeSettings, SettingsError
+
+    with pytest.raises(SettingsError) as failed:
+        ServeSettings.model_validate({"model": "m", "caches": "c", **bad})
+    message = str(failed.value)
+    assert message.startswith(f"'{field}': ") and "\n" not in message, message
+
+
+def test_settings_are_frozen_and_refuse_unknown_keys_on_every_path():
+    from pydantic import ValidationError
+
+    from pipelines.serve.settings import ServeSettings
+
+    settings = ServeSettings(model="m", caches="c")
+    with pytest.raises(ValidationError, match="frozen"):
+        settings.replicas = 2
+    with pytest.raises(ValidationError, match="max_batchsize"):  # extra="forbid", not only in model_validate
+        ServeSettings(model="m", caches="c", max_batchsize=8)
+
+
+def test_serve_validates_the_yaml_args_through_the_builders_type_hint(monkeypatch):
+    """What `serve run`/`serve deploy` do with the config's ``args``: Serve validates them into ServeSettings by
+    build_app's type hint before calling it (a typo fails there, in one line), and the app is built from them."""
+    from pathlib import Path
+
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary  # what Serve's build calls
+
+    import pipelines.serve.app as app_module
+    from pipelines.serve.settings import ServeSettings, SettingsError
+
+    config = yaml.safe_load((Path(__file__).parents[1] / "infra/serve/serve-config.yaml").read_text())
+    (app,) = config["applications"]
+    seen = []
+    # The config names S3 objects and a mounted token: here only the validation of its args is under test.
+    monkeypatch.setattr(app_module, "check_inputs", lambda settings, **_: seen.append(settings))
+    monkeypatch.setattr(app_module, "resolve_api_token", lambda settings: None)
+    with pytest.raises(SettingsError, match="unknown serve app argument.*max_batchsize") as failed:
+        call_user_app_builder_with_args_if_necessary(app_module.build_app, {**app["args"], "max_batchsize": 8})
+    assert all(entry.name != "build_app" for entry in failed.traceback), "Serve, not build_app, validated"
+    built = call_user_app_builder_with_args_if_necessary(app_module.build_app, dict(app["args"]))
+    assert seen == [ServeSettings.model_validate(app["args"])]
+    generator, settings = built._bound_deployment.init_args
+    assert settings == seen[0] and settings.allowed_image_prefixes == ("s3://dreamcache-uploads/",)
 
 
 def test_routing_setting_names_the_router_and_the_fixtures_cover_both():
@@ -446,10 +497,10 @@ def test_routing_setting_names_the_router_and_the_fixtures_cover_both():
     base = {"model": "m", "caches": "c"}
     assert len(ROUTINGS) == 2  # the fixtures run the default and the one other (serve_fixtures.OTHER_ROUTING)
     with pytest.raises(SettingsError, match="routing"):
-        ServeSettings.from_args({**base, "routing": "random"})
-    assert "request_router_config" not in ServeSettings.from_args({**base, "routing": "multiplexed"}) \
+        ServeSettings.model_validate({**base, "routing": "random"})
+    assert "request_router_config" not in ServeSettings.model_validate({**base, "routing": "multiplexed"}) \
         .generator_options(cluster_has_gpus=False)
-    config = ServeSettings.from_args({**base, "routing": "subject_affinity", "max_batch_size": 16}) \
+    config = ServeSettings.model_validate({**base, "routing": "subject_affinity", "max_batch_size": 16}) \
         .generator_options(cluster_has_gpus=False)["request_router_config"]
     router = SubjectAffinityRouter
     assert isinstance(config, RequestRouterConfig)
@@ -543,7 +594,7 @@ def test_serve_config_is_a_valid_serve_deploy_config():
     ServeDeploySchema.model_validate(config)
     (app,) = config["applications"]
     assert app["import_path"] == "pipelines.serve:build_app"
-    settings = ServeSettings.from_args(app["args"])
+    settings = ServeSettings.model_validate(app["args"])
     assert settings.gpus_per_replica == 1 and settings.autoscaling["max_replicas"] >= 1
 
 

@@ -6,10 +6,13 @@ import json
 from dataclasses import dataclass, field
 
 from dreamcache import storage
+from dreamcache.cli_args import NOT_A_FLAG, option
 from dreamcache.errors import InvalidValue
-from dreamcache.images import ImageLimits
+from dreamcache.images import ImageLimits, PreprocessMode
+from dreamcache.runtime import Dtype, dtype_field, model_field
 
 from ..kernel import new_run_id
+from ..kernel.ray_runtime import wait_for_resources_field
 
 KIND = "caching"  # the manifest's folder: <out>/_manifests/caching/
 
@@ -25,33 +28,39 @@ def _inside(child: str, parent: str) -> bool:
 
 @dataclass
 class CachingJobConfig:
-    out: str  # prefix (folder or s3://) for <subject_id>.safetensors and the manifest (_manifests/caching/)
-    model: str  # diffusers SD folder, local or s3://
-    images: str | None = None  # PREFIX/<subject_id>/<image files>
-    catalog: str | None = None  # Parquet / CSV / JSONL with subject_id, image_uri (optional image_version)
-    actors: int = 1
-    gpus_per_actor: float = 0.0
-    cpus_per_actor: float = 0.5  # fractional: on a 2-CPU machine two 1-CPU actors would starve the read tasks
-    read_cpus: float = 0.5
-    batch_size: int = 8  # subjects per actor batch
+    """A caching run; each field is also the job's command-line option of that name (dreamcache.cli_args)."""
+
+    out: str = option(help="prefix for <subject_id>.safetensors and _manifests/caching/")
+    model: str = model_field()
+    images: str | None = option(None, "prefix laid out PREFIX/<subject_id>/<image files> (path or s3://)",
+                                one_of="source")
+    catalog: str | None = option(None, "Parquet, CSV or JSONL file with subject_id, image_uri columns (and "
+                                       "optionally image_version, e.g. ETags from an inventory)", one_of="source")
+    actors: int = option(1, "size of the caching actor pool")
+    gpus_per_actor: float = option(0.0, "0 = CPU actors")
+    # Fractional: on a 2-CPU machine two 1-CPU actors would starve the read tasks.
+    cpus_per_actor: float = option(0.5)
+    read_cpus: float = field(default=0.5, metadata=NOT_A_FLAG)
+    batch_size: int = option(8, "subjects per actor batch (and images per UNet call)")
     # Batches in flight per actor: while one holds the model, another's input is prepared and the last one's
     # caches are serialized (the model part itself runs one batch at a time, see CacheActor). 2 beat 1 in steady
     # state on an H100 (52.7 vs 35.9 subjects/s) and on a 2-core CPU (39.3 vs 35.4): bench/caching_job.py.
-    actor_concurrency: int = 2
-    resolution: int | None = None
-    preprocess: str = "resize"
-    cache_prompt: str = ""
-    seed: int = 0
-    dtype: str = "auto"
-    max_image_bytes: int = ImageLimits.max_bytes
-    max_image_pixels: int = ImageLimits.max_pixels
-    max_references: int = 16
-    listing_shards: int | None = None  # parallel listing tasks (None: 16 on S3, 4 locally)
-    # Custom Ray resources each caching actor needs, e.g. {"caching_node": 1}: the actors go to the nodes that
-    # offer them (a GPU node group), the light stages anywhere.
-    actor_resources: dict[str, float] | None = None
-    wait_for_resources: bool = False  # an autoscaler adds nodes for the actors: do not fail fast without them
-    run_id: str = field(default_factory=new_run_id)
+    actor_concurrency: int = option(2, "batches in flight per actor: input prep and serialization overlap the GPU work")
+    resolution: int | None = option(None, "reference size in pixels (default: the model's)")
+    preprocess: PreprocessMode = option("resize")
+    cache_prompt: str = option("")
+    seed: int = option(0)
+    dtype: Dtype = dtype_field()
+    max_image_bytes: int = option(ImageLimits.max_bytes)
+    max_image_pixels: int = option(ImageLimits.max_pixels)
+    max_references: int = option(16)
+    listing_shards: int | None = option(None, "parallel listing tasks (default: 16 on S3, 4 locally)")
+    # Custom Ray resources each caching actor needs: the actors go to the nodes that offer them (a GPU node
+    # group), the light stages anywhere.
+    actor_resources: dict[str, float] | None = option(None, 'custom Ray resources per caching actor, e.g. '
+                                                            '\'{"caching_node": 1}\'')
+    wait_for_resources: bool = wait_for_resources_field()
+    run_id: str = field(default_factory=new_run_id, metadata=NOT_A_FLAG)
 
     def __post_init__(self) -> None:
         if (self.images is None) == (self.catalog is None):

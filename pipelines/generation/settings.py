@@ -6,48 +6,85 @@ Light on purpose (no Ray, torch or storage clients at import): the command line 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, Literal
+from dataclasses import dataclass, field
+from typing import Any, Literal, get_args, get_type_hints
 
+from dreamcache.cli_args import NOT_A_FLAG, option
 from dreamcache.errors import InvalidValue
+from dreamcache.runtime import Dtype, device_field, dtype_field, model_field
+
+from ..kernel.ray_runtime import wait_for_resources_field
 
 ContactSheetMode = Literal["new", "all", "none"]
+
+
+def check_seed(seed: Any) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise InvalidValue(f"a seed must be an integer in [0, 2**63), got {seed!r}")
+    return seed
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``"0,1,5"`` or ranges ``"0-3"`` (inclusive), mixed: ``"0-3,10"``."""
+    seeds: list[int] = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        low, sep, high = part.partition("-")
+        try:
+            values = range(int(low), int(high) + 1) if sep else [int(part)]
+        except ValueError:
+            raise InvalidValue(f"bad seed list {text!r}: use numbers and ranges like 0,1,5 or 0-3") from None
+        seeds.extend(check_seed(v) for v in values)
+    if not seeds:
+        raise InvalidValue(f"no seeds in {text!r}")
+    return list(dict.fromkeys(seeds))
 
 
 @dataclass
 class GenerationJobConfig:
     """Everything a generation run needs. ``prompts``/``plan``/``subjects`` take a URI or the values themselves
-    (what a program such as an evaluation job passes)."""
+    (what a program such as an evaluation job passes). Each option field is also the job's command-line option
+    of that name (dreamcache.cli_args; pipelines.generation.args adds --subjects-file)."""
 
-    model: str  # diffusers SD folder: local path or s3:// prefix
-    adapter: str  # adapter safetensors file
-    caches: str  # a cache prefix (<subject_id>.safetensors files) or a caching manifest (*.parquet)
-    prompts: str | Sequence[str | Mapping[str, Any]] | None = None  # text/JSONL file, or the prompts
-    plan: str | Sequence[Mapping[str, Any]] | None = None  # explicit rows (JSONL/Parquet file, or dicts)
-    subjects: Sequence[str] | None = None  # only these subjects (default: every subject of ``caches``)
-    seeds: Sequence[int] = (0,)
-    out: str = "dreamcache-generations"
-    steps: int = 50
-    guidance_scale: float = 7.5
-    image_guidance_scale: float = 0.4
-    guidance: Literal["compositional", "joint"] = "compositional"
-    negative_prompt: str | None = None  # default for prompts that do not name one
-    height: int | None = None  # None: the model's default resolution
-    width: int | None = None
-    batch_size: int = 8
-    actors: int = 1  # actor pool size (the minimum when max_actors is set)
-    max_actors: int | None = None  # autoscale the pool up to this many actors
-    gpus_per_actor: float | None = None  # None: 1 if the Ray cluster has GPUs now, else 0
-    cpus_per_actor: float | None = None  # None: 1 with a GPU, 0.5 without (two CPU actors fit on 2 cores)
-    wait_for_resources: bool = False  # an autoscaler adds GPU nodes: do not fail fast without them
-    device: str = "auto"  # auto: cuda when the actor has a GPU
-    dtype: Literal["auto", "fp16", "bf16", "fp32"] = "auto"  # auto: fp16 on GPU, fp32 on CPU
-    torch_threads: int | None = None  # CPU threads per actor (None: Ray's default)
-    cache_lru_size: int = 32  # caches kept per actor across batches
-    contact_sheet: ContactSheetMode = "new"  # subjects with rows rendered or failed this run / all / none
-    contact_sheet_cell: int = 160
-    contact_sheet_max_subjects: int = 1000
-    run_id: str | None = None
+    model: str = model_field()
+    adapter: str = option(help="adapter safetensors file (path or s3:// URI)")
+    caches: str = option(help="a caching job's output prefix (its manifest is read), a prefix of "
+                              "<subject_id>.safetensors files, or a single-file caching manifest (.parquet)")
+    prompts: str | Sequence[str | Mapping[str, Any]] | None = option(
+        None, "prompts file: one prompt per line, or JSONL with prompt, negative_prompt, guidance_scale, "
+              "image_guidance_scale", one_of="what")
+    plan: str | Sequence[Mapping[str, Any]] | None = option(
+        None, "explicit plan (JSONL or Parquet): subject_id, prompt, [seed, negative_prompt, guidance_scale, "
+              "image_guidance_scale]", one_of="what")
+    subjects: Sequence[str] | None = option(None, "comma-separated subject ids (default: every subject of --caches)")
+    seeds: Sequence[int] = option((0,), "seeds per prompt: 0,1,5 or 0-3", parse=parse_seeds)
+    out: str = option("dreamcache-generations", "output folder or s3:// prefix")
+    steps: int = option(50)
+    # One vocabulary with `dreamcache generate`: --guidance is the mode, --guidance-scale the text scale.
+    guidance_scale: float = option(7.5, "text guidance scale")
+    image_guidance_scale: float = option(0.4)
+    guidance: Literal["compositional", "joint"] = option("compositional", "guidance mode (--guidance-mode: its "
+                                                                          "older name)", aliases=("--guidance-mode",))
+    negative_prompt: str | None = option(None, "negative prompt for prompts that do not name one")
+    height: int | None = option(None, "image height (default: the model's resolution)")
+    width: int | None = option(None, "image width (default: the model's resolution)")
+    batch_size: int = option(8)
+    actors: int = option(1, "actor pool size (the minimum when --max-actors is set)")
+    max_actors: int | None = option(None, "autoscale the actor pool up to this many")
+    gpus_per_actor: float | None = option(None, "default: 1 if the cluster has GPUs now, else 0")
+    # Without a GPU 0.5, so two CPU actors fit on 2 cores.
+    cpus_per_actor: float | None = option(None, "default: 1 with a GPU, 0.5 without")
+    wait_for_resources: bool = wait_for_resources_field()
+    device: str = device_field()
+    dtype: Dtype = dtype_field()
+    torch_threads: int | None = option(None, "CPU threads per actor (default: Ray's)")
+    cache_lru_size: int = field(default=32, metadata=NOT_A_FLAG)  # caches kept per actor across batches
+    contact_sheet: ContactSheetMode = option("new", "sheets for subjects touched this run (new), every subject "
+                                                    "(all), or none")
+    contact_sheet_cell: int = option(160)
+    contact_sheet_max_subjects: int = field(default=1000, metadata=NOT_A_FLAG)
+    run_id: str | None = option(None, "name of this run (default: UTC time + random suffix)")
 
     def validate(self) -> None:
         if (self.prompts is None) == (self.plan is None):
@@ -57,12 +94,10 @@ class GenerationJobConfig:
                 raise InvalidValue(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_actors is not None and self.max_actors < self.actors:
             raise InvalidValue(f"max_actors ({self.max_actors}) must be >= actors ({self.actors})")
-        if self.guidance not in ("compositional", "joint"):
-            raise InvalidValue(f"guidance must be 'compositional' or 'joint', got {self.guidance!r}")
-        if self.dtype not in ("auto", "fp16", "bf16", "fp32"):
-            raise InvalidValue(f"dtype must be auto, fp16, bf16 or fp32, got {self.dtype!r}")
-        if self.contact_sheet not in ("new", "all", "none"):
-            raise InvalidValue(f"contact_sheet must be new, all or none, got {self.contact_sheet!r}")
+        for name in ("guidance", "dtype", "contact_sheet"):  # programs pass them unchecked by the parser
+            allowed = get_args(get_type_hints(GenerationJobConfig)[name])
+            if getattr(self, name) not in allowed:
+                raise InvalidValue(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         for name in ("height", "width"):
             value = getattr(self, name)
             if value is not None and (value < 8 or value % 8):
@@ -91,26 +126,3 @@ class RenderSettings:
     width: int | None
     torch_threads: int | None = None
     cache_lru_size: int = 32
-
-
-def check_seed(seed: Any) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
-        raise InvalidValue(f"a seed must be an integer in [0, 2**63), got {seed!r}")
-    return seed
-
-
-def parse_seeds(text: str) -> list[int]:
-    """``"0,1,5"`` or ranges ``"0-3"`` (inclusive), mixed: ``"0-3,10"``."""
-    seeds: list[int] = []
-    for part in (p.strip() for p in text.split(",")):
-        if not part:
-            continue
-        low, sep, high = part.partition("-")
-        try:
-            values = range(int(low), int(high) + 1) if sep else [int(part)]
-        except ValueError:
-            raise InvalidValue(f"bad seed list {text!r}: use numbers and ranges like 0,1,5 or 0-3") from None
-        seeds.extend(check_seed(v) for v in values)
-    if not seeds:
-        raise InvalidValue(f"no seeds in {text!r}")
-    return list(dict.fromkeys(seeds))

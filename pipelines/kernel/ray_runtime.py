@@ -10,8 +10,17 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Iterable
+from typing import Any
+
+from dreamcache.cli_args import option
 
 logger = logging.getLogger(__name__)
+
+
+def wait_for_resources_field() -> Any:
+    """The jobs' --wait-for-resources option (a config field; see dreamcache.cli_args)."""
+    return option(False, "wait for nodes that offer the actors' resources (an autoscaling cluster) instead of "
+                         "failing at once when no node has them")
 
 # Set before a local Ray starts: keep its listeners on loopback, phone nothing home, no token files.
 LOCAL_DEFAULTS = {

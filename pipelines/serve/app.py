@@ -82,21 +82,21 @@ _METRIC_ROUTES = frozenset({"/", "/healthz", "/docs", "/openapi.json", "/v1/subj
                             "/v1/generate", "/v1/grids"})
 
 
-def build_app(args: dict[str, Any]):
-    """Serve application builder (``import_path: pipelines.serve:build_app``)."""
+def build_app(args: ServeSettings):
+    """Serve application builder (``import_path: pipelines.serve:build_app``). Serve validates the config's
+    ``args`` into ServeSettings by this type hint; a Python caller may pass the args dict itself."""
     import ray
 
     from .generator import Generator  # torch and diffusers: imported where the app is built, not by the ingress
 
-    settings = ServeSettings.from_args(dict(args))
+    settings = ServeSettings.model_validate(args)  # an instance passes through unchanged
     resolve_api_token(settings)  # an unreadable token file fails the deploy, not every request
     # `serve deploy` and KubeRay build the app without the CLI: the same one-line checks fail the deploy here,
     # instead of replicas that Serve restarts forever. The port and device are the CLI's (it binds them).
     check_inputs(settings, host="", port=0, local=False)
     has_gpus = ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
-    settings_args = settings.to_args()
-    generator = Generator.options(**settings.generator_options(has_gpus)).bind(settings_args)
-    return Ingress.options(**settings.ingress_options()).bind(generator, settings_args)
+    generator = Generator.options(**settings.generator_options(has_gpus)).bind(settings)
+    return Ingress.options(**settings.ingress_options()).bind(generator, settings)
 
 
 # -- error responses ---------------------------------------------------------------------------------------------
@@ -228,8 +228,8 @@ _SUBJECT_BODY_DOC = {
 class Ingress:
     """Validates, authenticates and routes; no model here."""
 
-    def __init__(self, generator, settings_args: dict[str, Any]) -> None:
-        self.settings = ServeSettings.from_args(settings_args)
+    def __init__(self, generator, settings: ServeSettings) -> None:
+        self.settings = settings
         self.token = resolve_api_token(self.settings)
         self.generator = generator
         self.page = PAGE.read_text(encoding="utf-8")
@@ -666,21 +666,20 @@ def _stop_on_signal(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
-def run_local(app_args: dict[str, Any], host: str = "127.0.0.1", port: int = 8000, ray_address: str | None = None,
+def run_local(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000, ray_address: str | None = None,
               app_name: str = "dreamcache") -> None:
     """``dreamcache serve``: start (or join) Ray, run the app at http://host:port/ until interrupted."""
     import signal
 
     from ..kernel.ray_runtime import init_ray
 
-    settings = ServeSettings.from_args(app_args)  # a bad argument fails here, before Ray starts
-    resolve_api_token(settings)
+    resolve_api_token(settings)  # before Ray starts
     init_ray(address=ray_address)
     # The proxy's own timeout is a backstop behind the app's deadline (which answers 504 first).
     serve.start(http_options={"host": host, "port": port, "request_timeout_s": settings.request_timeout_s + 30})
     signal.signal(signal.SIGTERM, _stop_on_signal)  # a service manager's stop shuts Serve down cleanly too
     try:
-        serve.run(build_app(app_args), name=app_name, route_prefix="/", blocking=False)
+        serve.run(build_app(settings), name=app_name, route_prefix="/", blocking=False)
         print(f"DreamCache is serving at http://{host}:{port}/ (API docs at /docs); Ctrl-C stops it", flush=True)
         while True:
             time.sleep(3600)

@@ -171,10 +171,10 @@ def _cache_failure(exc: CacheError | storage.StorageError, subject_id: str, unkn
 
 @serve.deployment(name="Generator", health_check_period_s=10, health_check_timeout_s=60)
 class Generator:
-    def __init__(self, settings_args: dict[str, Any]) -> None:
+    def __init__(self, settings: ServeSettings) -> None:
         from ..generation.render import load_render_pipeline
 
-        self.settings = settings = ServeSettings.from_args(settings_args)
+        self.settings = settings
         started = time.perf_counter()
         # The batch job's loader: ServeSettings carries the same model, adapter, device, dtype, torch_threads.
         self.pipe = load_render_pipeline(settings)

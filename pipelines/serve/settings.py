@@ -1,18 +1,21 @@
-"""Settings of the Serve app: one dataclass built from the application's ``args`` (serve config, RayService
+"""Settings of the Serve app: one pydantic model of the application's ``args`` (serve config, RayService
 ``serveConfigV2``, or ``dreamcache serve``), checked once when the app is built so a typo fails the deploy,
-not the first request.
+not the first request. Serve's typed application builder validates the args into it (``build_app``'s type hint).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, get_args
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dreamcache import storage
 from dreamcache.errors import InvalidValue
+from dreamcache.images import PreprocessMode
+from dreamcache.runtime import Dtype
 
 logger = logging.getLogger(__name__)
 
@@ -22,127 +25,124 @@ TOKEN_FILE_ENV = "DREAMCACHE_API_TOKEN_FILE"
 # Hard API limits (the OpenAPI schema states them); the settings below can only tighten the batch side.
 MAX_IMAGES_PER_REQUEST = 8
 # The values of ServeSettings.routing (pipelines/serve/routing.py says what each means).
-ROUTINGS = ("multiplexed", "subject_affinity")
+Routing = Literal["multiplexed", "subject_affinity"]
+ROUTINGS: tuple[str, ...] = get_args(Routing)
 
 
 class SettingsError(InvalidValue):
     """An application argument is missing, unknown or out of range."""
 
 
-@dataclass(frozen=True)
-class ServeSettings:
+def _not_bool(value: Any) -> Any:
+    # pydantic's lax mode reads True as 1; a YAML `yes` where a count belongs is a typo, not one replica.
+    if isinstance(value, bool):
+        raise ValueError("must be a number, not a boolean")
+    return value
+
+
+def _split_commas(value: Any) -> Any:
+    # `--arg allowed_image_prefixes=s3://a/,s3://b/` arrives as one string.
+    return [p for p in value.split(",") if p] if isinstance(value, str) else value
+
+
+Count = Annotated[int, BeforeValidator(_not_bool), Field(ge=1)]
+Amount = Annotated[float, BeforeValidator(_not_bool), Field(ge=0)]
+
+
+class ServeSettings(BaseModel):
+    # Unknown keys are refused (typos must not pass); frozen: checked once, so nothing may change them after.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
     # -- what to serve --------------------------------------------------------------------------------------
     model: str  # diffusers SD folder: path or s3:// prefix
     caches: str  # CacheStore root: <caches>/<subject_id>.safetensors
     adapter: str | None = None  # adapter safetensors file (path or URI)
     device: str = "auto"  # auto: cuda when the replica has a GPU
-    dtype: str = "auto"  # auto: fp16 on GPU, fp32 on CPU
-    torch_threads: int | None = None  # CPU replicas: intra-op threads (None: leave torch's default)
+    dtype: Dtype = "auto"  # auto: fp16 on GPU, fp32 on CPU
+    torch_threads: Count | None = None  # CPU replicas: intra-op threads (None: leave torch's default)
 
     # -- generator replicas (GPU) ---------------------------------------------------------------------------
-    replicas: int = 1  # fixed replica count, unless autoscaling is given
+    replicas: Count = 1  # fixed replica count, unless autoscaling is given
     autoscaling: dict[str, Any] | None = None  # Serve AutoscalingConfig, e.g. {min_replicas, max_replicas, ...}
-    gpus_per_replica: float | None = None  # None: 1 when the Ray cluster has GPUs, else 0
-    cpus_per_replica: float = 1.0
-    max_ongoing_requests: int = 16  # per replica; >= 2x the batch so one batch fills while another runs
-    max_queued_requests: int = 64  # waiting for a replica, per ingress replica; beyond it: 503 + Retry-After
-    max_batch_size: int = 8  # images per UNet batch (requests of different subjects share it)
-    batch_wait_timeout_s: float = 0.02  # how long a batch waits to fill once its first request arrived
-    max_caches_per_replica: int = 64  # per-replica LRU of subject caches held on the device
+    gpus_per_replica: Amount | None = None  # None: 1 when the Ray cluster has GPUs, else 0
+    cpus_per_replica: Amount = 1.0
+    max_ongoing_requests: Count = 16  # per replica; >= 2x the batch so one batch fills while another runs
+    # Waiting for a replica, per ingress replica; beyond it: 503 + Retry-After. -1: unbounded (Serve's value).
+    max_queued_requests: Annotated[int, BeforeValidator(_not_bool)] = 64
+    # Images per UNet batch (requests of different subjects share it); one request may ask for the API's maximum.
+    max_batch_size: Annotated[int, BeforeValidator(_not_bool), Field(ge=MAX_IMAGES_PER_REQUEST)] = 8
+    batch_wait_timeout_s: Amount = 0.02  # how long a batch waits to fill once its first request arrived
+    max_caches_per_replica: Count = 64  # per-replica LRU of subject caches held on the device
     # How a request reaches a replica holding its subject (pipelines/serve/routing.py): "multiplexed" (Serve's
     # multiplexed model ids) or "subject_affinity" (Serve's request router API, the subject as request data).
     # The default is the faster of the two in bench/results/2026-12-02-serve-routing-cpu.md.
-    routing: str = "subject_affinity"
+    routing: Routing = "subject_affinity"
 
     # -- ingress (CPU) --------------------------------------------------------------------------------------
-    ingress_replicas: int = 1
-    ingress_cpus: float = 0.5
-    ingress_max_ongoing_requests: int = 512
-    grid_max_in_flight: int = 32  # cells of one POST /v1/grids waiting on the generator replicas at once
+    ingress_replicas: Count = 1
+    ingress_cpus: Amount = 0.5
+    ingress_max_ongoing_requests: Count = 512
+    grid_max_in_flight: Count = 32  # cells of one POST /v1/grids waiting on the generator replicas at once
 
     # -- request limits -------------------------------------------------------------------------------------
-    request_timeout_s: float = 300.0  # server-side deadline of a request: 504 after it
-    retry_after_s: int = 5  # the Retry-After of a 503
-    max_upload_bytes: int = 20 * 2**20  # per reference image
-    max_references: int = 8  # images per subject
-    max_pixels: int = 40_000_000  # per reference image, checked before decoding
-    min_side: int = 64  # generated image sides, pixels (multiples of 8)
-    max_side: int | None = None  # None: twice the model's default resolution
+    # Server-side deadline of a request: 504 after it.
+    request_timeout_s: Annotated[float, BeforeValidator(_not_bool), Field(gt=0)] = 300.0
+    retry_after_s: Count = 5  # the Retry-After of a 503
+    max_upload_bytes: Count = 20 * 2**20  # per reference image
+    max_references: Count = 8  # images per subject
+    max_pixels: Count = 40_000_000  # per reference image, checked before decoding
+    # Generated image sides, pixels (multiples of 8); max_side None: twice the model's default resolution.
+    min_side: Annotated[Count, Field(multiple_of=8)] = 64
+    max_side: Annotated[Count, Field(multiple_of=8)] | None = None
     # What JSON image URIs may name. Empty by default (uploads only): a server reads what its credentials reach,
     # so any allowed prefix lets clients make it read objects there; name one explicitly, e.g. an uploads prefix.
-    allowed_image_prefixes: tuple[str, ...] = ()
+    allowed_image_prefixes: Annotated[tuple[str, ...], BeforeValidator(_split_commas)] = ()
 
     # -- how new subjects are cached (as the caching job does) -----------------------------------------------
     resolution: int | None = None  # None: the model's default
-    preprocess: str = "resize"
+    preprocess: PreprocessMode = "resize"
     cache_prompt: str = ""
     cache_seed: int = 0
 
     # -- auth -----------------------------------------------------------------------------------------------
     api_token_file: str | None = None  # else $DREAMCACHE_API_TOKEN_FILE, else $DREAMCACHE_API_TOKEN
 
-    def __post_init__(self) -> None:
-        for name in ("model", "caches"):
-            if not isinstance(getattr(self, name), str) or not getattr(self, name).strip():
-                raise SettingsError(f"'{name}' is required (a path or s3:// URI)")
-        positive = ("replicas", "max_ongoing_requests", "max_batch_size", "max_caches_per_replica", "ingress_replicas",
-                    "ingress_max_ongoing_requests", "grid_max_in_flight", "retry_after_s", "max_upload_bytes", "max_references", "max_pixels",
-                    "min_side")
-        for name in positive:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise SettingsError(f"'{name}' must be a positive integer, got {value!r}")
-        if not isinstance(self.max_queued_requests, int) or (self.max_queued_requests < 1 and self.max_queued_requests != -1):
-            raise SettingsError(f"'max_queued_requests' must be a positive integer or -1 (unbounded), got {self.max_queued_requests!r}")
-        if self.max_batch_size < MAX_IMAGES_PER_REQUEST:
-            raise SettingsError(f"'max_batch_size' must be >= {MAX_IMAGES_PER_REQUEST}: one request may ask for that many images")
-        for name in ("batch_wait_timeout_s", "request_timeout_s", "cpus_per_replica", "ingress_cpus"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-                raise SettingsError(f"'{name}' must be a number >= 0, got {value!r}")
-        if self.request_timeout_s <= 0:
-            raise SettingsError("'request_timeout_s' must be > 0")
-        if self.gpus_per_replica is not None and (not isinstance(self.gpus_per_replica, (int, float)) or self.gpus_per_replica < 0):
-            raise SettingsError(f"'gpus_per_replica' must be a number >= 0, got {self.gpus_per_replica!r}")
-        if self.min_side % 8 or (self.max_side is not None and (self.max_side % 8 or self.max_side < self.min_side)):
-            raise SettingsError("'min_side' and 'max_side' must be multiples of 8 with min_side <= max_side")
-        if self.dtype not in ("auto", "fp16", "bf16", "fp32"):
-            raise SettingsError(f"'dtype' must be auto, fp16, bf16 or fp32, got {self.dtype!r}")
-        if self.torch_threads is not None and (not isinstance(self.torch_threads, int) or self.torch_threads < 1):
-            raise SettingsError(f"'torch_threads' must be a positive integer, got {self.torch_threads!r}")
-        if self.routing not in ROUTINGS:
-            raise SettingsError(f"'routing' must be one of {', '.join(ROUTINGS)}, got {self.routing!r}")
-        if self.preprocess not in ("resize", "pad"):
-            raise SettingsError(f"'preprocess' must be 'resize' or 'pad', got {self.preprocess!r}")
-        if self.autoscaling is not None and not isinstance(self.autoscaling, dict):
-            raise SettingsError("'autoscaling' must be a mapping of Serve AutoscalingConfig fields")
-        for prefix in self.allowed_image_prefixes:
+    @field_validator("model", "caches")
+    @classmethod
+    def _named(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("required (a path or s3:// URI)")
+        return value
+
+    @field_validator("max_queued_requests")
+    @classmethod
+    def _queue_bound(cls, value: int) -> int:
+        if value < 1 and value != -1:
+            raise ValueError("must be a positive integer or -1 (unbounded)")
+        return value
+
+    @field_validator("allowed_image_prefixes")
+    @classmethod
+    def _prefixes_parse(cls, prefixes: tuple[str, ...]) -> tuple[str, ...]:
+        for prefix in prefixes:
             if prefix != "s3://":
                 storage.parse_uri(prefix)  # a malformed prefix fails the deploy, not a request
+        return prefixes
+
+    @model_validator(mode="after")
+    def _sides_ordered(self) -> ServeSettings:
+        if self.max_side is not None and self.max_side < self.min_side:
+            raise ValueError(f"'max_side' ({self.max_side}) must be >= 'min_side' ({self.min_side})")
+        return self
 
     @classmethod
-    def from_args(cls, args: dict[str, Any]) -> ServeSettings:
-        """Settings from an application's ``args`` mapping; unknown keys are refused (typos must not pass)."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(args) - known)
-        if unknown:
-            raise SettingsError(f"unknown serve app argument(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-        values = dict(args)
-        if "allowed_image_prefixes" in values:
-            prefixes = values["allowed_image_prefixes"]
-            if isinstance(prefixes, str):
-                prefixes = [p for p in prefixes.split(",") if p]
-            values["allowed_image_prefixes"] = tuple(prefixes)
+    def model_validate(cls, obj: Any, **kwargs: Any) -> ServeSettings:
+        """pydantic's validation, its errors as one SettingsError line naming each field: Serve's typed builder
+        calls this on the app's args, so `serve deploy`, a RayService and ``dreamcache serve`` fail alike."""
         try:
-            return cls(**values)
-        except TypeError as exc:  # a required argument missing
-            raise SettingsError(str(exc)) from None
-
-    def to_args(self) -> dict[str, Any]:
-        """The args mapping that rebuilds these settings (passed to the deployments, which run elsewhere)."""
-        data = asdict(self)
-        data["allowed_image_prefixes"] = list(self.allowed_image_prefixes)
-        return data
+            return super().model_validate(obj, **kwargs)
+        except ValidationError as exc:
+            raise SettingsError(_one_line(exc)) from None
 
     # -- derived --------------------------------------------------------------------------------------------
     def generator_options(self, cluster_has_gpus: bool) -> dict[str, Any]:
@@ -177,6 +177,24 @@ class ServeSettings:
     def max_request_bytes(self) -> int:
         """The largest request body worth reading: every reference at its limit plus multipart framing."""
         return self.max_references * self.max_upload_bytes + 64 * 1024
+
+
+def _one_line(exc: ValidationError) -> str:
+    """``'field': what is wrong, got value`` for each error, unknown keys together with the known ones."""
+    problems, unknown = [], []
+    for error in exc.errors(include_url=False):
+        name = ".".join(str(part) for part in error["loc"])
+        if error["type"] == "extra_forbidden":
+            unknown.append(name)
+        elif error["type"] == "missing":
+            problems.append(f"'{name}': required")
+        else:
+            message = error["msg"].removeprefix("Value error, ")
+            problems.append(f"'{name}': {message}, got {error['input']!r}" if name else message)
+    if unknown:
+        problems.append(f"unknown serve app argument(s): {', '.join(unknown)}; "
+                        f"known: {', '.join(sorted(ServeSettings.model_fields))}")
+    return "; ".join(problems)
 
 
 def resolve_api_token(settings: ServeSettings, environ: dict[str, str] | None = None) -> str | None:

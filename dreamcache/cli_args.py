@@ -1,0 +1,131 @@
+"""Command lines derived from config dataclasses: each option is declared once, as a dataclass field whose
+metadata carries its help (and where needed its older flag names, a text parser, an exclusive group); its
+type, choices and default come from the annotation and the default, in the spirit of
+``transformers.HfArgumentParser`` (which would import transformers into ``--help``).
+
+    @dataclass
+    class JobConfig:
+        model: str = model_field()                           # shared: dreamcache.runtime
+        actors: int = option(1, "size of the actor pool")    # --actors, type int, default 1
+        read_cpus: float = field(default=0.5, metadata=NOT_A_FLAG)
+
+    add_config_arguments(parser, JobConfig)   # --model (required), --actors ...
+    config = config_from_namespace(JobConfig, parser.parse_args())
+
+Light on purpose: no torch, Ray or storage clients, so every parser builds in milliseconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import types
+import typing
+from collections.abc import Callable, Iterable
+from typing import Any, Literal, TypeVar, Union
+
+T = TypeVar("T")
+_KEY = "cli"  # the field metadata key
+NOT_A_FLAG = {_KEY: None}  # a field set by programs, not on the command line
+
+
+class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` shows each option's default, with or without help text, except where there is none to show:
+    None (the help says what absence means), a switch (off unless given), an empty value, a required option."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        return super()._get_help_string(action) if _shows_default(action) else action.help or ""
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if not action.help and _shows_default(action):  # argparse prints nothing for an action without help
+            action = copy.copy(action)
+            action.help = "(default: %(default)s)"
+        return super()._format_action(action)
+
+
+def _shows_default(action: argparse.Action) -> bool:
+    empty = action.default is None or action.default is False or action.default in ("", [], ())
+    return bool(action.option_strings) and not action.required and not empty and action.default is not argparse.SUPPRESS
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser with DefaultsFormatter; the parsers of its subcommands are of this class too."""
+
+    def __init__(self, *args: Any, formatter_class: type[argparse.HelpFormatter] = DefaultsFormatter, **kwargs: Any) -> None:
+        super().__init__(*args, formatter_class=formatter_class, **kwargs)
+
+
+def option(default: Any = dataclasses.MISSING, help: str | None = None, *, aliases: tuple[str, ...] = (),
+           parse: Callable[[str], Any] | None = None, one_of: str | None = None) -> Any:
+    """A dataclass field that is also the command-line option ``--field-name`` (its type, choices and default
+    from the annotation and ``default``). ``aliases``: older names; ``parse``: turns the given text into the
+    field's value, in config_from_namespace (not as argparse's ``type``, so that its InvalidValue is the
+    command's one-line error, not a usage message); ``one_of``: fields with the same value form a required
+    group of which exactly one is given."""
+    spec = {"help": help, "aliases": aliases, "parse": parse, "one_of": one_of}
+    return dataclasses.field(default=default, metadata={_KEY: spec})
+
+
+def cli_fields(config_class: type) -> list[tuple[dataclasses.Field, dict[str, Any], Any]]:
+    """The fields of ``config_class`` that are options: (field, its option spec, its resolved type)."""
+    hints = typing.get_type_hints(config_class)
+    return [(f, f.metadata.get(_KEY, {}), hints[f.name]) for f in dataclasses.fields(config_class)
+            if f.metadata.get(_KEY, {}) is not None]
+
+
+def flag_of(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, config_class: type, *, only: Iterable[str] | None = None) -> None:
+    """One argparse option per option field of ``config_class`` (or of the fields named in ``only``)."""
+    groups: dict[str, argparse._MutuallyExclusiveGroup] = {}
+    wanted = None if only is None else set(only)
+    for f, spec, hint in cli_fields(config_class):
+        if wanted is not None and f.name not in wanted:
+            continue
+        target: Any = parser
+        if spec.get("one_of"):
+            target = groups.get(spec["one_of"]) or groups.setdefault(
+                spec["one_of"], parser.add_mutually_exclusive_group(required=True))
+        target.add_argument(flag_of(f.name), *spec.get("aliases", ()), dest=f.name, **_argparse_kwargs(f, spec, hint))
+
+
+def config_from_namespace(config_class: type[T], args: argparse.Namespace, **values: Any) -> T:
+    """``config_class`` from the parsed options; ``values`` set the fields the command line does not give
+    (or gives in another form, which the caller converted)."""
+    given = {}
+    for f, spec, _ in cli_fields(config_class):
+        if f.name not in values:
+            value = getattr(args, f.name)
+            given[f.name] = spec["parse"](value) if spec.get("parse") and isinstance(value, str) else value
+    return config_class(**given, **values)
+
+
+def _argparse_kwargs(f: dataclasses.Field, spec: dict[str, Any], hint: Any) -> dict[str, Any]:
+    base = _without_none(hint)
+    if base is bool:  # a switch: off unless given
+        return {"action": "store_true", "default": False, "help": spec.get("help")}
+    kwargs: dict[str, Any] = {"help": spec.get("help")}
+    if f.default is dataclasses.MISSING:
+        kwargs["required"] = not spec.get("one_of")
+    else:
+        kwargs["default"] = f.default
+    if typing.get_origin(base) is Literal:
+        kwargs["choices"] = list(typing.get_args(base))
+    elif spec.get("parse") is None:  # an option with ``parse`` stays text here
+        if base is dict or typing.get_origin(base) is dict:
+            kwargs["type"], kwargs["metavar"] = json.loads, "JSON"
+        elif base in (int, float):
+            kwargs["type"] = base
+    return kwargs
+
+
+def _without_none(hint: Any) -> Any:
+    """``X | None`` -> ``X``; any other union (a field that also takes values from programs) -> its first member."""
+    if typing.get_origin(hint) in (Union, types.UnionType):
+        members = [a for a in typing.get_args(hint) if a is not type(None)]
+        return members[0]
+    return hint
