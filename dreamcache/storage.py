@@ -489,6 +489,9 @@ class _LocalStore:
             raise ObjectNotFound(f"not a file: {self.uri}")
         return ObjectInfo(self.uri, st.st_size, _local_version(st))
 
+    def exists(self) -> bool:
+        return os.path.isfile(self.path)
+
     def delete(self) -> None:
         try:
             os.remove(self.path)
@@ -665,6 +668,13 @@ class _S3Store:
             raise
         return ObjectInfo(self.uri, int(head["ContentLength"]), head.get("ETag", "").strip('"'))
 
+    def exists(self) -> bool:
+        try:
+            self.stat()
+        except ObjectNotFound:
+            return False
+        return True
+
     def delete(self) -> None:
         if not self.key:
             raise ValueError(f"refusing to delete a bucket: {self.uri!r}")
@@ -814,11 +824,7 @@ def exists(uri: str) -> bool:
     A missing bucket raises StorageError rather than answering False, so a typo in a bucket
     name does not pass for an empty one.
     """
-    try:
-        stat(uri)
-    except ObjectNotFound:
-        return False
-    return True
+    return _store(uri).exists()
 
 
 def size(uri: str) -> int:
