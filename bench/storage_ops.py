@@ -95,7 +95,7 @@ def main() -> None:
                     for op, t in one_round(module, base, args.ops, args.lists, data).items():
                         times.setdefault((name, backend, op), []).append(t)
     print(f"{args.rounds} rounds of {args.ops} objects of {args.size} B ({args.lists} listings of {args.ops}); "
-          f"baseline: dreamcache/storage.py at {args.baseline}; median time per operation\n")
+          f"baseline: dreamcache/storage.py at {args.baseline}; medians over the rounds, per operation\n")
     print("| backend | op | wall: baseline | current | ratio | client CPU: baseline | current | ratio |")
     print("|---|---|---|---|---|---|---|---|")
     for backend in backends:

@@ -296,9 +296,8 @@ def _connection() -> _S3Connection:
 @functools.lru_cache(maxsize=16)
 def _cached_connection(aws_env: tuple[tuple[str, str], ...], pid: int) -> _S3Connection:
     del aws_env, pid  # cache keys only: botocore reads the environment itself
-    # A private session: boto3's default one is not thread-safe.
-    session = boto3.session.Session(botocore_session=botocore.session.Session(session_vars=_SESSION_VARS))
-    core = session._session
+    core = botocore.session.Session(session_vars=_SESSION_VARS)
+    session = boto3.session.Session(botocore_session=core)  # a private session: boto3's default one is not thread-safe
     custom = ConfiguredEndpointProvider(
         full_config=core.full_config, scoped_config=core.get_scoped_config(), client_name="s3"
     ).provide()
@@ -308,7 +307,11 @@ def _cached_connection(aws_env: tuple[tuple[str, str], ...], pid: int) -> _S3Con
                   response_checksum_validation="when_required") if custom else {}
     config = Config(signature_version="s3v4", connect_timeout=_CONNECT_TIMEOUT_S, read_timeout=_READ_TIMEOUT_S,
                     max_pool_connections=32, **compat)
-    return _S3Connection(session, session.client("s3", config=config), custom)
+    try:
+        client = session.client("s3", config=config)
+    except ValueError as exc:  # botocore's "Invalid endpoint: ..." does not say where the value came from
+        raise InvalidValue(f"{exc}: check AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL (http://host:port)") from None
+    return _S3Connection(session, client, custom)
 
 
 # Buckets confirmed to exist, per (endpoint, bucket): lets a 404 on HEAD be told apart

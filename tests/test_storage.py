@@ -270,6 +270,12 @@ def test_s3_client_follows_the_boto3_configuration(s3_server, monkeypatch):
     assert options["access_key"] == s3_server.access_key
 
 
+def test_a_bad_endpoint_is_named(s3_server, monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "127.0.0.1:9000")  # no scheme
+    with pytest.raises(ValueError, match="127.0.0.1:9000.*AWS_ENDPOINT_URL_S3"):
+        read_bytes(f"s3://{s3_server.bucket}/x")
+
+
 def test_s3_client_is_cached_per_settings(s3_server, monkeypatch):
     assert s3_client() is s3_client()
     first = s3_client()
