@@ -423,25 +423,6 @@ def _walk_local(root: str) -> Iterator[tuple[str, int, str]]:
             yield os.path.relpath(full, root).replace(os.sep, "/"), st.st_size, _local_version(st)
 
 
-@dataclass(frozen=True)
-class ObjectInfo:
-    """A file or object: its URI, size, and a version that changes whenever its content is rewritten
-    (the S3 ETag; size and mtime locally). Lets jobs skip unchanged inputs without reading them."""
-
-    uri: str
-    size: int
-    version: str
-
-
-@dataclass(frozen=True)
-class ListedObject:
-    """One entry of :func:`list_page`: its name relative to the prefix, size and last-modified time (epoch s)."""
-
-    name: str
-    size: int
-    modified: float
-
-
 # --------------------------------------------------------------------------- stores
 # One class per scheme, the same methods on each; a store is bound to the URI it was made for (``uri`` as the
 # caller wrote it, for messages). Listing methods read the URI as a prefix ("folder").
@@ -850,9 +831,28 @@ def list_files(prefix_uri: str) -> list[str]:
     return [join_uri(prefix_uri, rel) for rel, _, _ in _store(prefix_uri).entries()]
 
 
+@dataclass(frozen=True)
+class ObjectInfo:
+    """A file or object: its URI, size, and a version that changes whenever its content is rewritten
+    (the S3 ETag; size and mtime locally). Lets jobs skip unchanged inputs without reading them."""
+
+    uri: str
+    size: int
+    version: str
+
+
 def list_objects(prefix_uri: str) -> list[ObjectInfo]:
     """Like :func:`list_files`, with each file's size and version (one LIST, no per-object request)."""
     return [ObjectInfo(join_uri(prefix_uri, rel), n, v) for rel, n, v in _store(prefix_uri).entries()]
+
+
+@dataclass(frozen=True)
+class ListedObject:
+    """One entry of :func:`list_page`: its name relative to the prefix, size and last-modified time (epoch s)."""
+
+    name: str
+    size: int
+    modified: float
 
 
 def list_page(prefix_uri: str, after: str | None, limit: int, suffix: str = "") -> tuple[list[ListedObject], bool]:
