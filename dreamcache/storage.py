@@ -5,26 +5,31 @@ or ``s3://bucket/prefix``.  This module is the single place that turns such a UR
 so that
 
 * the rest of the code never branches on the scheme: ``read_bytes(uri)`` works the same for
-  a local file in a unit test and for an object on AWS, MinIO or SeaweedFS in production;
-* endpoint and credentials are taken from one set of variables only, the standard AWS ones
+  a local file in a unit test and for an object on AWS, MinIO or SeaweedFS in production.
+  Inside, :func:`_store` picks the one class per scheme (:class:`_LocalStore`,
+  :class:`_S3Store`) that implements every operation;
+* endpoint, region, credentials and retry settings come from boto3's own configuration chain
   (``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``,
-  ``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``, ``AWS_REGION`` / ``AWS_DEFAULT_REGION``),
-  read at call time, for boto3 (objects) and ``pyarrow.fs`` (datasets) alike;
-* errors are translated once: transient failures (throttling, HTTP 5xx, dropped or timed-out
-  connections) are retried with exponential backoff and jitter, while permanent ones fail
-  fast as :class:`ObjectNotFound`, :class:`PermissionDenied` or :class:`StorageError` with a
-  message that names the URI, instead of a raw botocore traceback after minutes of retries;
+  ``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``, ``AWS_REGION``, ``AWS_MAX_ATTEMPTS``,
+  ``AWS_RETRY_MODE``, ``~/.aws/config``, ...), read when a client is made; ``pyarrow.fs``
+  (datasets) is given what boto3 resolved, so both always talk to the same server;
+* errors are translated once: permanent failures fail fast as :class:`ObjectNotFound`,
+  :class:`PermissionDenied` or :class:`StorageError` with a message that names the URI, and
+  transient ones that outlasted the retries say so, instead of a raw botocore traceback;
 * writes are whole: a reader never sees half an object (S3 ``put_object`` is atomic; local
   writes go to a temporary file in the same folder that is then ``os.replace``-d);
 * ids that end up in paths and keys are validated (:func:`validate_id`), so user input can
   never escape its prefix.
 
-Retries happen at two levels.  botocore's ``standard`` retry mode (``AWS_MAX_ATTEMPTS``
-attempts, default 3) retries each HTTP request on throttling, 5xx and connection errors.
-Around each whole operation, including the read of a response body, which botocore does not
-retry, :func:`_with_retries` makes up to ``DREAMCACHE_S3_MAX_ATTEMPTS`` attempts (default 5)
-with a base delay of ``DREAMCACHE_S3_RETRY_BASE_DELAY`` seconds (default 0.5), doubling up to
-``DREAMCACHE_S3_RETRY_MAX_DELAY`` (default 20).
+Retries are botocore's: ``standard`` mode, 5 attempts in all, unless ``AWS_RETRY_MODE`` /
+``AWS_MAX_ATTEMPTS`` (or the config file) say otherwise.  The one gap is a GET whose body is
+cut off after the headers arrived, which botocore does not retry: :meth:`_S3Store._get`
+repeats those GETs with tenacity, as many attempts.  (Downloads go through s3transfer, which
+retries cut-off parts itself.)
+
+``pyarrow.fs`` serves datasets only and is not the one abstraction for objects: it has no
+ETags (the versions of :class:`ObjectInfo`), no conditional put
+(:func:`write_bytes_if_absent`) and no StartAfter (:func:`list_page`, sharded listings).
 """
 
 from __future__ import annotations
@@ -35,18 +40,20 @@ import heapq
 import json
 import logging
 import os
-import random
 import re
-import time
 import uuid
-from dataclasses import dataclass, field
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, TypeVar
-from urllib.parse import urlsplit
+from stat import S_ISREG
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import boto3
 import botocore.exceptions as bexc
+import botocore.session
+import tenacity
 from botocore.config import Config
+from botocore.configprovider import ConfiguredEndpointProvider
 from tqdm import tqdm
 
 from .errors import InvalidValue
@@ -88,8 +95,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
-
 # Suffix of the temporary files written by local atomic writes; list_files() skips them.
 _TMP_SUFFIX = ".dreamcache-tmp"
 _CONNECT_TIMEOUT_S = 10.0
@@ -117,6 +122,10 @@ class PermissionDenied(StorageError):
 
 class BucketNotFound(StorageError):
     """The S3 bucket does not exist (not an ObjectNotFound: a missing bucket is a setup error for most callers)."""
+
+
+class AlreadyExists(StorageError):
+    """A create-if-absent write found the object already there (another writer won)."""
 
 
 class InvalidId(InvalidValue):
@@ -248,49 +257,84 @@ def validate_id(value: str, what: str = "subject id") -> str:
     return value
 
 
-# --------------------------------------------------------------------------- retries
+# --------------------------------------------------------------------------- S3 clients
+
+# botocore's own definitions of these settings, changed where the project differs: AWS_REGION (what the other
+# AWS SDKs, pyarrow's among them, read) before botocore's AWS_DEFAULT_REGION, and standard retries with 5 attempts
+# by default. The environment and the config file still win, as botocore keeps reading them through its chain.
+_SESSION_VARS = {
+    "region": ("region", ["AWS_REGION", "AWS_DEFAULT_REGION"], None, None),
+    "retry_mode": ("retry_mode", "AWS_RETRY_MODE", "standard", None),
+    "max_attempts": ("max_attempts", "AWS_MAX_ATTEMPTS", 5, int),
+}
 
 
-def _env_int(name: str, default: int, minimum: int = 1) -> int:
-    raw = os.environ.get(name, "").strip()
+@dataclass(frozen=True)
+class _S3Connection:
+    """A client and what ``pyarrow.fs`` needs to reach the same server with the same identity."""
+
+    session: boto3.session.Session
+    client: Any
+    custom_endpoint: str | None  # AWS_ENDPOINT_URL_S3 and the like; None for AWS itself
+
+
+def s3_client() -> Any:
+    """A boto3 S3 client configured by boto3's own chain (environment, config files, instance roles).
+
+    Clients are cached per process and per value of the AWS_* variables: boto3 clients are
+    thread-safe, a changed variable (a test, a re-pointed job) gets a fresh client, and the pid
+    gives a forked Ray worker its own (connection pools do not survive a fork).
+    """
+    return _connection().client
+
+
+def _connection() -> _S3Connection:
+    aws_env = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("AWS_")))
+    return _cached_connection(aws_env, os.getpid())
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_connection(aws_env: tuple[tuple[str, str], ...], pid: int) -> _S3Connection:
+    del aws_env, pid  # cache keys only: botocore reads the environment itself
+    core = botocore.session.Session(session_vars=_SESSION_VARS)
+    session = boto3.session.Session(botocore_session=core)  # a private session: boto3's default one is not thread-safe
+    custom = ConfiguredEndpointProvider(
+        full_config=core.full_config, scoped_config=core.get_scoped_config(), client_name="s3"
+    ).provide()
+    # MinIO and SeaweedFS behind a plain host name need path-style keys, and not all of them implement the CRC
+    # checksums boto3 sends to AWS by default.
+    compat = dict(s3={"addressing_style": "path"}, request_checksum_calculation="when_required",
+                  response_checksum_validation="when_required") if custom else {}
+    config = Config(signature_version="s3v4", connect_timeout=_CONNECT_TIMEOUT_S, read_timeout=_READ_TIMEOUT_S,
+                    max_pool_connections=32, **compat)
     try:
-        return max(minimum, int(raw)) if raw else default
-    except ValueError:
-        raise InvalidValue(f"{name} must be an integer, got {raw!r}") from None
+        client = session.client("s3", config=config)
+    except ValueError as exc:  # botocore's "Invalid endpoint: ..." does not say where the value came from
+        raise InvalidValue(f"{exc}: check AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL (http://host:port)") from None
+    return _S3Connection(session, client, custom)
 
 
-def _env_float(name: str, default: float) -> float:
-    raw = os.environ.get(name, "").strip()
-    try:
-        return max(0.0, float(raw)) if raw else default
-    except ValueError:
-        raise InvalidValue(f"{name} must be a number, got {raw!r}") from None
+# Buckets confirmed to exist, per (endpoint, bucket): lets a 404 on HEAD be told apart
+# (missing key vs. missing bucket) without an extra request each time.
+_known_buckets: set[tuple[str, str]] = set()
 
 
-_THROTTLING_CODES = frozenset({
-    "SlowDown", "Throttling", "ThrottlingException", "ThrottledException",
-    "RequestLimitExceeded", "RequestThrottled", "RequestThrottledException",
-    "TooManyRequestsException", "ProvisionedThroughputExceededException",
-    "BandwidthLimitExceeded", "RequestTimeout", "RequestTimeoutException",
-    "InternalError", "ServiceUnavailable",
-})
-_TRANSIENT_EXCEPTIONS: tuple[type[BaseException], ...] = (
-    bexc.EndpointConnectionError,
-    bexc.ConnectionClosedError,
-    bexc.ReadTimeoutError,
-    bexc.ConnectTimeoutError,
-    bexc.ResponseStreamingError,  # connection dropped while reading a body
-    bexc.IncompleteReadError,
-    ConnectionResetError,
-    ConnectionAbortedError,
-    TimeoutError,
-)
+def clear_client_cache() -> None:
+    """Forget cached clients (e.g. after changing ~/.aws/config in a test)."""
+    _cached_connection.cache_clear()
+    _known_buckets.clear()
+
+
 _NOT_FOUND_CODES = frozenset({"NoSuchKey", "404", "NotFound"})
 _DENIED_CODES = frozenset({
     "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403", "Forbidden",
     "AllAccessDisabled", "InvalidToken", "ExpiredToken", "TokenRefreshRequired",
     "AccountProblem", "InvalidSecurity",
 })
+# Network failures botocore retries (or, for a cut-off body, _S3Store._get): reaching the caller means it gave up.
+_CONNECTION_ERRORS = (bexc.ConnectionError, bexc.HTTPClientError, bexc.IncompleteReadError)
+# A response body that stopped early: botocore's StreamingBody raises one or the other.
+_CUT_OFF_BODY = (bexc.ResponseStreamingError, bexc.IncompleteReadError)
 
 
 def _error_code(exc: bexc.ClientError) -> tuple[str, int]:
@@ -299,185 +343,32 @@ def _error_code(exc: bexc.ClientError) -> tuple[str, int]:
     return str(error.get("Code", "")), int(status)
 
 
-def _is_transient(exc: BaseException) -> bool:
-    """Whether retrying ``exc`` can help: throttling, HTTP 5xx, or a connection-level error."""
-    if isinstance(exc, bexc.ClientError):
-        code, status = _error_code(exc)
-        return code in _THROTTLING_CODES or status == 429 or status >= 500
-    return isinstance(exc, _TRANSIENT_EXCEPTIONS)
-
-
-def _with_retries(
-    fn: Callable[[], T],
-    what: str,
-    *,
-    attempts: int | None = None,
-    base_delay: float | None = None,
-) -> T:
-    """Call ``fn()``; retry transient errors with exponential backoff and jitter.
-
-    Permanent errors (and the last transient one) are re-raised unchanged; translating them
-    is the caller's job.  ``attempts`` and ``base_delay`` default to
-    ``DREAMCACHE_S3_MAX_ATTEMPTS`` (5) and ``DREAMCACHE_S3_RETRY_BASE_DELAY`` (0.5 s).
-    """
-    if attempts is None:
-        attempts = _env_int("DREAMCACHE_S3_MAX_ATTEMPTS", 5)
-    if base_delay is None:
-        base_delay = _env_float("DREAMCACHE_S3_RETRY_BASE_DELAY", 0.5)
-    max_delay = _env_float("DREAMCACHE_S3_RETRY_MAX_DELAY", 20.0)
-    for attempt in range(1, attempts + 1):
-        try:
-            return fn()
-        except Exception as exc:
-            if attempt >= attempts or not _is_transient(exc):
-                raise
-            cap = min(max_delay, base_delay * 2 ** (attempt - 1))
-            delay = cap / 2 + random.uniform(0, cap / 2)  # "equal jitter"
-            log.warning(
-                "%s failed (attempt %d/%d, retrying in %.2fs): %s: %s",
-                what, attempt, attempts, delay, type(exc).__name__, exc,
-            )
-            time.sleep(delay)
-    raise AssertionError("unreachable")  # pragma: no cover
-
-
-# --------------------------------------------------------------------------- S3 clients
-
-
-@dataclass(frozen=True)
-class _S3Settings:
-    """The AWS_* variables that shape a client; hashable, so it keys the client cache."""
-
-    endpoint: str | None
-    region: str
-    access_key: str | None
-    secret_key: str | None = field(repr=False)
-    session_token: str | None = field(repr=False)
-    botocore_attempts: int
-
-    @classmethod
-    def from_env(cls) -> "_S3Settings":
-        env = os.environ
-        endpoint = (env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or "").strip()
-        if endpoint and not endpoint.lower().startswith(("http://", "https://")):
-            raise InvalidValue(
-                f"AWS_ENDPOINT_URL_S3/AWS_ENDPOINT_URL must start with http:// or https://, "
-                f"got {endpoint!r}"
-            )
-        return cls(
-            endpoint=endpoint.rstrip("/") or None,
-            region=env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "us-east-1",
-            access_key=env.get("AWS_ACCESS_KEY_ID") or None,
-            secret_key=env.get("AWS_SECRET_ACCESS_KEY") or None,
-            session_token=env.get("AWS_SESSION_TOKEN") or None,
-            botocore_attempts=_env_int("AWS_MAX_ATTEMPTS", 3),
-        )
-
-
-def s3_client() -> Any:
-    """A boto3 S3 client built from the AWS_* environment variables (read at call time).
-
-    Clients are cached per process and settings: boto3 clients are thread-safe, and the pid
-    in the key gives a forked Ray worker its own client (connection pools do not survive a
-    fork).  Path-style addressing is used whenever a custom endpoint is set.
-    """
-    return _cached_client(_S3Settings.from_env(), os.getpid())
-
-
-@functools.lru_cache(maxsize=16)
-def _cached_client(settings: _S3Settings, pid: int) -> Any:
-    custom = settings.endpoint is not None
-    config = Config(
-        region_name=settings.region,
-        signature_version="s3v4",
-        s3={"addressing_style": "path"} if custom else {},
-        retries={"mode": "standard", "max_attempts": settings.botocore_attempts},
-        connect_timeout=_CONNECT_TIMEOUT_S,
-        read_timeout=_READ_TIMEOUT_S,
-        max_pool_connections=32,
-        # S3-compatible servers do not all implement the CRC checksums boto3 sends by default.
-        request_checksum_calculation="when_required" if custom else "when_supported",
-        response_checksum_validation="when_required" if custom else "when_supported",
-    )
-    session = boto3.session.Session()  # a private session: boto3's default one is not thread-safe
-    return session.client(
-        "s3",
-        endpoint_url=settings.endpoint,
-        aws_access_key_id=settings.access_key,
-        aws_secret_access_key=settings.secret_key,
-        aws_session_token=settings.session_token,
-        config=config,
-    )
-
-
-# Buckets confirmed to exist, per (endpoint, bucket): lets a 404 on HEAD be told apart
-# (missing key vs. missing bucket) without an extra request each time.
-_known_buckets: set[tuple[str | None, str]] = set()
-
-
-def clear_client_cache() -> None:
-    """Forget cached clients (e.g. after changing AWS_* variables in a test)."""
-    _cached_client.cache_clear()
-    _known_buckets.clear()
-
-
-def _check_bucket(client: Any, loc: Location, uri: str) -> None:
-    """Raise StorageError if the bucket does not exist (called after an ambiguous 404)."""
-    key = (_S3Settings.from_env().endpoint, loc.bucket)
-    if key in _known_buckets:
-        return
-    try:
-        _with_retries(lambda: client.head_bucket(Bucket=loc.bucket), f"HEAD bucket {loc.bucket}")
-    except bexc.ClientError as exc:
-        code, status = _error_code(exc)
-        if code in ("NoSuchBucket", "404", "NotFound") or status == 404:
-            raise BucketNotFound(f"bucket '{loc.bucket}' does not exist ({uri})") from None
-        raise _translate(exc, uri, f"HEAD bucket {loc.bucket}") from exc
-    _known_buckets.add(key)
-
-
 def _translate(exc: Exception, uri: str, what: str) -> StorageError:
     """Map a botocore exception to a StorageError subclass with a clear message."""
-    if isinstance(exc, StorageError):
-        return exc
     if isinstance(exc, bexc.ClientError):
         code, status = _error_code(exc)
         if code == "NoSuchBucket":
-            bucket = parse_uri(uri).bucket
-            return BucketNotFound(f"bucket '{bucket}' does not exist ({uri})")
+            return BucketNotFound(f"bucket '{parse_uri(uri).bucket}' does not exist ({uri})")
         if code in _NOT_FOUND_CODES or status == 404:
             return ObjectNotFound(f"object not found: {uri}")
         if code in _DENIED_CODES or status == 403:
-            return PermissionDenied(
-                f"{what}: access denied for {uri} ({code}); {_CREDENTIALS_HINT}"
-            )
+            return PermissionDenied(f"{what}: access denied for {uri} ({code}); {_CREDENTIALS_HINT}")
         message = exc.response.get("Error", {}).get("Message", "")
-        suffix = " (gave up after retries)" if _is_transient(exc) else ""
-        return StorageError(f"{what} failed for {uri}: {code or status} {message}{suffix}".rstrip())
+        meta = exc.response.get("ResponseMetadata", {})
+        tries = f" (gave up after {meta.get('RetryAttempts', 0) + 1} attempts)" if meta.get("MaxAttemptsReached") else ""
+        return StorageError(f"{what} failed for {uri}: {code or status} {message}{tries}".rstrip())
     if isinstance(exc, (bexc.NoCredentialsError, bexc.PartialCredentialsError)):
         return PermissionDenied(f"{what}: no usable credentials for {uri}; {_CREDENTIALS_HINT}")
-    if isinstance(exc, _TRANSIENT_EXCEPTIONS):
+    if isinstance(exc, _CONNECTION_ERRORS):
         return StorageError(f"{what} failed for {uri} (gave up after retries): {exc}")
     return StorageError(f"{what} failed for {uri}: {type(exc).__name__}: {exc}")
 
 
-def _s3_call(loc: Location, uri: str, what: str, fn: Callable[[Any], T]) -> T:
-    """Run ``fn(client)`` with retries and translate its errors."""
-    client = s3_client()
+def _read_body(response: dict[str, Any]) -> bytes:
     try:
-        return _with_retries(lambda: fn(client), f"{what} {uri}")
-    except (bexc.BotoCoreError, bexc.ClientError, OSError) as exc:
-        raise _translate(exc, uri, what) from exc
-
-
-def _head(loc: Location, uri: str) -> dict[str, Any] | None:
-    """HEAD an object; None if it does not exist (a missing bucket raises StorageError)."""
-    client = s3_client()
-    try:
-        return _s3_call(loc, uri, "HEAD", lambda c: c.head_object(Bucket=loc.bucket, Key=loc.path))
-    except ObjectNotFound:
-        _check_bucket(client, loc, uri)
-        return None
+        return response["Body"].read()
+    except bexc.ReadTimeoutError as exc:  # a stall mid-body: the same type botocore raises for the headers
+        raise bexc.ResponseStreamingError(error=exc) from exc
 
 
 # --------------------------------------------------------------------------- local helpers
@@ -491,7 +382,7 @@ def _local_error(exc: OSError, uri: str, what: str) -> StorageError:
     return StorageError(f"{what} failed for {uri}: {exc}")
 
 
-def _atomic_local_write(path: str, write: Callable[[Any], None]) -> None:
+def _atomic_local_write(path: str, write: Callable[[Any], Any]) -> None:
     """Write ``path`` via a temp file in the same folder and ``os.replace`` (no torn files)."""
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
@@ -532,30 +423,331 @@ def _walk_local(root: str) -> Iterator[tuple[str, int, str]]:
             yield os.path.relpath(full, root).replace(os.sep, "/"), st.st_size, _local_version(st)
 
 
-def _list_entries(uri: str) -> list[tuple[str, int, str]]:
-    """(relative path, size, version) of every file under the prefix ``uri``, sorted by path."""
-    loc = parse_uri(uri)
-    if loc.scheme == "file":
+# --------------------------------------------------------------------------- stores
+# One class per scheme, the same methods on each; a store is bound to the URI it was made for (``uri`` as the
+# caller wrote it, for messages). Listing methods read the URI as a prefix ("folder").
+
+
+@dataclass(frozen=True)
+class _LocalStore:
+    uri: str
+    path: str  # absolute
+
+    @contextmanager
+    def _errors(self, what: str) -> Iterator[None]:
         try:
-            return sorted(_walk_local(loc.path))
+            yield
         except OSError as exc:
-            raise _local_error(exc, uri, "list") from exc
-    prefix = loc.path.strip("/")
-    prefix = prefix + "/" if prefix else ""
+            raise _local_error(exc, self.uri, what) from exc
 
-    def list_all(client: Any) -> list[tuple[str, int, str]]:
-        entries = []
-        for page in client.get_paginator("list_objects_v2").paginate(
-            Bucket=loc.bucket, Prefix=prefix
-        ):
-            for obj in page.get("Contents", []):
-                key = obj["Key"]
-                if key.endswith("/"):  # "directory marker" objects
+    def read(self) -> bytes:
+        with self._errors("read"), open(self.path, "rb") as fh:
+            return fh.read()
+
+    def read_range(self, start: int, length: int) -> bytes:
+        with self._errors("read"), open(self.path, "rb") as fh:
+            fh.seek(start)
+            return fh.read(length)
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        with self._errors("write"):
+            _atomic_local_write(self.path, lambda fh: fh.write(data))
+
+    def write_if_absent(self, data: bytes) -> None:
+        # A hard link of a finished temp file: atomic, and it fails if the name exists.
+        parent = os.path.dirname(self.path)
+        tmp = os.path.join(parent, f".{os.path.basename(self.path)}.{uuid.uuid4().hex[:12]}{_TMP_SUFFIX}")
+        with self._errors("write"):
+            _atomic_local_write(tmp, lambda fh: fh.write(data))
+            try:
+                os.link(tmp, self.path)
+            except FileExistsError:
+                raise AlreadyExists(f"already exists: {self.uri}") from None
+            finally:
+                os.unlink(tmp)
+
+    def stat(self) -> ObjectInfo:
+        with self._errors("stat"):
+            st = os.stat(self.path)
+        if not S_ISREG(st.st_mode):
+            raise ObjectNotFound(f"not a file: {self.uri}")
+        return ObjectInfo(self.uri, st.st_size, _local_version(st))
+
+    def exists(self) -> bool:
+        return os.path.isfile(self.path)
+
+    def delete(self) -> None:
+        try:
+            os.remove(self.path)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise _local_error(exc, self.uri, "delete") from exc
+
+    def entries(self) -> list[tuple[str, int, str]]:
+        with self._errors("list"):
+            return sorted(_walk_local(self.path))
+
+    def list_page(self, after: str | None, limit: int, suffix: str) -> tuple[list[ListedObject], bool]:
+        try:
+            with os.scandir(self.path) as entries:
+                # The page's names only (limit + 1 tells whether more follow), not a sorted list of the folder.
+                names = heapq.nsmallest(limit + 1, (
+                    e.name for e in entries if e.name.endswith(suffix) and not e.name.endswith(_TMP_SUFFIX)
+                    and (after is None or e.name > after) and e.is_file(follow_symlinks=False)))
+        except FileNotFoundError:
+            return [], False
+        except OSError as exc:
+            raise _local_error(exc, self.uri, "list") from exc
+        found: list[ListedObject] = []
+        for name in names:
+            if len(found) == limit:
+                return found, True
+            try:
+                st = os.stat(os.path.join(self.path, name))
+            except FileNotFoundError:  # removed meanwhile
+                continue
+            found.append(ListedObject(name, st.st_size, st.st_mtime))
+        return found, False
+
+    def iter_shard(self, shard: tuple[str | None, str | None], index: int, count: int,
+                   recursive: bool) -> Iterator[tuple[str, int, str]]:
+        # Hash shards of the top-level entries: a folder has no key order to cut into ranges.
+        try:
+            entries = os.scandir(self.path)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise _local_error(exc, self.uri, "list") from exc
+        with entries:
+            for entry in entries:
+                name = entry.name
+                if count > 1 and int(hashlib.blake2b(name.encode(errors="surrogateescape"), digest_size=4).hexdigest(), 16) % count != index:
                     continue
-                entries.append((key[len(prefix):], int(obj["Size"]), obj.get("ETag", "").strip('"')))
-        return entries
+                if name.endswith(_TMP_SUFFIX):
+                    continue
+                try:
+                    is_dir = entry.is_dir(follow_symlinks=False)
+                    if not is_dir:
+                        st = entry.stat()
+                        yield name, st.st_size, _local_version(st)
+                        continue
+                except FileNotFoundError:
+                    continue
+                if not recursive:
+                    continue
+                found = False
+                for rel, nbytes, version in _walk_local(entry.path):
+                    found = True
+                    yield f"{name}/{rel}", nbytes, version
+                if not found:
+                    yield name + "/", 0, ""
 
-    return sorted(_s3_call(loc, uri, "LIST", list_all))
+    def fetch(self, dest: Path, progress: Callable[[int], Any] | None) -> None:
+        def copy(fh: Any) -> None:
+            while chunk := src.read(1 << 20):
+                fh.write(chunk)
+                if progress:
+                    progress(len(chunk))
+
+        with self._errors("copy"), open(self.path, "rb") as src:
+            _atomic_local_write(str(dest), copy)
+
+    def local_dir(self) -> Path:
+        if not os.path.isdir(self.path):
+            raise ObjectNotFound(f"directory not found: {self.uri}")
+        return Path(self.path)
+
+    def pyarrow_filesystem(self) -> tuple[pyarrow.fs.FileSystem, str]:
+        import pyarrow.fs as pafs
+
+        return pafs.LocalFileSystem(), self.path
+
+
+@dataclass(frozen=True)
+class _S3Store:
+    uri: str
+    bucket: str
+    key: str  # "" for the bucket's root
+
+    @property
+    def _prefix(self) -> str:
+        """The key as a folder: ``p`` -> ``p/``, so ``s3://b/p`` does not list ``p2/...``."""
+        key = self.key.strip("/")
+        return key + "/" if key else ""
+
+    @contextmanager
+    def _errors(self, what: str) -> Iterator[None]:
+        try:
+            yield
+        except (bexc.BotoCoreError, bexc.ClientError, OSError) as exc:
+            raise _translate(exc, self.uri, what) from exc
+
+    def _get(self, **extra: str) -> bytes:
+        """GET the object; a body cut off midway (not retried by botocore) is fetched again."""
+        client = s3_client()
+        retrying = tenacity.Retrying(
+            retry=tenacity.retry_if_exception_type(_CUT_OFF_BODY),
+            stop=tenacity.stop_after_attempt(client.meta.config.retries["total_max_attempts"]),
+            wait=tenacity.wait_random_exponential(multiplier=0.5, max=20),  # full jitter, like botocore's
+            before_sleep=lambda state: log.warning(
+                "GET %s: body cut off (attempt %d): %s; retrying", self.uri, state.attempt_number,
+                state.outcome.exception()),
+            reraise=True,  # the last error itself, which _errors translates, rather than a tenacity.RetryError
+        )
+        with self._errors("GET"):
+            return retrying(lambda: _read_body(client.get_object(Bucket=self.bucket, Key=self.key, **extra)))
+
+    def read(self) -> bytes:
+        return self._get()
+
+    def read_range(self, start: int, length: int) -> bytes:
+        return self._get(Range=f"bytes={start}-{start + length - 1}")
+
+    def _put(self, data: bytes | bytearray | memoryview, **extra: str) -> None:
+        if not self.key or self.key.endswith("/"):
+            raise InvalidURI(f"cannot write an object to a prefix: {self.uri!r}")
+        with self._errors("PUT"):
+            s3_client().put_object(Bucket=self.bucket, Key=self.key, Body=bytes(data), **extra)
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self._put(data)
+
+    def write_if_absent(self, data: bytes) -> None:
+        try:
+            self._put(data, IfNoneMatch="*")
+        except StorageError as exc:
+            cause = exc.__cause__
+            if isinstance(cause, bexc.ClientError) and _error_code(cause)[1] in (409, 412):
+                raise AlreadyExists(f"already exists: {self.uri}") from None
+            raise
+        if self.read() != data:  # a server that ignored If-None-Match let a concurrent writer overwrite
+            raise AlreadyExists(f"already exists (written concurrently by another run): {self.uri}")
+
+    def _check_bucket(self) -> None:
+        """Raise BucketNotFound if the bucket does not exist (called after an ambiguous 404)."""
+        client = s3_client()
+        known = (client.meta.endpoint_url, self.bucket)
+        if known in _known_buckets:
+            return
+        try:
+            client.head_bucket(Bucket=self.bucket)
+        except bexc.ClientError as exc:
+            code, status = _error_code(exc)
+            if code in ("NoSuchBucket", "404", "NotFound") or status == 404:
+                raise BucketNotFound(f"bucket '{self.bucket}' does not exist ({self.uri})") from None
+            raise _translate(exc, self.uri, f"HEAD bucket {self.bucket}") from exc
+        except bexc.BotoCoreError as exc:
+            raise _translate(exc, self.uri, f"HEAD bucket {self.bucket}") from exc
+        _known_buckets.add(known)
+
+    def stat(self) -> ObjectInfo:
+        try:
+            if not self.key:
+                raise ObjectNotFound(f"object not found: {self.uri}")
+            with self._errors("HEAD"):
+                head = s3_client().head_object(Bucket=self.bucket, Key=self.key)
+        except ObjectNotFound:
+            self._check_bucket()  # a missing bucket is a setup error, not a missing object
+            raise
+        return ObjectInfo(self.uri, int(head["ContentLength"]), head.get("ETag", "").strip('"'))
+
+    def exists(self) -> bool:
+        try:
+            self.stat()
+        except ObjectNotFound:
+            return False
+        return True
+
+    def delete(self) -> None:
+        if not self.key:
+            raise ValueError(f"refusing to delete a bucket: {self.uri!r}")
+        with self._errors("DELETE"):
+            s3_client().delete_object(Bucket=self.bucket, Key=self.key)
+
+    def _pages(self, what: str, **kwargs: Any) -> Iterator[dict[str, Any]]:
+        """The ListObjectsV2 pages of the prefix (botocore retries each page's request)."""
+        with self._errors(what):
+            yield from s3_client().get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=self._prefix, **kwargs)
+
+    def entries(self) -> list[tuple[str, int, str]]:
+        prefix = self._prefix
+        return sorted(
+            (obj["Key"][len(prefix):], int(obj["Size"]), obj.get("ETag", "").strip('"'))
+            for page in self._pages("LIST") for obj in page.get("Contents", [])
+            if not obj["Key"].endswith("/")  # "directory marker" objects
+        )
+
+    def list_page(self, after: str | None, limit: int, suffix: str) -> tuple[list[ListedObject], bool]:
+        # S3 is asked from ``after`` on and stops at the page, so nothing of the prefix's size is held.
+        prefix = self._prefix
+        start = {"StartAfter": prefix + after} if after is not None else {}
+        found: list[ListedObject] = []
+        for page in self._pages("LIST", Delimiter="/", PaginationConfig={"PageSize": min(1000, max(limit + 1, 1))},
+                                **start):
+            for obj in page.get("Contents", []):
+                name = obj["Key"][len(prefix):]
+                if not name or not name.endswith(suffix):
+                    continue
+                if len(found) == limit:
+                    return found, True
+                found.append(ListedObject(name, int(obj["Size"]), obj["LastModified"].timestamp()))
+        return found, False
+
+    def iter_shard(self, shard: tuple[str | None, str | None], index: int, count: int,
+                   recursive: bool) -> Iterator[tuple[str, int, str]]:
+        prefix = self._prefix
+        after, upto = shard
+        kwargs: dict[str, Any] = {} if recursive else {"Delimiter": "/"}
+        if after is not None:
+            kwargs["StartAfter"] = prefix + after
+        for page in self._pages("LIST", **kwargs):
+            keys = [(obj["Key"], int(obj["Size"]), obj.get("ETag", "").strip('"')) for obj in page.get("Contents", [])]
+            for key, nbytes, version in sorted(keys):
+                rel = key[len(prefix):]
+                if upto is not None and rel > upto:
+                    return
+                if rel:
+                    yield rel, nbytes, version
+
+    def fetch(self, dest: Path, progress: Callable[[int], Any] | None) -> None:
+        # download_fileobj does parallel ranged GETs and retries a part cut off midway itself.
+        with self._errors("download"):
+            _atomic_local_write(str(dest), lambda fh: s3_client().download_fileobj(
+                self.bucket, self.key, fh, Callback=progress))
+
+    def local_dir(self) -> Path:
+        return download_prefix(self.uri, local_cache_dir_for(self.uri))
+
+    def pyarrow_filesystem(self) -> tuple[pyarrow.fs.FileSystem, str]:
+        import pyarrow.fs as pafs
+
+        conn = _connection()
+        client = conn.client
+        kwargs: dict[str, Any] = {
+            "region": client.meta.region_name,
+            "connect_timeout": _CONNECT_TIMEOUT_S,
+            "request_timeout": _READ_TIMEOUT_S,
+            "retry_strategy": pafs.AwsStandardS3RetryStrategy(
+                max_attempts=client.meta.config.retries["total_max_attempts"]),
+        }
+        credentials = conn.session.get_credentials()
+        if credentials is not None:
+            frozen = credentials.get_frozen_credentials()
+            kwargs.update(access_key=frozen.access_key, secret_key=frozen.secret_key, session_token=frozen.token)
+        if conn.custom_endpoint:
+            scheme, _, host = client.meta.endpoint_url.partition("://")
+            kwargs.update(endpoint_override=host, scheme=scheme.lower())
+        return pafs.S3FileSystem(**kwargs), f"{self.bucket}/{self.key}".rstrip("/")
+
+
+def _store(uri: str) -> _LocalStore | _S3Store:
+    """The store that serves ``uri`` (raises InvalidURI for what :func:`parse_uri` refuses)."""
+    loc = parse_uri(uri)
+    if loc.scheme == "s3":
+        return _S3Store(uri, loc.bucket or "", loc.path)
+    return _LocalStore(uri, loc.path)
 
 
 # --------------------------------------------------------------------------- public I/O
@@ -563,38 +755,19 @@ def _list_entries(uri: str) -> list[tuple[str, int, str]]:
 
 def read_bytes(uri: str) -> bytes:
     """The whole content of a file or object."""
-    loc = parse_uri(uri)
-    if loc.scheme == "file":
-        try:
-            with open(loc.path, "rb") as fh:
-                return fh.read()
-        except OSError as exc:
-            raise _local_error(exc, uri, "read") from exc
-    return _s3_call(
-        loc, uri, "GET",
-        lambda c: c.get_object(Bucket=loc.bucket, Key=loc.path)["Body"].read(),
-    )
+    return _store(uri).read()
+
+
+def read_range(uri: str, start: int, length: int) -> bytes:
+    """Up to ``length`` bytes from offset ``start`` (a file header without reading the whole object)."""
+    return _store(uri).read_range(start, length)
 
 
 def write_bytes(uri: str, data: bytes) -> None:
     """Write a whole file or object atomically (parents are created locally)."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise TypeError(f"write_bytes needs bytes, got {type(data).__name__}")
-    loc = parse_uri(uri)
-    if loc.scheme == "file":
-        try:
-            _atomic_local_write(loc.path, lambda fh: fh.write(data))
-        except OSError as exc:
-            raise _local_error(exc, uri, "write") from exc
-        return
-    if not loc.path or loc.path.endswith("/"):
-        raise InvalidURI(f"cannot write an object to a prefix: {uri!r}")
-    body = bytes(data)
-    _s3_call(loc, uri, "PUT", lambda c: c.put_object(Bucket=loc.bucket, Key=loc.path, Body=body))
-
-
-class AlreadyExists(StorageError):
-    """A create-if-absent write found the object already there (another writer won)."""
+    _store(uri).write(data)
 
 
 def write_bytes_if_absent(uri: str, data: bytes) -> None:
@@ -602,31 +775,7 @@ def write_bytes_if_absent(uri: str, data: bytes) -> None:
     version number must not both win). Locally a hard link of a finished temp file (atomic, fails if the name
     exists); on S3 a conditional PUT (``If-None-Match: *``), then a read-back, for servers that ignore the
     condition. Raises :class:`AlreadyExists` when the name is taken."""
-    loc = parse_uri(uri)
-    body = bytes(data)
-    if loc.scheme == "file":
-        parent = os.path.dirname(loc.path)
-        tmp = os.path.join(parent, f".{os.path.basename(loc.path)}.{uuid.uuid4().hex[:12]}{_TMP_SUFFIX}")
-        try:
-            _atomic_local_write(tmp, lambda fh: fh.write(body))
-            try:
-                os.link(tmp, loc.path)
-            except FileExistsError:
-                raise AlreadyExists(f"already exists: {uri}") from None
-            finally:
-                os.unlink(tmp)
-        except OSError as exc:
-            raise _local_error(exc, uri, "write") from exc
-        return
-    try:
-        _s3_call(loc, uri, "PUT", lambda c: c.put_object(Bucket=loc.bucket, Key=loc.path, Body=body, IfNoneMatch="*"))
-    except StorageError as exc:
-        cause = exc.__cause__
-        if isinstance(cause, bexc.ClientError) and _error_code(cause)[1] in (409, 412):
-            raise AlreadyExists(f"already exists: {uri}") from None
-        raise
-    if read_bytes(uri) != body:  # a server that ignored If-None-Match let a concurrent writer overwrite
-        raise AlreadyExists(f"already exists (written concurrently by another run): {uri}")
+    _store(uri).write_if_absent(bytes(data))
 
 
 def read_parquet(uri: str) -> pyarrow.Table:
@@ -648,48 +797,28 @@ def write_parquet(uri: str, table: pyarrow.Table, **options: Any) -> None:
     write_bytes(uri, buffer.getvalue().to_pybytes())
 
 
+def stat(uri: str) -> ObjectInfo:
+    """Size and version of one file or object; ObjectNotFound if it does not exist."""
+    return _store(uri).stat()
+
+
 def exists(uri: str) -> bool:
     """Whether a file (not a directory) or object exists at ``uri``.
 
     A missing bucket raises StorageError rather than answering False, so a typo in a bucket
     name does not pass for an empty one.
     """
-    loc = parse_uri(uri)
-    if loc.scheme == "file":
-        return os.path.isfile(loc.path)
-    if not loc.path:
-        return False
-    return _head(loc, uri) is not None
+    return _store(uri).exists()
 
 
 def size(uri: str) -> int:
     """The size in bytes of a file or object."""
-    loc = parse_uri(uri)
-    if loc.scheme == "file":
-        try:
-            return os.stat(loc.path).st_size
-        except OSError as exc:
-            raise _local_error(exc, uri, "stat") from exc
-    head = _head(loc, uri) if loc.path else None
-    if head is None:
-        raise ObjectNotFound(f"object not found: {uri}")
-    return int(head["ContentLength"])
+    return stat(uri).size
 
 
 def delete(uri: str) -> None:
     """Delete a file or object; deleting something that does not exist is not an error."""
-    loc = parse_uri(uri)
-    if loc.scheme == "file":
-        try:
-            os.remove(loc.path)
-        except FileNotFoundError:
-            pass
-        except OSError as exc:
-            raise _local_error(exc, uri, "delete") from exc
-        return
-    if not loc.path:
-        raise ValueError(f"refusing to delete a bucket: {uri!r}")
-    _s3_call(loc, uri, "DELETE", lambda c: c.delete_object(Bucket=loc.bucket, Key=loc.path))
+    _store(uri).delete()
 
 
 def list_files(prefix_uri: str) -> list[str]:
@@ -699,7 +828,7 @@ def list_files(prefix_uri: str) -> list[str]:
     Directory-marker keys ending in '/' and in-progress local temp files are skipped; a
     missing prefix lists as empty.  URIs keep the form of ``prefix_uri``.
     """
-    return [join_uri(prefix_uri, rel) for rel, _, _ in _list_entries(prefix_uri)]
+    return [join_uri(prefix_uri, rel) for rel, _, _ in _store(prefix_uri).entries()]
 
 
 @dataclass(frozen=True)
@@ -714,7 +843,7 @@ class ObjectInfo:
 
 def list_objects(prefix_uri: str) -> list[ObjectInfo]:
     """Like :func:`list_files`, with each file's size and version (one LIST, no per-object request)."""
-    return [ObjectInfo(join_uri(prefix_uri, rel), n, v) for rel, n, v in _list_entries(prefix_uri)]
+    return [ObjectInfo(join_uri(prefix_uri, rel), n, v) for rel, n, v in _store(prefix_uri).entries()]
 
 
 @dataclass(frozen=True)
@@ -730,85 +859,7 @@ def list_page(prefix_uri: str, after: str | None, limit: int, suffix: str = "") 
     """Up to ``limit`` objects directly under a prefix (not in its "folders") whose names end with ``suffix``, in
     name order, starting after the name ``after``; and whether more follow. For paged listings of huge prefixes:
     S3 is asked from ``after`` on (StartAfter) and stops at the page, so nothing of the prefix's size is held."""
-    loc = parse_uri(prefix_uri)
-    found: list[ListedObject] = []
-    if loc.scheme == "file":
-        try:
-            with os.scandir(loc.path) as entries:
-                # The page's names only (limit + 1 tells whether more follow), not a sorted list of the folder.
-                names = heapq.nsmallest(limit + 1, (
-                    e.name for e in entries if e.name.endswith(suffix) and not e.name.endswith(_TMP_SUFFIX)
-                    and (after is None or e.name > after) and e.is_file(follow_symlinks=False)))
-        except FileNotFoundError:
-            return [], False
-        except OSError as exc:
-            raise _local_error(exc, prefix_uri, "list") from exc
-        for name in names:
-            if len(found) == limit:
-                return found, True
-            try:
-                st = os.stat(os.path.join(loc.path, name))
-            except FileNotFoundError:  # removed meanwhile
-                continue
-            found.append(ListedObject(name, st.st_size, st.st_mtime))
-        return found, False
-    prefix = loc.path.strip("/")
-    prefix = prefix + "/" if prefix else ""
-    kwargs: dict[str, Any] = {"Bucket": loc.bucket, "Prefix": prefix, "Delimiter": "/",
-                              "MaxKeys": min(1000, max(limit + 1, 1))}
-    if after is not None:
-        kwargs["StartAfter"] = prefix + after
-
-    def one_page(client: Any, token: str | None) -> dict[str, Any]:
-        return client.list_objects_v2(**kwargs, **({"ContinuationToken": token} if token else {}))
-
-    token: str | None = None
-    while True:
-        page = _s3_call(loc, prefix_uri, "LIST", lambda c: one_page(c, token))
-        for obj in page.get("Contents", []):
-            name = obj["Key"][len(prefix):]
-            if not name or not name.endswith(suffix):
-                continue
-            if len(found) == limit:
-                return found, True
-            found.append(ListedObject(name, int(obj["Size"]), obj["LastModified"].timestamp()))
-        token = page.get("NextContinuationToken")
-        if not page.get("IsTruncated") or not token:
-            return found, False
-
-
-def stat(uri: str) -> ObjectInfo:
-    """Size and version of one file or object; ObjectNotFound if it does not exist."""
-    loc = parse_uri(uri)
-    if loc.scheme == "file":
-        try:
-            st = os.stat(loc.path)
-        except OSError as exc:
-            raise _local_error(exc, uri, "stat") from exc
-        if not os.path.isfile(loc.path):
-            raise ObjectNotFound(f"not a file: {uri}")
-        return ObjectInfo(uri, st.st_size, _local_version(st))
-    head = _head(loc, uri) if loc.path else None
-    if head is None:
-        raise ObjectNotFound(f"object not found: {uri}")
-    return ObjectInfo(uri, int(head["ContentLength"]), head.get("ETag", "").strip('"'))
-
-
-def read_range(uri: str, start: int, length: int) -> bytes:
-    """Up to ``length`` bytes from offset ``start`` (a file header without reading the whole object)."""
-    loc = parse_uri(uri)
-    if loc.scheme == "file":
-        try:
-            with open(loc.path, "rb") as fh:
-                fh.seek(start)
-                return fh.read(length)
-        except OSError as exc:
-            raise _local_error(exc, uri, "read") from exc
-    byte_range = f"bytes={start}-{start + length - 1}"
-    return _s3_call(
-        loc, uri, "GET",
-        lambda c: c.get_object(Bucket=loc.bucket, Key=loc.path, Range=byte_range)["Body"].read(),
-    )
+    return _store(prefix_uri).list_page(after, limit, suffix)
 
 
 # --------------------------------------------------------------------------- sharded listing
@@ -835,93 +886,16 @@ def iter_listing_shard(prefix_uri: str, shard: tuple[str | None, str | None], in
     not those inside "folders"). Local: the top-level entries whose name hashes to ``index`` of ``count``,
     walked (or, not recursive, the files among them). Directory entries with nothing inside are reported as
     ``(name + "/", 0, "")`` so a caller can tell an empty subject folder from no folder at all."""
-    loc = parse_uri(prefix_uri)
-    if loc.scheme == "file":
-        yield from _iter_local_shard(loc.path, index, count, recursive, prefix_uri)
-        return
-    prefix = loc.path.strip("/")
-    prefix = prefix + "/" if prefix else ""
-    after, upto = shard
-    kwargs: dict[str, Any] = {"Bucket": loc.bucket, "Prefix": prefix}
-    if not recursive:
-        kwargs["Delimiter"] = "/"
-    if after is not None:
-        kwargs["StartAfter"] = prefix + after
-    client = s3_client()
-    paginator = client.get_paginator("list_objects_v2")
-    try:
-        pages = iter(paginator.paginate(**kwargs))
-        while True:
-            page = _with_retries(lambda: next(pages, None), f"LIST {prefix_uri}")
-            if page is None:
-                return
-            keys = [(obj["Key"], int(obj["Size"]), obj.get("ETag", "").strip('"')) for obj in page.get("Contents", [])]
-            for key, nbytes, version in sorted(keys):
-                rel = key[len(prefix):]
-                if upto is not None and rel > upto:
-                    return
-                if rel:
-                    yield rel, nbytes, version
-    except (bexc.BotoCoreError, bexc.ClientError) as exc:
-        raise _translate(exc, prefix_uri, "LIST") from exc
+    return _store(prefix_uri).iter_shard(shard, index, count, recursive)
 
 
-def _iter_local_shard(root: str, index: int, count: int, recursive: bool, uri: str) -> Iterator[tuple[str, int, str]]:
-    try:
-        entries = os.scandir(root)
-    except FileNotFoundError:
-        return
-    except OSError as exc:
-        raise _local_error(exc, uri, "list") from exc
-    with entries:
-        for entry in entries:
-            name = entry.name
-            if count > 1 and int(hashlib.blake2b(name.encode(errors="surrogateescape"), digest_size=4).hexdigest(), 16) % count != index:
-                continue
-            if name.endswith(_TMP_SUFFIX):
-                continue
-            try:
-                is_dir = entry.is_dir(follow_symlinks=False)
-                if not is_dir:
-                    st = entry.stat()
-                    yield name, st.st_size, _local_version(st)
-                    continue
-            except FileNotFoundError:
-                continue
-            if not recursive:
-                continue
-            found = False
-            for rel, nbytes, version in _walk_local(entry.path):
-                found = True
-                yield f"{name}/{rel}", nbytes, version
-            if not found:
-                yield name + "/", 0, ""
+# --------------------------------------------------------------------------- copies
 
 
 def _fetch_one(src_uri: str, dest: Path, progress: Callable[[int], Any] | None = None) -> None:
     """Copy one file or object to ``dest`` atomically, streaming (no whole-file buffering); ``progress`` is
     called with each chunk's size in bytes."""
-    loc = parse_uri(src_uri)
-    if loc.scheme == "file":
-        def copy(fh) -> None:
-            while chunk := src.read(1 << 20):
-                fh.write(chunk)
-                if progress:
-                    progress(len(chunk))
-
-        try:
-            with open(loc.path, "rb") as src:
-                _atomic_local_write(str(dest), copy)
-        except OSError as exc:
-            raise _local_error(exc, src_uri, "copy") from exc
-        return
-    # download_fileobj does parallel ranged GETs; each retry starts a fresh temp file (and counts its bytes again).
-    _s3_call(
-        loc, src_uri, "download",
-        lambda c: _atomic_local_write(
-            str(dest), lambda fh: c.download_fileobj(loc.bucket, loc.path, fh, Callback=progress)
-        ),
-    )
+    _store(src_uri).fetch(dest, progress)
 
 
 def upload_dir(local_dir: str | os.PathLike[str], prefix_uri: str) -> list[str]:
@@ -948,7 +922,7 @@ def download_prefix(prefix_uri: str, local_dir: str | os.PathLike[str]) -> Path:
     raises ObjectNotFound (it is almost always a wrong URI).
     """
     root = Path(local_dir).expanduser().resolve()
-    entries = _list_entries(prefix_uri)
+    entries = _store(prefix_uri).entries()
     if not entries:
         raise ObjectNotFound(f"no files under {prefix_uri}")
     versions_file = root / _VERSIONS_FILE
@@ -1005,12 +979,7 @@ def local_cache_dir_for(uri: str) -> Path:
 def ensure_local(uri: str) -> Path:
     """A local folder holding the prefix ``uri``: the folder itself for a local URI, else a
     copy downloaded once into :func:`local_cache_dir_for` (e.g. model weights on S3)."""
-    loc = parse_uri(uri)
-    if loc.scheme == "file":
-        if not os.path.isdir(loc.path):
-            raise ObjectNotFound(f"directory not found: {uri}")
-        return Path(loc.path)
-    return download_prefix(uri, local_cache_dir_for(uri))
+    return _store(uri).local_dir()
 
 
 # --------------------------------------------------------------------------- datasets
@@ -1019,29 +988,8 @@ def ensure_local(uri: str) -> Path:
 def pyarrow_filesystem(uri: str) -> tuple["pyarrow.fs.FileSystem", str]:
     """A ``pyarrow.fs`` filesystem and the path inside it for ``uri``.
 
-    S3 gets an ``S3FileSystem`` configured from the same AWS_* variables as
-    :func:`s3_client` and the path ``bucket/key``; local paths get ``LocalFileSystem`` and
-    the absolute path.
+    S3 gets an ``S3FileSystem`` pointed at the endpoint, region and credentials that boto3
+    resolved for :func:`s3_client`, and the path ``bucket/key``; local paths get
+    ``LocalFileSystem`` and the absolute path.
     """
-    import pyarrow.fs as pafs
-
-    loc = parse_uri(uri)
-    if loc.scheme == "file":
-        return pafs.LocalFileSystem(), loc.path
-    s = _S3Settings.from_env()
-    kwargs: dict[str, Any] = {
-        "region": s.region,
-        "connect_timeout": _CONNECT_TIMEOUT_S,
-        "request_timeout": _READ_TIMEOUT_S,
-        "retry_strategy": pafs.AwsStandardS3RetryStrategy(
-            max_attempts=_env_int("DREAMCACHE_S3_MAX_ATTEMPTS", 5)
-        ),
-    }
-    if s.access_key and s.secret_key:
-        kwargs.update(access_key=s.access_key, secret_key=s.secret_key,
-                      session_token=s.session_token)
-    if s.endpoint:
-        parts = urlsplit(s.endpoint)
-        kwargs.update(endpoint_override=parts.netloc, scheme=parts.scheme.lower())
-    path = f"{loc.bucket}/{loc.path}".rstrip("/")
-    return pafs.S3FileSystem(**kwargs), path
+    return _store(uri).pyarrow_filesystem()

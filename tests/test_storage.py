@@ -10,7 +10,6 @@ import time
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from botocore.exceptions import ClientError, ConnectionClosedError
 
 from dreamcache import storage
 from dreamcache.storage import (
@@ -19,8 +18,6 @@ from dreamcache.storage import (
     ObjectNotFound,
     PermissionDenied,
     StorageError,
-    _with_retries,
-    clear_client_cache,
     delete,
     download_prefix,
     ensure_local,
@@ -47,14 +44,6 @@ def base(request, tmp_path) -> str:
     if request.param == "file-uri":
         return f"file://{tmp_path}/root"
     return request.getfixturevalue("s3_prefix")
-
-
-@pytest.fixture
-def fresh_clients():
-    """Drop cached clients before and after a test that changes AWS_* variables."""
-    clear_client_cache()
-    yield
-    clear_client_cache()
 
 
 # --------------------------------------------------------------------------- URIs
@@ -238,108 +227,56 @@ def test_missing_bucket_fails_fast_naming_the_bucket(s3_server):
     assert time.monotonic() - start < 5
 
 
-def test_wrong_secret_raises_permission_denied_quickly(
-    s3_server, s3_prefix, monkeypatch, fresh_clients
-):
+def test_wrong_secret_raises_permission_denied_quickly(s3_server, s3_prefix, monkeypatch):
     uri = join_uri(s3_prefix, "x.bin")
     write_bytes(uri, b"x")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-" + s3_server.secret_key)
-    clear_client_cache()
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-" + s3_server.secret_key)  # a fresh client sees it
     start = time.monotonic()
     for op in (read_bytes, exists, list_files, lambda u: write_bytes(u, b"y")):
         with pytest.raises(PermissionDenied, match="AWS_SECRET_ACCESS_KEY"):
             op(uri)
     assert time.monotonic() - start < 5
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "no-such-key-id")
-    clear_client_cache()
     with pytest.raises(PermissionDenied, match="InvalidAccessKeyId"):
         read_bytes(uri)
 
 
-def test_unreachable_endpoint_retries_then_fails(s3_server, monkeypatch, fresh_clients, caplog):
+def test_unreachable_endpoint_retries_then_fails(s3_server, monkeypatch, caplog):
     from s3_server import free_port_pairs
 
     closed = free_port_pairs(1)[0]  # nothing listens there
-    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", f"http://127.0.0.1:{closed}")
-    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")  # botocore's own retries off, ours only
-    monkeypatch.setenv("DREAMCACHE_S3_MAX_ATTEMPTS", "3")
-    monkeypatch.setenv("DREAMCACHE_S3_RETRY_BASE_DELAY", "0.01")
-    caplog.set_level(logging.WARNING, logger="dreamcache.storage")
-    with pytest.raises(StorageError, match="gave up after retries"):
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", f"http://127.0.0.1:{closed}")  # wins over AWS_ENDPOINT_URL
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "3")
+    caplog.set_level(logging.DEBUG, logger="botocore.retries.standard")
+    with pytest.raises(StorageError, match="gave up after retries") as info:
         read_bytes(f"s3://{s3_server.bucket}/x")
-    assert len([r for r in caplog.records if "retrying" in r.getMessage()]) == 2
+    assert f"127.0.0.1:{closed}" in str(info.value)
+    assert len([r for r in caplog.records if "Retry needed" in r.getMessage()]) == 2  # botocore's own retries
 
 
-def _client_error(code: str, status: int) -> ClientError:
-    return ClientError(
-        {"Error": {"Code": code, "Message": code}, "ResponseMetadata": {"HTTPStatusCode": status}},
-        "GetObject",
-    )
+def test_s3_client_follows_the_boto3_configuration(s3_server, monkeypatch):
+    retries = s3_client().meta.config.retries
+    assert retries == {"mode": "standard", "total_max_attempts": 5}  # the project's defaults
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
+    monkeypatch.setenv("AWS_RETRY_MODE", "adaptive")
+    assert s3_client().meta.config.retries == {"mode": "adaptive", "total_max_attempts": 2}
+    assert s3_client().meta.endpoint_url == s3_server.endpoint
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:1")
+    assert s3_client().meta.endpoint_url == "http://127.0.0.1:1"
+    assert s3_client().meta.config.s3 == {"addressing_style": "path"}  # a custom endpoint is addressed by path
+    fs, _ = pyarrow_filesystem("s3://b/k")
+    options = fs.__reduce__()[1][0]  # what the filesystem was made with (its pickled arguments)
+    assert (options["endpoint_override"], options["scheme"]) == ("127.0.0.1:1", "http")  # where boto3 points
+    assert options["access_key"] == s3_server.access_key
 
 
-def test_with_retries_retries_transient_errors(caplog):
-    calls = []
-
-    def flaky():
-        calls.append(1)
-        if len(calls) <= 2:
-            raise ConnectionClosedError(endpoint_url="http://127.0.0.1:1")
-        return "ok"
-
-    caplog.set_level(logging.WARNING, logger="dreamcache.storage")
-    assert _with_retries(flaky, "GET thing", attempts=5, base_delay=0.001) == "ok"
-    assert len(calls) == 3
-    assert [r.levelno for r in caplog.records] == [logging.WARNING, logging.WARNING]
-    assert "GET thing" in caplog.records[0].getMessage()
+def test_a_bad_endpoint_is_named(s3_server, monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "127.0.0.1:9000")  # no scheme
+    with pytest.raises(ValueError, match="127.0.0.1:9000.*AWS_ENDPOINT_URL_S3"):
+        read_bytes(f"s3://{s3_server.bucket}/x")
 
 
-@pytest.mark.parametrize(
-    "code, status", [("SlowDown", 503), ("InternalError", 500), ("Whatever", 502)]
-)
-def test_with_retries_retries_throttling_and_5xx(code, status):
-    calls = []
-
-    def throttled():
-        calls.append(1)
-        if len(calls) == 1:
-            raise _client_error(code, status)
-        return 42
-
-    assert _with_retries(throttled, "PUT", attempts=3, base_delay=0.001) == 42
-    assert len(calls) == 2
-
-
-@pytest.mark.parametrize(
-    "exc",
-    [_client_error("NoSuchKey", 404), _client_error("AccessDenied", 403), ValueError("bug")],
-)
-def test_with_retries_does_not_retry_permanent_errors(exc):
-    calls = []
-
-    def permanent():
-        calls.append(1)
-        raise exc
-
-    with pytest.raises(type(exc)):
-        _with_retries(permanent, "GET", attempts=5, base_delay=0.001)
-    assert len(calls) == 1
-
-
-def test_with_retries_gives_up_after_max_attempts(monkeypatch):
-    monkeypatch.setenv("DREAMCACHE_S3_MAX_ATTEMPTS", "4")
-    monkeypatch.setenv("DREAMCACHE_S3_RETRY_BASE_DELAY", "0.001")
-    calls = []
-
-    def down():
-        calls.append(1)
-        raise ConnectionClosedError(endpoint_url="http://127.0.0.1:1")
-
-    with pytest.raises(ConnectionClosedError):
-        _with_retries(down, "GET")
-    assert len(calls) == 4
-
-
-def test_s3_client_is_cached_per_settings(s3_server, monkeypatch, fresh_clients):
+def test_s3_client_is_cached_per_settings(s3_server, monkeypatch):
     assert s3_client() is s3_client()
     first = s3_client()
     monkeypatch.setenv("AWS_REGION", "eu-west-1")
