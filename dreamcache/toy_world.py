@@ -332,6 +332,7 @@ class ToyScores:
     """Accuracies over a set of generated images, and what was detected in each."""
 
     identity_accuracy: float
+    colour_accuracy: float  # the identified toy has the subject's colour (identity's easiest part)
     context_accuracy: float  # the asked-for scene (background)
     position_accuracy: float  # the asked-for position (left / middle / right)
     identified: list[str]
@@ -339,7 +340,8 @@ class ToyScores:
     positions: list[str | None]
 
     def row(self) -> dict[str, float]:
-        return {"identity": self.identity_accuracy, "context": self.context_accuracy, "position": self.position_accuracy}
+        return {"identity": self.identity_accuracy, "colour": self.colour_accuracy, "context": self.context_accuracy,
+                "position": self.position_accuracy}
 
 
 def score(images: Sequence[Image.Image], subject_ids: Sequence[str | None], prompts: Sequence[str]) -> ToyScores:
@@ -356,10 +358,13 @@ def score(images: Sequence[Image.Image], subject_ids: Sequence[str | None], prom
     positions = [detect_position(im) for im in images]
     asked = [parse_prompt(p) for p in prompts]
     id_hits = [got == want for got, want in zip(identified, subject_ids) if want is not None]
+    colour_hits = [subject(got).colour == subject(want).colour for got, want in zip(identified, subject_ids)
+                   if want is not None]
     scene_hits = [got == want[0] for got, want in zip(scenes, asked) if want[0] is not None]
     position_hits = [got == want[1] for got, want in zip(positions, asked) if want[1] is not None]
 
     def share(hits: list[bool]) -> float:
         return float(np.mean(hits)) if hits else float("nan")
 
-    return ToyScores(share(id_hits), share(scene_hits), share(position_hits), identified, scenes, positions)
+    return ToyScores(share(id_hits), share(colour_hits), share(scene_hits), share(position_hits), identified, scenes,
+                     positions)

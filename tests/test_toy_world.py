@@ -31,7 +31,7 @@ def test_scorer_reads_the_worlds_ground_truth_and_rejects_the_wrong_answer():
     scenes = [toy_world.draw_scene(rng) for _ in range(90)]
     images = [toy_world.render_scene(s)[0] for s in scenes]
     right = toy_world.score(images, [s.toy.id for s in scenes], [s.caption for s in scenes])
-    assert (right.identity_accuracy, right.context_accuracy, right.position_accuracy) == (1.0, 1.0, 1.0)
+    assert (right.identity_accuracy, right.colour_accuracy, right.context_accuracy, right.position_accuracy) == (1.0,) * 4
     # Shifting every answer by one subject / scene / position must score zero: the scorer can fail.
     shifted_ids = [SUBJECT_IDS[(SUBJECT_IDS.index(s.toy.id) + 1) % len(SUBJECT_IDS)] for s in scenes]
     names, positions = list(toy_world.SCENES), list(toy_world.POSITIONS)
