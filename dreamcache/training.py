@@ -282,7 +282,9 @@ def load_pipeline(config: TrainingConfig) -> DreamCachePipeline:
     """The base model with adapters: loaded from ``init_adapter``, or freshly initialised from the seed."""
     with torch.random.fork_rng(devices=[]):  # the fresh adapters' init depends on the seed only
         torch.manual_seed(config.seed)
-        return DreamCachePipeline.from_pretrained(config.model, adapter=config.init_adapter,
+        # False, not None: None would load an adapter.safetensors lying beside the model (from_pretrained's rule),
+        # and a run meant to start fresh would start from it.
+        return DreamCachePipeline.from_pretrained(config.model, adapter=config.init_adapter or False,
                                                   adapter_init=config.adapter_init)
 
 
