@@ -393,12 +393,13 @@ def test_same_row_gives_the_same_bytes(first_run, tmp_path):
         assert storage.read_bytes(row["image_uri"]) == storage.read_bytes(second[key]["image_uri"]), key
 
 
-def test_explicit_plan_is_checked_in_the_cluster_each_bad_row_an_error_row(ray_cluster, tiny_model_dir, tmp_path):
-    """A plan file's rows are read and checked by Ray tasks: a row that cannot be read is one error row with its
+def test_explicit_plan_is_checked_in_the_cluster_each_bad_row_an_error_row(s3_server, ray_cluster, tiny_model_dir,
+                                                                         tmp_path):
+    """A plan file on S3 is read and checked by Ray tasks: a row that cannot be read is one error row with its
     line and reason (the job goes on), under the same key on the next run."""
     (tmp_path / "caches").mkdir()
-    plan = tmp_path / "plan.jsonl"
-    plan.write_text("\n".join([
+    plan = f"s3://{s3_server.bucket}/plan-{uuid.uuid4().hex[:10]}/plan.jsonl"
+    storage.write_bytes(plan, ("\n".join([
         '{"subject_id": "ghost", "prompt": "a dog"}',  # 1: two rows (seeds 0, 1), no cache for ghost
         '{"subject_id": "ghost", "prompt": "a dog"}',  # 2: the same rows again: dropped
         "# a comment",
@@ -407,8 +408,8 @@ def test_explicit_plan_is_checked_in_the_cluster_each_bad_row_an_error_row(ray_c
         '{"subject_id": "a/../b", "prompt": "x", "seed": 1}',
         '{"subject_id": "ghost", "prompt": "x", "seed": -1}',
         "[1, 2]",
-    ]) + "\n")
-    config = config_for(tiny_model_dir, caches=str(tmp_path / "caches"), plan=str(plan), out=str(tmp_path / "out"))
+    ]) + "\n").encode())
+    config = config_for(tiny_model_dir, caches=str(tmp_path / "caches"), plan=plan, out=str(tmp_path / "out"))
     summary = run_generation(config)
     assert (summary.planned, summary.rendered, summary.failed) == (7, 0, 7)
     rows = read_manifest(summary.manifest_uri)
