@@ -297,7 +297,7 @@ def _explicit_rows(requests: Iterable[Mapping[str, Any]], known: Mapping[str, Su
     columns: dict[str, dict[PromptSpec, int]] = {}
     seen: set[str] = set()
     for request in requests:
-        if request["problem"]:
+        if request["problem"]:  # reported whatever ``wanted`` says: its subject may be the very thing it got wrong
             yield _unreadable_row(request, config)
             continue
         if wanted is not None and request["subject_id"] not in wanted:

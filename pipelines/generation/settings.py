@@ -23,7 +23,7 @@ class GenerationJobConfig:
     adapter: str  # adapter safetensors file
     caches: str  # a cache prefix (<subject_id>.safetensors files) or a caching manifest (*.parquet)
     prompts: str | Sequence[str | Mapping[str, Any]] | None = None  # text/JSONL file, or the prompts
-    plan: str | Sequence[Mapping[str, Any]] | None = None  # explicit rows (JSONL/Parquet file, or dicts)
+    plan: str | Sequence[Mapping[str, Any]] | None = None  # explicit rows (Parquet/CSV/JSONL file, or dicts)
     subjects: Sequence[str] | None = None  # only these subjects (default: every subject of ``caches``)
     seeds: Sequence[int] = (0,)
     out: str = "dreamcache-generations"
