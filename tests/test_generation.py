@@ -193,6 +193,9 @@ def test_explicit_plan_file(tmp_path, tiny_model_dir):
     plan.write_text('{"subject": "dog", "prompt": "a dog"}\n')
     with pytest.raises(ValueError, match="line 1: unknown key"):
         build_plan(config)
+    plan.write_bytes(b'{"subject_id": "dog", "prompt": "a dog"}\n{"subject_id": "dog", "prompt": "a \xff"}\n')
+    with pytest.raises(ValueError, match="line 2: not UTF-8"):  # never a prompt with a replacement character
+        build_plan(config)
     # What the driver checks at once, in one line: the file's head.
     for name, content, message in [("empty.jsonl", "# nothing\n", "has no rows"),
                                    ("extra.csv", "subject_id,prompt,colour\ndog,a,red\n", "unknown column"),

@@ -265,6 +265,8 @@ def requests_block(batch, config: GenerationJobConfig):
     for order, where, text in zip(batch["order"].to_pylist(), batch["where"].to_pylist(), batch["row"].to_pylist()):
         row: Any = None
         try:
+            if text is None:
+                raise InvalidValue(f"{where}: not UTF-8 text")
             row = _json_object(text, where)
             subject, prompt, seeds = plan_request(row, config, where)
         except InvalidValue as exc:

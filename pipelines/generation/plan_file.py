@@ -1,6 +1,6 @@
 """An explicit generation plan (a Parquet, CSV or JSON-lines file, local or s3://, or rows a program passes) as
-numbered raw rows: ``(order, where, row)``, ``row`` the JSON text of one plan row, ``where`` its place for error
-messages (``plan.jsonl line 3``, ``plan.parquet row 7``).
+numbered raw rows: ``(order, where, row)``, ``row`` the JSON text of one plan row (null: a line that is not
+UTF-8), ``where`` its place for error messages (``plan.jsonl line 3``, ``plan.parquet row 7``).
 
 The driver only checks the file's head (its Parquet footer or first MiB): a missing, unreadable or empty file, or
 one whose columns are not plan keys, fails the job at once in one line. The rows themselves are read by Ray tasks
@@ -95,7 +95,7 @@ def plan_pieces(uri: str) -> list[dict]:
     return pieces
 
 
-def _raw(rows: list[tuple[int, str, str]]) -> pa.Table:
+def _raw(rows: list[tuple[int, str, str | None]]) -> pa.Table:
     return pa.table({"order": [r[0] for r in rows], "where": [r[1] for r in rows], "row": [r[2] for r in rows]},
                     schema=RAW_SCHEMA)
 
@@ -109,7 +109,7 @@ def _table_rows(table: pa.Table, uri: str, first: int) -> pa.Table:
 
 def _json_line_blocks(stream, uri: str) -> Iterator[pa.Table]:
     """A JSON-lines stream in blocks of numbered lines, read 1 MiB at a time (a line may span reads)."""
-    rows: list[tuple[int, str, str]] = []
+    rows: list[tuple[int, str, str | None]] = []
     number, rest = 0, b""
     while True:
         chunk = stream.read(HEAD_BYTES)
@@ -118,10 +118,10 @@ def _json_line_blocks(stream, uri: str) -> Iterator[pa.Table]:
         for raw in lines:
             number += 1
             try:
-                line = raw.decode("utf-8")
+                line: str | None = raw.decode("utf-8")
             except UnicodeDecodeError:
-                line = raw.decode("utf-8", "replace")  # the row check reports it (not JSON), with its line
-            if _is_data(line):
+                line = None  # the row check reports it with its line (decoded with replacements, it could pass)
+            if line is None or _is_data(line):
                 rows.append((number, f"{uri} line {number}", line))
         if len(rows) >= ROWS_PER_BLOCK or (not chunk and rows):
             yield _raw(rows)
