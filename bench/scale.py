@@ -198,7 +198,7 @@ def case(spec: dict, log: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", default="10000,100000,1000000", help="caching subjects per case")
+    parser.add_argument("--sizes", default="10000,100000,1000000", help="caching subjects per case ('': none)")
     parser.add_argument("--compute", type=int, default=10_000, help="subjects of the compute run (0: skip)")
     parser.add_argument("--generation-subjects", type=int, default=100_000, help="x 5 prompts x 2 seeds (0: skip)")
     parser.add_argument("--work", default="/tmp/dreamcache-scale", help="inputs are written here once and reused")
@@ -239,12 +239,15 @@ def main() -> None:
         record("caching rerun", n, {"job": "caching", "catalog": inputs["catalog"], "out": inputs["out"]})
         record("caching invalid", n, {"job": "caching", "catalog": inputs["invalid"],
                                       "out": inputs["invalid_out"] + f"-{time.time_ns()}"})
-    middle = sizes[len(sizes) // 2]
-    inputs = caching_inputs(work, middle, str(model))
-    one = record("caching rerun, 1 CPU", middle, {"job": "caching", "catalog": inputs["catalog"],
-                                                 "out": inputs["out"], "cpus": 1})
-    two = record("caching rerun, 2 CPUs", middle, {"job": "caching", "catalog": inputs["catalog"],
-                                                  "out": inputs["out"], "cpus": 2})
+    planning: tuple[int, dict, dict] | None = None
+    if sizes:
+        middle = sizes[len(sizes) // 2]
+        inputs = caching_inputs(work, middle, str(model))
+        one = record("caching rerun, 1 CPU", middle, {"job": "caching", "catalog": inputs["catalog"],
+                                                     "out": inputs["out"], "cpus": 1})
+        two = record("caching rerun, 2 CPUs", middle, {"job": "caching", "catalog": inputs["catalog"],
+                                                      "out": inputs["out"], "cpus": 2})
+        planning = middle, one, two
     if args.compute:
         inputs = compute_inputs(work, args.compute)
         record("caching compute", args.compute, {"job": "caching", "images": inputs["images"],
@@ -262,7 +265,9 @@ def main() -> None:
               f"{reruns[high]['peak_rss'] / 2**30:.2f} GiB, target < 1.5 GiB); by ru_maxrss, which counts this "
               f"script's own peak: {reruns[high]['ru_maxrss'] / reruns[low]['ru_maxrss']:.3f}x")
         print(f"rerun of {high:,} subjects: {reruns[high]['seconds'] / 60:.1f} min (target <= 10 min)")
-    print(f"planning {middle:,} subjects, 2 CPUs vs 1: {one['seconds'] / two['seconds']:.2f}x faster")
+    if planning:
+        middle, one, two = planning
+        print(f"planning {middle:,} subjects, 2 CPUs vs 1: {one['seconds'] / two['seconds']:.2f}x faster")
 
 
 if __name__ == "__main__":

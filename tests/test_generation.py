@@ -181,9 +181,30 @@ def test_explicit_plan_file(tmp_path, tiny_model_dir):
     rows = build_plan(config)
     assert [(r.prompt.prompt, r.seed, r.prompt.guidance_scale) for r in rows] == [
         ("a dog", 7, 7.5), ("a dog in snow", 0, 3.0), ("a dog in snow", 1, 3.0)]  # no seed: the job's seeds
+    # The same plan as Parquet and CSV (cells left empty: the job's defaults), read by the same readers.
+    table = pa.table({"subject_id": ["dog", "dog"], "prompt": ["a dog", "a dog in snow"], "seed": [7, None],
+                      "guidance_scale": [None, 3.0]})
+    pq.write_table(table, tmp_path / "plan.parquet")
+    (tmp_path / "plan.csv").write_text("subject_id,prompt,seed,guidance_scale\ndog,a dog,7,\ndog,a dog in snow,,3\n")
+    for other in ("plan.parquet", "plan.csv"):
+        again = build_plan(replace(config, plan=str(tmp_path / other)))
+        assert [(r.row_key, r.prompt_index) for r in again] == [(r.row_key, r.prompt_index) for r in rows], other
+
     plan.write_text('{"subject": "dog", "prompt": "a dog"}\n')
     with pytest.raises(ValueError, match="line 1: unknown key"):
         build_plan(config)
+    plan.write_bytes(b'{"subject_id": "dog", "prompt": "a dog"}\n{"subject_id": "dog", "prompt": "a \xff"}\n')
+    with pytest.raises(ValueError, match="line 2: not UTF-8"):  # never a prompt with a replacement character
+        build_plan(config)
+    # What the driver checks at once, in one line: the file's head.
+    for name, content, message in [("empty.jsonl", "# nothing\n", "has no rows"),
+                                   ("extra.csv", "subject_id,prompt,colour\ndog,a,red\n", "unknown column"),
+                                   ("nosubject.csv", "prompt\na dog\n", "'subject_id' is required")]:
+        (tmp_path / name).write_text(content)
+        with pytest.raises(ValueError, match=message):
+            build_plan(replace(config, plan=str(tmp_path / name)))
+    with pytest.raises(storage.ObjectNotFound, match="plan file not found"):
+        build_plan(replace(config, plan=str(tmp_path / "missing.jsonl")))
 
 
 def test_render_rows_reads_each_cache_once_per_batch(tmp_path, tiny_pipe):
@@ -373,6 +394,44 @@ def test_same_row_gives_the_same_bytes(first_run, tmp_path):
     for key, row in first.items():
         assert row["image_uri"].rsplit("/", 2)[1:] == second[key]["image_uri"].rsplit("/", 2)[1:]
         assert storage.read_bytes(row["image_uri"]) == storage.read_bytes(second[key]["image_uri"]), key
+
+
+def test_explicit_plan_is_checked_in_the_cluster_each_bad_row_an_error_row(s3_server, ray_cluster, tiny_model_dir,
+                                                                         tmp_path):
+    """A plan file on S3 is read and checked by Ray tasks: a row that cannot be read is one error row with its
+    line and reason (the job goes on), under the same key on the next run."""
+    (tmp_path / "caches").mkdir()
+    plan = f"s3://{s3_server.bucket}/plan-{uuid.uuid4().hex[:10]}/plan.jsonl"
+    storage.write_bytes(plan, ("\n".join([
+        '{"subject_id": "ghost", "prompt": "a dog"}',  # 1: two rows (seeds 0, 1), no cache for ghost
+        '{"subject_id": "ghost", "prompt": "a dog"}',  # 2: the same rows again: dropped
+        "# a comment",
+        "not json",
+        '{"subject_id": "ghost", "promt": "a typo"}',
+        '{"subject_id": "a/../b", "prompt": "x", "seed": 1}',
+        '{"subject_id": "ghost", "prompt": "x", "seed": -1}',
+        "[1, 2]",
+    ]) + "\n").encode())
+    config = config_for(tiny_model_dir, caches=str(tmp_path / "caches"), plan=plan, out=str(tmp_path / "out"))
+    summary = run_generation(config)
+    assert (summary.planned, summary.rendered, summary.failed) == (7, 0, 7)
+    rows = read_manifest(summary.manifest_uri)
+    assert all(r["status"] == "error" and r["image_uri"] is None for r in rows)
+    ghost = [r for r in rows if r["error"].startswith("no cache for subject 'ghost'")]
+    assert sorted(r["seed"] for r in ghost) == [0, 1]
+    unreadable = {int(r["error"].split(" line ", 1)[1].split(":")[0]): r for r in rows
+                  if r["error"].startswith(f"{plan} line ")}
+    assert sorted(unreadable) == [4, 5, 7, 8], [r["error"] for r in rows]
+    assert "not JSON" in unreadable[4]["error"] and unreadable[4]["subject_id"] == ""
+    assert "unknown key(s) ['promt']" in unreadable[5]["error"] and unreadable[5]["subject_id"] == "ghost"
+    assert "seed must be an integer" in unreadable[7]["error"]
+    assert "expected a JSON object, got list" in unreadable[8]["error"]
+    assert "'..'" in next(r["error"] for r in rows if r["subject_id"] == "a/../b")
+    assert "ghost" in storage.read_bytes(summary.contact_sheet_uri).decode()
+
+    again = run_generation(config)
+    assert again.planned == 7 and again.kept == 0  # the same keys: this run's rows replace the last run's
+    assert len(read_manifest(again.manifest_uri)) == 7
 
 
 def test_recaching_with_other_settings_renames_the_images(tmp_path):

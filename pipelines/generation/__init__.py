@@ -8,7 +8,7 @@ from .._lazy import lazy_exports
 
 __getattr__, __dir__ = lazy_exports(__name__, {
     "settings": ["GenerationJobConfig", "RenderSettings", "parse_seeds"],
-    "plan": ["PlanRow", "build_plan", "image_name", "load_prompts", "plan_dataset"],
+    "plan": ["PlanRow", "build_plan", "explicit_plan_dataset", "image_name", "load_prompts", "plan_dataset"],
     "render": ["CacheReader", "GenerationWorker", "render_rows", "load_render_pipeline"],
     "manifest": ["read_manifest", "manifest_log", "manifest_schema", "KIND"],
     "args": ["add_generation_arguments", "config_from_args", "summary_lines"],

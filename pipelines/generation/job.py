@@ -27,21 +27,23 @@ decided in the cluster: the plan, a parallel listing of the output prefix and th
 image URI (an image of another size than the manifest recorded is rendered again). Objects are written whole and
 the manifest last, so an interrupted run resumes where it stopped.
 
-**Ray Data.** The plan is expanded from the subjects in the cluster (subjects x prompts x seeds; the prompts
-and seeds are small and travel with the tasks), rows to render are sorted by subject (a distributed sort) and
-streamed to a pool of GPU actors; each actor call renders
-one batch (subjects mixed, every sample with its own cache) with one pipeline call per guidance setting, reads
-each distinct cache once per batch (and keeps recent ones across batches), and writes the PNGs itself. A missing
-or broken cache makes error rows; the job goes on.
+**Ray Data.** The plan is expanded from the subjects in the cluster (subjects x prompts x seeds; the prompts and
+seeds are small and travel with the tasks); an explicit plan file (Parquet, CSV or JSON lines) is read by Ray tasks,
+checked row by row there (a bad row is an error row naming its line) and joined with the subjects by a shuffle
+(``plan_file``, ``plan.explicit_plan_dataset``); the driver reads only its head. Rows to render are sorted by
+subject (a distributed sort) and streamed to a pool of GPU actors; each actor call renders one batch (subjects
+mixed, every sample with its own cache) with one pipeline call per guidance setting, reads each distinct cache once
+per batch (and keeps recent ones across batches), and writes the PNGs itself. A missing or broken cache makes error
+rows; the job goes on.
 
 **Determinism.** Each image's initial noise comes from a CPU generator seeded with the row's seed, so a row
 rendered in the same batch composition on the same hardware gives the same bytes. Floating-point kernels may
 round differently for another batch size or composition; a row is never re-rendered once its image exists,
 and ``batch_size=1`` makes bytes independent of batching.
 
-The job's parts, one module each: ``settings`` (the config), ``plan`` (rows, image names, what is already
-rendered), ``render`` (the actor), ``manifest`` (schemas, the versioned manifest), ``sheets`` (the contact sheet)
-and ``args`` (the command line). This module drives a run.
+The job's parts, one module each: ``settings`` (the config), ``plan`` (rows, image names, what is already rendered),
+``plan_file`` (an explicit plan's raw rows), ``render`` (the actor), ``manifest`` (schemas, the versioned manifest),
+``sheets`` (the contact sheet) and ``args`` (the command line). This module drives a run.
 """
 
 from __future__ import annotations
@@ -61,7 +63,15 @@ from ..kernel.model_info import check_model_inputs
 from ..kernel.ray_runtime import check_resources
 from ..kernel.run import JobRun, Progress, colocate, partitions_for
 from .manifest import RUNS_DIR, manifest_log, manifest_schema, result_schema
-from .plan import _prior_images, _rendered_images, build_plan, classify_block, load_prompts, plan_dataset
+from .plan import (
+    _prior_images,
+    _rendered_images,
+    check_plan,
+    classify_block,
+    explicit_plan_dataset,
+    load_prompts,
+    plan_dataset,
+)
 from .render import GenerationWorker
 from .settings import GenerationJobConfig, RenderSettings
 from .sheets import write_contact_sheets
@@ -140,18 +150,6 @@ def _manifest_rows(batch: pa.Table, common: dict) -> pa.Table:
     return batch
 
 
-def _explicit_plan(config: GenerationJobConfig):
-    """An explicit plan (a file or rows a program passes) is read and checked on the driver, row by row, with
-    line numbers in its errors; then it is a dataset like the expanded one."""
-    import ray
-
-    from .manifest import result_row
-
-    rows = [result_row(p.record(), "error", "failed", p.error) if p.error else result_row(p.record(), None, None)
-            for p in build_plan(config)]
-    return ray.data.from_arrow(pa.Table.from_pylist(rows, schema=result_schema()))
-
-
 def run_generation(config: GenerationJobConfig) -> GenerationSummary:
     """Plan, skip what exists, render the rest on Ray, publish the manifest, draw the contact sheet."""
     from ..kernel.ray_runtime import init_ray
@@ -159,11 +157,14 @@ def run_generation(config: GenerationJobConfig) -> GenerationSummary:
     start = time.perf_counter()
     config.validate()
     run_id = config.run_id or new_run_id()
+    # What the driver can check of the plan at once: the prompts (a few lines), an explicit plan's head; its rows
+    # are read and checked in the cluster, a bad one becoming an error row.
     prompts = load_prompts(config) if config.plan is None else None
+    plan_rows = check_plan(config) if config.plan is not None else None
     check_model_inputs(config.model, config.adapter)
     init_ray()
     run = JobRun(manifest_log(config.out), run_id)
-    planned = plan_dataset(config, prompts) if prompts is not None else _explicit_plan(config)
+    planned = plan_dataset(config, prompts) if prompts is not None else explicit_plan_dataset(config, plan_rows)
     found = list_prefix(config.out).map_batches(_rendered_images, batch_format="pyarrow")
     sources = {"plan": (planned, result_schema()),
                "found": (found, pa.schema([("image_uri", pa.string()), ("image_bytes", pa.int64())]))}

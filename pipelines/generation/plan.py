@@ -1,5 +1,7 @@
 """The plan of a generation run: subjects x prompts x seeds (or an explicit plan file) -> rows, each with the
-deterministic name of its image, and the check of which images are already rendered.
+deterministic name of its image, and the check of which images are already rendered. The job builds both kinds
+of plan as datasets, in the cluster (:func:`plan_dataset`, :func:`explicit_plan_dataset`); :func:`build_plan` builds
+the same rows in one process, for tests and small tools.
 
 An image's name hashes everything that decides its pixels, so "the image exists" means "this row was rendered
 with these parameters" (see ``pipelines.generation``).
@@ -10,16 +12,17 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 from dreamcache import storage
 from dreamcache.cache_store import CACHE_SUFFIX, CacheStore
 from dreamcache.errors import InvalidValue
-from dreamcache.image_files import image_name  # noqa: F401 - re-exported: the plan's public naming
+from dreamcache.image_files import image_name, parameters_key
 
 from .manifest import MANIFEST_NAME
+from .plan_file import check_plan_file, data_lines, raw_plan_dataset, raw_plan_tables
 from .settings import GenerationJobConfig, check_seed
 
 logger = logging.getLogger(__name__)
@@ -53,9 +56,9 @@ class SubjectSource:
 class PlanRow:
     plan_index: int
     subject_id: str
-    prompt_index: int
+    prompt_index: int | None  # None: a plan row that could not be read (no prompt, no seed: never drawn)
     prompt: PromptSpec
-    seed: int
+    seed: int | None
     cache_uri: str | None
     row_key: str
     image_uri: str | None
@@ -72,6 +75,13 @@ class PlanRow:
             "parameters": self.parameters, "cache_uri": self.cache_uri, "image_uri": self.image_uri,
         }
 
+    def result(self) -> dict:
+        """The record as a result row: an error now when it is known before rendering, else still to decide."""
+        from .manifest import result_row
+
+        return result_row(self.record(), "error", "failed", self.error) if self.error else \
+            result_row(self.record(), None, None)
+
 
 def read_text(uri: str, what: str) -> str:
     try:
@@ -80,19 +90,18 @@ def read_text(uri: str, what: str) -> str:
         raise InvalidValue(f"{what} {uri} is not UTF-8 text: {exc}") from None
 
 
+def _json_object(text: str, where: str) -> dict:
+    try:
+        row = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidValue(f"{where}: not JSON ({exc.msg})") from None
+    if not isinstance(row, dict):
+        raise InvalidValue(f"{where}: expected a JSON object, got {type(row).__name__}")
+    return row
+
+
 def _json_lines(text: str, source: str) -> list[dict]:
-    rows = []
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip() or line.lstrip().startswith("#"):
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise InvalidValue(f"{source} line {number}: not JSON ({exc.msg})") from None
-        if not isinstance(row, dict):
-            raise InvalidValue(f"{source} line {number}: expected a JSON object, got {type(row).__name__}")
-        rows.append(row | {"__line__": number})
-    return rows
+    return [_json_object(line, f"{source} line {number}") | {"__line__": number} for number, line in data_lines(text)]
 
 
 def _is_jsonl(uri: str, text: str) -> bool:
@@ -219,50 +228,101 @@ def _subject_source(subject_id: Any, known: Mapping[str, SubjectSource], caches:
     return known.get(subject_id) or SubjectSource(subject_id, None, error=f"no cache for subject {subject_id!r} in {caches}")
 
 
-def _plan_file_rows(source: str | Sequence[Mapping[str, Any]]) -> list[tuple[dict, str]]:
-    """(row, where) from a JSONL or Parquet plan file, or from dicts."""
-    if not isinstance(source, str):
-        return [(dict(row), f"plan row {i}") for i, row in enumerate(source)]
-    if source.lower().endswith(".parquet"):
-        import pyarrow as pa
-
-        try:
-            rows = storage.read_parquet(source).to_pylist()
-        except (pa.ArrowInvalid, OSError) as exc:
-            raise InvalidValue(f"plan {source} is not a readable Parquet file: {exc}") from None
-        return [({k: v for k, v in r.items() if v is not None}, f"{source} row {i}") for i, r in enumerate(rows)]
-    return [(row, f"{source} line {row['__line__']}") for row in _json_lines(read_text(source, "plan file"), source)]
-
-
-def _requested_rows(config: GenerationJobConfig,
-                    known: Mapping[str, SubjectSource]) -> Iterable[tuple[Any, PromptSpec, int]]:
-    """(subject id, prompt, seed) in plan order, before any lookup; ``known``: the subjects the caches hold."""
-    if config.plan is None:
-        prompts = load_prompts(config)
-        subjects = list(config.subjects) if config.subjects is not None else sorted(known)
-        if not subjects:
-            raise InvalidValue(f"no subjects: {config.caches} holds no caches")
-        for subject in dict.fromkeys(subjects):
-            for prompt in prompts:
-                for seed in config.seeds:
-                    yield subject, prompt, seed
-        return
-    rows = _plan_file_rows(config.plan)
-    if not rows:
-        raise InvalidValue(f"the plan {config.plan!r} has no rows")
-    wanted = set(config.subjects) if config.subjects is not None else None
-    for row, where in rows:
-        unknown = set(row) - PLAN_KEYS - {"__line__"}
-        if unknown:
-            raise InvalidValue(f"{where}: unknown key(s) {sorted(unknown)}; allowed: {sorted(PLAN_KEYS)}")
-        if "subject_id" not in row:
-            raise InvalidValue(f"{where}: 'subject_id' is required")
-        if wanted is not None and row["subject_id"] not in wanted:
-            continue
-        prompt = prompt_spec(row, config, where)
+def plan_request(row: Mapping[str, Any], config: GenerationJobConfig, where: str) -> tuple[str, PromptSpec, list[int]]:
+    """One explicit plan row checked: its subject, its prompt with the job's defaults, its seeds (the row's own, or
+    the job's). :class:`InvalidValue` says what is wrong, starting with ``where``."""
+    unknown = set(row) - PLAN_KEYS
+    if unknown:
+        raise InvalidValue(f"{where}: unknown key(s) {sorted(unknown)}; allowed: {sorted(PLAN_KEYS)}")
+    if "subject_id" not in row:
+        raise InvalidValue(f"{where}: 'subject_id' is required")
+    if not isinstance(row["subject_id"], str):
+        raise InvalidValue(f"{where}: subject_id must be a string, got {row['subject_id']!r}")
+    prompt = prompt_spec(row, config, where)
+    try:
         seeds = [check_seed(row["seed"])] if "seed" in row else list(config.seeds)
-        for seed in seeds:
-            yield row["subject_id"], prompt, seed
+    except InvalidValue as exc:
+        raise InvalidValue(f"{where}: {exc}") from None
+    return row["subject_id"], prompt, seeds
+
+
+def request_schema():
+    """A checked plan row (``problem`` set: it could not be read, and becomes one error row)."""
+    import pyarrow as pa
+
+    return pa.schema([("order", pa.int64()), ("where", pa.string()), ("subject_id", pa.string()),
+                      ("prompt", pa.string()), ("negative_prompt", pa.string()), ("guidance_scale", pa.float64()),
+                      ("image_guidance_scale", pa.float64()), ("seeds", pa.list_(pa.int64())),
+                      ("problem", pa.string())])
+
+
+def requests_block(batch, config: GenerationJobConfig):
+    """Raw plan rows (``plan_file.RAW_SCHEMA``) -> checked requests; a bad row keeps the subject it names, if any,
+    so its error row sits with that subject's rows."""
+    import pyarrow as pa
+
+    rows = []
+    for order, where, text in zip(batch["order"].to_pylist(), batch["where"].to_pylist(), batch["row"].to_pylist()):
+        row: Any = None
+        try:
+            if text is None:
+                raise InvalidValue(f"{where}: not UTF-8 text")
+            row = _json_object(text, where)
+            subject, prompt, seeds = plan_request(row, config, where)
+        except InvalidValue as exc:
+            named = row.get("subject_id") if isinstance(row, dict) else None
+            rows.append({"order": order, "where": where, "subject_id": named if isinstance(named, str) else "",
+                         "seeds": [], "problem": str(exc)})
+            continue
+        rows.append({"order": order, "where": where, "subject_id": subject, "prompt": prompt.prompt,
+                     "negative_prompt": prompt.negative_prompt, "guidance_scale": prompt.guidance_scale,
+                     "image_guidance_scale": prompt.image_guidance_scale, "seeds": seeds, "problem": None})
+    return pa.Table.from_pylist(rows, schema=request_schema())
+
+
+def _unreadable_row(request: Mapping[str, Any], config: GenerationJobConfig) -> PlanRow:
+    """The error row of a plan row that could not be read, keyed by its place and reason (the same bad row
+    keeps its key from run to run)."""
+    parameters = {"format": GENERATION_FORMAT, "plan_row": request["where"], "problem": request["problem"]}
+    key = parameters_key(parameters)
+    return PlanRow(plan_index=_row_index(key), subject_id=request["subject_id"], prompt_index=None,
+                   prompt=PromptSpec("", "", config.guidance_scale, config.image_guidance_scale), seed=None,
+                   cache_uri=None, row_key=key, image_uri=None, parameters=json.dumps(parameters, sort_keys=True),
+                   error=request["problem"])
+
+
+def _explicit_rows(requests: Iterable[Mapping[str, Any]], known: Mapping[str, SubjectSource],
+                   config: GenerationJobConfig, wanted: Collection[str] | None) -> Iterator[PlanRow]:
+    """Checked requests (every one of their subjects', in plan order) -> plan rows, duplicates dropped. Prompt
+    columns are numbered per subject in plan order: a plan file has no global prompt list, and the contact sheet
+    draws one subject per sheet."""
+    columns: dict[str, dict[PromptSpec, int]] = {}
+    seen: set[str] = set()
+    for request in requests:
+        if request["problem"]:  # reported whatever ``wanted`` says: its subject may be the very thing it got wrong
+            yield _unreadable_row(request, config)
+            continue
+        if wanted is not None and request["subject_id"] not in wanted:
+            continue
+        subject = _subject_source(request["subject_id"], known, config.caches)
+        prompt = PromptSpec(request["prompt"], request["negative_prompt"], request["guidance_scale"],
+                            request["image_guidance_scale"])
+        numbered = columns.setdefault(subject.subject_id, {})
+        index = numbered.setdefault(prompt, len(numbered))
+        for seed in request["seeds"]:
+            row = plan_row(config, subject, prompt, index, seed)
+            if row.row_key not in seen:
+                seen.add(row.row_key)
+                yield row
+
+
+def check_plan(config: GenerationJobConfig) -> int | None:
+    """An explicit plan's head checked on the driver (see ``plan_file``); its row count when known."""
+    if isinstance(config.plan, str):
+        return check_plan_file(config.plan, PLAN_KEYS)
+    if not config.plan:
+        raise InvalidValue(f"the plan {config.plan!r} has no rows")
+    return len(config.plan)
 
 
 def row_parameters(config: GenerationJobConfig, subject: SubjectSource, prompt: PromptSpec, seed: int) -> dict:
@@ -277,26 +337,46 @@ def row_parameters(config: GenerationJobConfig, subject: SubjectSource, prompt: 
     }
 
 
+def plan_row(config: GenerationJobConfig, subject: SubjectSource, prompt: PromptSpec, prompt_index: int,
+             seed: int) -> PlanRow:
+    """One row, named and keyed (see :func:`image_name`); a subject with an error gets no image URI."""
+    parameters = row_parameters(config, subject, prompt, seed)
+    key, name = image_name(parameters)
+    return PlanRow(
+        plan_index=_row_index(key), subject_id=subject.subject_id, prompt_index=prompt_index, prompt=prompt,
+        seed=seed, cache_uri=subject.cache_uri, row_key=key,
+        image_uri=storage.join_uri(config.out, subject.subject_id, name) if subject.error is None else None,
+        parameters=json.dumps(parameters, sort_keys=True), error=subject.error,
+    )
+
+
 def build_plan(config: GenerationJobConfig) -> list[PlanRow]:
-    """Every row of the run, in plan order, each with its image URI (or the reason it cannot be rendered).
-    Rows with the same parameters appear once."""
+    """Every row of the run, in plan order, each with its image URI (or the reason it cannot be rendered), built
+    in this process: for tests and small tools (the job builds the same rows in the cluster). Rows with the same
+    parameters appear once; a bad row of an explicit plan raises here, where the job makes it an error row."""
     known = load_subjects(config)
-    prompt_index: dict[PromptSpec, int] = {}
+    if config.plan is not None:
+        check_plan(config)
+        requests = [r for table in raw_plan_tables(config.plan) for r in requests_block(table, config).to_pylist()]
+        problem = next((r["problem"] for r in requests if r["problem"]), None)
+        if problem:
+            raise InvalidValue(problem)
+        wanted = set(config.subjects) if config.subjects is not None else None
+        return list(_explicit_rows(requests, known, config, wanted))
+    prompts = load_prompts(config)
+    subjects = list(config.subjects) if config.subjects is not None else sorted(known)
+    if not subjects:
+        raise InvalidValue(f"no subjects: {config.caches} holds no caches")
     rows: list[PlanRow] = []
     seen: set[str] = set()
-    for subject_id, prompt, seed in _requested_rows(config, known):
+    for subject_id in dict.fromkeys(subjects):
         subject = _subject_source(subject_id, known, config.caches)
-        parameters = row_parameters(config, subject, prompt, seed)
-        key, name = image_name(parameters)
-        if key in seen:
-            continue
-        seen.add(key)
-        image_uri = storage.join_uri(config.out, subject.subject_id, name) if id_problem(subject.subject_id) is None else None
-        rows.append(PlanRow(
-            plan_index=len(rows), subject_id=subject.subject_id, prompt_index=prompt_index.setdefault(prompt, len(prompt_index)),
-            prompt=prompt, seed=seed, cache_uri=subject.cache_uri, row_key=key, image_uri=image_uri,
-            parameters=json.dumps(parameters, sort_keys=True), error=subject.error,
-        ))
+        for index, prompt in enumerate(prompts):
+            for seed in config.seeds:
+                row = plan_row(config, subject, prompt, index, seed)
+                if row.row_key not in seen:
+                    seen.add(row.row_key)
+                    rows.append(row)
     return rows
 
 
@@ -395,6 +475,15 @@ def _wanted_block(block, schema):
     return pa.Table.from_pylist(rows, schema=schema)
 
 
+def _wanted(subjects: Sequence[str]):
+    """``--subjects`` as a colocate source: (dataset, schema)."""
+    import pyarrow as pa
+    import ray
+
+    ids = ray.data.from_items([{"subject_id": str(s)} for s in dict.fromkeys(subjects)])
+    return ids, pa.schema([subject_schema().field("subject_id")])
+
+
 def _row_index(row_key: str) -> int:
     return int(row_key[:15], 16)  # a batch-local id for the renderer: unique in practice, no global counter
 
@@ -403,7 +492,7 @@ def expand_block(batch, config: GenerationJobConfig, prompts: Sequence[PromptSpe
     """Each subject row -> its rows for every prompt and seed, named and keyed (see :func:`image_name`)."""
     import pyarrow as pa
 
-    from .manifest import result_row, result_schema
+    from .manifest import result_schema
 
     rows = []
     for subject in batch.to_pylist():
@@ -412,39 +501,59 @@ def expand_block(batch, config: GenerationJobConfig, prompts: Sequence[PromptSpe
         problem = id_problem(source.subject_id)
         if problem is None and source.error is None and source.cache_uri is None:
             problem = f"no cache for subject {source.subject_id!r} in {caches}"
-        for index, prompt in enumerate(prompts):
-            for seed in config.seeds:
-                parameters = row_parameters(config, source, prompt, seed)
-                key, name = image_name(parameters)
-                record = PlanRow(
-                    plan_index=_row_index(key), subject_id=source.subject_id, prompt_index=index, prompt=prompt,
-                    seed=seed, cache_uri=source.cache_uri, row_key=key,
-                    image_uri=storage.join_uri(config.out, source.subject_id, name) if problem is None else None,
-                    parameters=json.dumps(parameters, sort_keys=True),
-                ).record()
-                error = problem or source.error
-                rows.append(result_row(record, "error", "failed", error) if error else
-                            result_row(record, None, None))
+        source = replace(source, error=problem or source.error)
+        rows += [plan_row(config, source, prompt, index, seed).result()
+                 for index, prompt in enumerate(prompts) for seed in config.seeds]
     return pa.Table.from_pylist(rows, schema=result_schema())
 
 
 def plan_dataset(config: GenerationJobConfig, prompts: Sequence[PromptSpec]):
     """subjects x prompts x seeds as a dataset of result rows (status null: still to decide)."""
-    import pyarrow as pa
-    import ray
-
     from ..kernel.run import colocate, partitions_for
 
     subjects = subjects_dataset(config)
     if config.subjects is not None:
-        wanted = ray.data.from_items([{"subject_id": str(s)} for s in dict.fromkeys(config.subjects)])
         schema = subject_schema()
-        subjects = colocate({"known": (subjects, schema), "wanted": (wanted, pa.schema([schema.field("subject_id")]))},
+        subjects = colocate({"known": (subjects, schema), "wanted": _wanted(config.subjects)},
                             "subject_id", partitions_for(len(config.subjects))).map_batches(
             _wanted_block, fn_kwargs={"schema": schema}, batch_format="pyarrow", batch_size=None)
     return subjects.map_batches(expand_block, fn_kwargs={"config": config, "prompts": list(prompts),
                                                          "caches": config.caches},
                                 batch_format="pyarrow", batch_size=max(1, 20_000 // max(1, len(prompts) * len(config.seeds))))
+
+
+def explicit_block(block, config: GenerationJobConfig, filtered: bool):
+    """One colocated block (the known subjects, the checked plan rows and, when ``filtered``, the wanted subject
+    ids, all of the same subjects) -> result rows."""
+    import pyarrow as pa
+
+    from ..kernel.run import split_sources
+    from .manifest import result_schema
+
+    schema = subject_schema()
+    parts = split_sources(block, {"known": schema, "requests": request_schema(),
+                                  "wanted": pa.schema([schema.field("subject_id")])})
+    known = {s.subject_id: s for s in _sources(parts["known"].to_pylist(), config.caches)}
+    wanted = set(parts["wanted"]["subject_id"].to_pylist()) if filtered else None
+    requests = parts["requests"].sort_by("order").to_pylist()
+    rows = [row.result() for row in _explicit_rows(requests, known, config, wanted)]
+    return pa.Table.from_pylist(rows, schema=result_schema())
+
+
+def explicit_plan_dataset(config: GenerationJobConfig, rows: int | None):
+    """An explicit plan as a dataset of result rows, read, checked and expanded in the cluster: its rows are
+    hash-partitioned with the known subjects (and ``--subjects``) by subject id, so each block holds all the rows
+    of its subjects. ``rows``: the plan's size when known (it sizes the shuffle)."""
+    from ..kernel.run import colocate, partitions_for
+
+    requests = raw_plan_dataset(config.plan).map_batches(requests_block, fn_kwargs={"config": config},
+                                                         batch_format="pyarrow")
+    sources = {"known": (subjects_dataset(config), subject_schema()), "requests": (requests, request_schema())}
+    if config.subjects is not None:
+        sources["wanted"] = _wanted(config.subjects)
+    return colocate(sources, "subject_id", partitions_for(rows)).map_batches(
+        explicit_block, fn_kwargs={"config": config, "filtered": config.subjects is not None},
+        batch_format="pyarrow", batch_size=None)
 
 
 def _rendered_images(batch):

@@ -55,7 +55,7 @@ class GenerationJobConfig:
         None, "prompts file: one prompt per line, or JSONL with prompt, negative_prompt, guidance_scale, "
               "image_guidance_scale", one_of="what")
     plan: str | Sequence[Mapping[str, Any]] | None = option(
-        None, "explicit plan (JSONL or Parquet): subject_id, prompt, [seed, negative_prompt, guidance_scale, "
+        None, "explicit plan (Parquet, CSV or JSONL): subject_id, prompt, [seed, negative_prompt, guidance_scale, "
               "image_guidance_scale]", one_of="what")
     subjects: Sequence[str] | None = option(None, "comma-separated subject ids (default: every subject of --caches)")
     seeds: Sequence[int] = option((0,), "seeds per prompt: 0,1,5 or 0-3", parse=parse_seeds)

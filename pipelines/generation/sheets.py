@@ -36,14 +36,17 @@ def write_contact_sheets(run_files: Sequence[str], config: GenerationJobConfig, 
     """Draw the sheets (one Ray task per subject) and write the index; returns the index URI."""
     limit = config.contact_sheet_max_subjects
     by_subject: dict[str, list[Mapping]] = {}
-    legend: dict[int, tuple] = {}
+    # (column, prompt, negative, scale): an explicit plan numbers its prompt columns per subject, so one column
+    # number may stand for several prompts.
+    legend: set[tuple] = set()
     errors: list[tuple] = []
     more_subjects = False
     for r in _run_rows(run_files):
-        legend.setdefault(r["prompt_index"], (r["prompt_index"], r["prompt"], r["negative_prompt"] or "",
-                                              r["guidance_scale"]))
         if r["status"] != "ok" and len(errors) < MAX_ERRORS:
             errors.append((r["subject_id"], r["prompt"], r["seed"], r["error"] or ""))
+        if r["prompt_index"] is None:  # a plan row that could not be read: listed with the errors, never drawn
+            continue
+        legend.add((r["prompt_index"], r["prompt"], r["negative_prompt"] or "", r["guidance_scale"]))
         if config.contact_sheet == "new" and r["action"] == "skipped":
             continue
         if r["subject_id"] not in by_subject and len(by_subject) >= limit:
@@ -76,6 +79,6 @@ def write_contact_sheets(run_files: Sequence[str], config: GenerationJobConfig, 
     if more_subjects:
         note = f"Sheets drawn for the first {len(by_subject)} subjects of this run (contact_sheet_max_subjects)."
     index_uri = storage.join_uri(run_prefix, "index.html")
-    page = contact_sheet.index_html(run_id, counts, [legend[k] for k in sorted(legend)], subjects, errors, note)
+    page = contact_sheet.index_html(run_id, counts, sorted(legend), subjects, errors, note)
     storage.write_bytes(index_uri, page.encode("utf-8"))
     return index_uri
