@@ -269,6 +269,9 @@ class TripletBatch:
     def __len__(self) -> int:
         return len(self.captions)
 
+    def pin_memory(self) -> TripletBatch:
+        return TripletBatch(self.target.pin_memory(), self.reference.pin_memory(), self.captions)
+
 
 def pixels_to_tensor(pixels: np.ndarray) -> torch.Tensor:
     """uint8 ``[B, H, W, 3]`` -> float ``[B, 3, H, W]`` in [-1, 1]."""

@@ -36,6 +36,6 @@ def add_training_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cpus-per-worker", type=float, default=1.0)
     p.add_argument("--data-cpus", type=float, default=0.5, help="CPUs per Ray Data preparation task")
     p.add_argument("--max-failures", type=int, default=0, help="restarts of a failed worker group (each resumes)")
-    p.add_argument("--ray-storage", help="Ray Train run folder (default: a temp folder)")
+    p.add_argument("--ray-storage", help="where Ray Train keeps the run folder and its checkpoints (default: --out)")
     p.add_argument("--ray-address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
     p.add_argument("--no-ray", action="store_true", help="train in this process (local data path, exact resume)")
