@@ -40,7 +40,7 @@ import os
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Protocol
 
@@ -50,11 +50,12 @@ from accelerate import Accelerator
 from torch import nn
 
 from . import storage
-from .adapters import LinearCatInit, adapter_file_bytes
+from .adapters import adapter_file_bytes
 from .cache import extract_features
 from .errors import InvalidValue
 from .images import ImageLimits
 from .pipeline import DreamCachePipeline
+from .training_config import MixedPrecision, TrainingConfig  # noqa: F401 - re-exported: callers import it from here
 from .triplets import (
     PreparedTriplet,
     ReferenceAugment,
@@ -70,63 +71,8 @@ from .triplets import (
 
 logger = logging.getLogger(__name__)
 
-MixedPrecision = Literal["auto", "no", "fp16", "bf16"]
 ADAPTER_FILE = "adapter.safetensors"
 STATE_FILE = "state.json"  # a checkpoint's step and data position, written last
-
-
-@dataclass
-class TrainingConfig:
-    """Everything a training run needs; the job's flags map onto these fields one to one."""
-
-    model: str  # diffusers SD folder or s3:// prefix
-    data: str  # triplet Parquet file, folder or s3:// prefix
-    out: str  # output folder or s3:// prefix: checkpoints/ and the final adapter.safetensors
-    steps: int  # optimizer steps
-    batch_size: int = 8  # per worker and micro-batch
-    grad_accum: int = 1
-    lr: float = 1e-5
-    weight_decay: float = 0.01
-    resolution: int | None = None  # default: the model's native resolution (512 for SD, 64 for the tiny model)
-    mixed_precision: MixedPrecision = "auto"  # auto: bf16 on a GPU that has it, else fp16 on GPU, fp32 on CPU
-    gradient_checkpointing: bool = False
-    checkpoint_every: int = 500
-    keep_checkpoints: int = 2
-    resume: str = "auto"  # auto: from <out>/checkpoints/latest.json if present | never | a checkpoint URI
-    seed: int = 0
-    caption_dropout: float = 0.07
-    augment: ReferenceAugment = field(default_factory=ReferenceAugment)
-    init_adapter: str | None = None  # start from this adapter file instead of a fresh initialisation
-    adapter_init: LinearCatInit = "default"  # fresh init: "default" (official) or "identity" (deviation A7)
-    save_dtype: Literal["fp16", "fp32"] = "fp16"  # of the final adapter file; checkpoints are always fp32
-    log_every: int = 10
-    device: str = "auto"
-    cache_prompt: str = ""  # text context of the on-the-fly caching pass ("" as the official training)
-    data_workers: int = 2  # DataLoader processes decoding and augmenting images (local data path); 0: in-process
-    max_grad_norm: float | None = None  # the official run does not clip
-
-    def validate(self) -> None:
-        counts = ("steps", "batch_size", "grad_accum", "checkpoint_every", "keep_checkpoints", "log_every")
-        for name in counts:
-            if getattr(self, name) < 1:
-                raise InvalidValue(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.data_workers < 0:
-            raise InvalidValue(f"data_workers must be >= 0, got {self.data_workers}")
-        if not self.lr > 0:
-            raise InvalidValue(f"lr must be > 0, got {self.lr}")
-        if not 0 <= self.caption_dropout <= 1:
-            raise InvalidValue(f"caption_dropout must be in [0, 1], got {self.caption_dropout}")
-        if self.mixed_precision not in ("auto", "no", "fp16", "bf16"):
-            raise InvalidValue(f"mixed_precision must be auto, no, fp16 or bf16, got {self.mixed_precision!r}")
-        if self.save_dtype not in ("fp16", "fp32"):
-            raise InvalidValue(f"save_dtype must be fp16 or fp32, got {self.save_dtype!r}")
-        if self.resolution is not None and (self.resolution <= 0 or self.resolution % 8):
-            raise InvalidValue(f"resolution must be a positive multiple of 8, got {self.resolution}")
-
-    def summary(self) -> dict:
-        data = asdict(self)
-        data["augment"] = asdict(self.augment)
-        return data
 
 
 @dataclass(frozen=True)

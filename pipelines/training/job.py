@@ -33,12 +33,14 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from dreamcache import storage
+from dreamcache.cli_args import config_from_namespace
 from dreamcache.images import ImageLimits
-from dreamcache.triplets import ReferenceAugment, TripletBatch, TripletError, parquet_files, pixels_to_tensor, prepare_triplet
+from dreamcache.training_config import ReferenceAugment, TrainingConfig
+from dreamcache.triplets import TripletBatch, TripletError, parquet_files, pixels_to_tensor, prepare_triplet
 from dreamcache.errors import InvalidValue
 
 if TYPE_CHECKING:  # the training loop pulls in diffusers: Ray Data's preparation tasks must not pay for that import
-    from dreamcache.training import AdapterTrainer, TrainingConfig, TrainingResult
+    from dreamcache.training import AdapterTrainer, TrainingResult
 
 RUN_NAME = "dreamcache-adapters"  # fixed: a resubmitted job finds its run folder, and resumes
 
@@ -265,17 +267,7 @@ def _start_ray(scale: ScaleConfig) -> None:
 
 # -- command line (the parser: pipelines.training.args) ----------------------------------------------------------
 def training_from_args(args: argparse.Namespace) -> tuple[TrainingConfig, ScaleConfig]:
-    from dreamcache.training import TrainingConfig
-
-    config = TrainingConfig(
-        model=args.model, data=args.data, out=args.out, steps=args.steps, batch_size=args.batch_size,
-        grad_accum=args.grad_accum, lr=args.lr, weight_decay=args.weight_decay, resolution=args.resolution,
-        mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing,
-        checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints, resume=args.resume,
-        seed=args.seed, caption_dropout=args.caption_dropout, init_adapter=args.init_adapter,
-        adapter_init=args.adapter_init, save_dtype=args.save_dtype, log_every=args.log_every,
-        max_grad_norm=args.max_grad_norm,
-    )
+    config = config_from_namespace(TrainingConfig, args)
     scale = ScaleConfig(num_workers=args.workers, use_gpu=args.gpu, cpus_per_worker=args.cpus_per_worker,
                         data_cpus=args.data_cpus, max_failures=args.max_failures, storage_path=args.ray_storage,
                         ray_address=args.ray_address)
