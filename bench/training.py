@@ -4,9 +4,9 @@ Both sides use the same model, batch, precision and checkpointing setting:
 
   bare loop   preloaded tensors; VAE encode + text encode + caching pass (no grad), UNet forward + backward with
               the adapters attending, AdamW step. No data pipeline, no loop machinery.
-  train()     dreamcache.training.train on a synthetic Parquet triplet dataset: decoding, the reference
-              construction of spec 3.2, prefetching, the seeded draws, logging (checkpoint writes fall outside
-              the measured window).
+  train()     dreamcache.training.train on a synthetic Parquet triplet dataset: decoding and the reference
+              construction of spec 3.2 in ``--data-workers`` DataLoader processes, the seeded draws, logging
+              (checkpoint writes fall outside the measured window).
 
 The ratio train/bare says what the loop costs on top of the method's own compute. On a GPU the script also reports
 peak memory (torch.cuda.max_memory_allocated) per setting.

@@ -31,7 +31,6 @@ import contextlib
 import json
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -42,12 +41,12 @@ from torch import nn
 from .errors import DreamCacheError
 from .layers import CachedLayer, select_layers
 from .safetensors_header import read_metadata
+from .training_config import LinearCatInit
 
 ADAPTER_MODULES = ("norm2_mem", "attn_mem", "linear_cat")
 SCALE_BUFFER = "dreamcache_scale"  # non-persistent: not in any state dict, so adapter files are unchanged
 ADAPTER_FORMAT = "dreamcache-adapter"
 ADAPTER_FORMAT_VERSION = "1"
-LinearCatInit = Literal["default", "identity"]
 
 
 class AdapterError(DreamCacheError, ValueError):

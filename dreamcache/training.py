@@ -6,8 +6,9 @@ with the empty prompt (``cache.extract_features``, adapters off). Then t ~ U{0..
 and the UNet with the adapters attending to the caches predicts eps; the loss is the plain eps-MSE. Only the
 adapters train (AdamW, lr 1e-5 by default, PyTorch's betas/eps, weight decay 0.01, no schedule, no EMA).
 
-* Mixed precision on GPU: the frozen weights are stored in bf16 (or fp16), the adapters stay fp32 under autocast;
-  fp16 uses a gradient scaler.
+* ``accelerate.Accelerator`` runs the step, as in diffusers' training examples: mixed precision on GPU (the frozen
+  weights are stored in bf16 or fp16, the adapters stay fp32 under its autocast; fp16 with its gradient scaler),
+  gradient accumulation, clipping, the DDP wrap and the optimizer's state in checkpoints.
 * Gradient checkpointing (``unet.enable_gradient_checkpointing``, non-reentrant) recomputes each transformer block
   in the backward pass. The adapters act through hooks that only fire while ``adapters.reference(...)`` is
   active, so the context is held open through ``backward()``: the recomputation then takes the adapted path,
@@ -16,45 +17,47 @@ adapters train (AdamW, lr 1e-5 by default, PyTorch's betas/eps, weight decay 0.0
   world_size`` samples.
 * Data parallel: when ``torch.distributed`` is initialised (Ray Train's TorchTrainer does it) the trainable part is
   wrapped in DDP. The wrapped module registers the adapters only, so DDP neither broadcasts nor all-reduces the
-  frozen weights; rank 0 writes checkpoints.
-* Checkpoints under ``<out>/checkpoints/step-XXXXXXXX/``: the adapters (fp32 safetensors), the optimizer state,
-  and ``state.json`` with the step and the data position; ``<out>/checkpoints/latest.json`` is written last and
-  names the newest. A run started with ``resume="auto"`` continues from it. The final adapter file
+  frozen weights.
+* A checkpoint is a folder: Accelerate's state, the adapters as the pipeline loads them (fp32) and ``state.json``
+  with the step and the data position. In process they go to ``<out>/checkpoints/step-XXXXXXXX/`` and a run started
+  with ``resume="auto"`` continues from the newest; on Ray Train, Ray keeps them. The final adapter file
   ``<out>/adapter.safetensors`` is what ``DreamCachePipeline.from_pretrained(..., adapter=)`` loads.
+* The local data path prepares images in DataLoader worker processes, rows back in stream order.
 * Every random draw of a step comes from a generator seeded by (seed, step, rank, micro-batch), and the data stream
   is replayable from its position, so a resumed run computes what an uninterrupted one would have.
 
-This module does not import Ray: ``pipelines/training.py`` runs the same loop on Ray Train workers.
+This module does not import Ray: ``pipelines/training/job.py`` runs the same loop on Ray Train workers.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import json
 import logging
 import math
 import os
-import queue
-import threading
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal, Protocol
 
 import torch
 import torch.nn.functional as F
+from accelerate import Accelerator
 from torch import nn
 
 from . import storage
-from .adapters import LinearCatInit, adapter_file_bytes, parse_adapter_file
+from .adapters import adapter_file_bytes
 from .cache import extract_features
 from .errors import InvalidValue
 from .images import ImageLimits
 from .pipeline import DreamCachePipeline
+from .training_config import MixedPrecision, TrainingConfig  # noqa: F401 - re-exported: callers import it from here
 from .triplets import (
+    PreparedTriplet,
     ReferenceAugment,
     StreamPosition,
     TripletBatch,
@@ -68,61 +71,8 @@ from .triplets import (
 
 logger = logging.getLogger(__name__)
 
-MixedPrecision = Literal["auto", "no", "fp16", "bf16"]
 ADAPTER_FILE = "adapter.safetensors"
-LATEST = "latest.json"
-
-
-@dataclass
-class TrainingConfig:
-    """Everything a training run needs; the job's flags map onto these fields one to one."""
-
-    model: str  # diffusers SD folder or s3:// prefix
-    data: str  # triplet Parquet file, folder or s3:// prefix
-    out: str  # output folder or s3:// prefix: checkpoints/ and the final adapter.safetensors
-    steps: int  # optimizer steps
-    batch_size: int = 8  # per worker and micro-batch
-    grad_accum: int = 1
-    lr: float = 1e-5
-    weight_decay: float = 0.01
-    resolution: int | None = None  # default: the model's native resolution (512 for SD, 64 for the tiny model)
-    mixed_precision: MixedPrecision = "auto"  # auto: bf16 on a GPU that has it, else fp16 on GPU, fp32 on CPU
-    gradient_checkpointing: bool = False
-    checkpoint_every: int = 500
-    keep_checkpoints: int = 2
-    resume: str = "auto"  # auto: from <out>/checkpoints/latest.json if present | never | a checkpoint URI
-    seed: int = 0
-    caption_dropout: float = 0.07
-    augment: ReferenceAugment = field(default_factory=ReferenceAugment)
-    init_adapter: str | None = None  # start from this adapter file instead of a fresh initialisation
-    adapter_init: LinearCatInit = "default"  # fresh init: "default" (official) or "identity" (deviation A7)
-    save_dtype: Literal["fp16", "fp32"] = "fp16"  # of the final adapter file; checkpoints are always fp32
-    log_every: int = 10
-    device: str = "auto"
-    cache_prompt: str = ""  # text context of the on-the-fly caching pass ("" as the official training)
-    data_workers: int = 2  # threads decoding and augmenting images (local data path)
-    max_grad_norm: float | None = None  # the official run does not clip
-
-    def validate(self) -> None:
-        counts = ("steps", "batch_size", "grad_accum", "checkpoint_every", "keep_checkpoints", "log_every", "data_workers")
-        for name in counts:
-            if getattr(self, name) < 1:
-                raise InvalidValue(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise InvalidValue(f"lr must be > 0, got {self.lr}")
-        if not 0 <= self.caption_dropout <= 1:
-            raise InvalidValue(f"caption_dropout must be in [0, 1], got {self.caption_dropout}")
-        if self.mixed_precision not in ("auto", "no", "fp16", "bf16"):
-            raise InvalidValue(f"mixed_precision must be auto, no, fp16 or bf16, got {self.mixed_precision!r}")
-        if self.save_dtype not in ("fp16", "fp32"):
-            raise InvalidValue(f"save_dtype must be fp16 or fp32, got {self.save_dtype!r}")
-        if self.resolution is not None and (self.resolution <= 0 or self.resolution % 8):
-            raise InvalidValue(f"resolution must be a positive multiple of 8, got {self.resolution}")
-
-    def summary(self) -> dict:
-        data = asdict(self)
-        data["augment"] = asdict(self.augment)
-        return data
+STATE_FILE = "state.json"  # a checkpoint's step and data position, written last
 
 
 @dataclass(frozen=True)
@@ -136,13 +86,6 @@ class World:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    @classmethod
-    def current(cls) -> World:
-        dist = torch.distributed
-        if dist.is_available() and dist.is_initialized():
-            return cls(dist.get_rank(), dist.get_world_size())
-        return cls()
-
 
 # -- data sources ------------------------------------------------------------------------------------------------
 class BatchSource(Protocol):
@@ -151,11 +94,37 @@ class BatchSource(Protocol):
     def batches(self, start: Mapping | None) -> Iterator[tuple[TripletBatch, dict]]: ...
 
 
+class _PreparedRows(torch.utils.data.IterableDataset):
+    """This rank's rows of the stream from ``start``, each prepared (or the reason it cannot be) with the stream
+    position after it.
+
+    DataLoader worker ``k`` of ``n`` prepares this rank's rows ``k, k + n, ...``; the loader takes one item from
+    each worker in turn, so the rows come back in stream order, whatever the number of workers.
+    """
+
+    def __init__(self, source: ParquetTripletSource, stream: TripletStream, start: StreamPosition) -> None:
+        self.source, self.stream, self.start = source, stream, start
+
+    def __iter__(self) -> Iterator[tuple[PreparedTriplet | str, dict]]:
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        world, source = self.source.world, self.source
+        for index, (row, epoch, after) in enumerate(self.stream.rows(self.start)):
+            if index % world.size != world.rank or (index // world.size) % workers != worker:
+                continue
+            try:
+                yield prepare_triplet(row, source.resolution, sample_rng(source.seed, epoch, row_key(row)),
+                                      source.augment, source.caption_dropout, source.limits), after.to_dict()
+            except TripletError as exc:  # as text: the error crosses a process boundary
+                yield str(exc), after.to_dict()
+
+
 @dataclass
 class ParquetTripletSource:
-    """The local data path: a replayable Parquet stream, images prepared on a few threads, batches prefetched.
+    """The local data path: a replayable Parquet stream, images prepared in ``workers`` DataLoader processes.
 
-    With several ranks each takes every ``world.size``-th row of the same stream.
+    With several ranks each takes every ``world.size``-th row of the same stream. ``pin_memory``: batches in
+    page-locked memory, so their copy to a GPU is asynchronous.
     """
 
     uri: str
@@ -167,81 +136,31 @@ class ParquetTripletSource:
     workers: int = 2
     world: World = field(default_factory=World)
     limits: ImageLimits = field(default_factory=ImageLimits)
+    pin_memory: bool = False
     skipped: int = 0
 
     def batches(self, start: Mapping | None) -> Iterator[tuple[TripletBatch, dict]]:
-        return prefetch(self._batches(StreamPosition.from_dict(start)), depth=2)
-
-    def _prepare(self, item):
-        row, epoch = item
-        try:
-            return prepare_triplet(row, self.resolution, sample_rng(self.seed, epoch, row_key(row)), self.augment,
-                                   self.caption_dropout, self.limits)
-        except TripletError as exc:
-            return exc
-
-    def _batches(self, position: StreamPosition) -> Iterator[tuple[TripletBatch, dict]]:
-        dataset = TripletStream(self.uri, seed=self.seed)
-        stream = dataset.rows(position)
-        index, bad_in_a_row = 0, 0
-        with ThreadPoolExecutor(self.workers, thread_name_prefix="triplets") as pool:
-            samples = []
-            while True:
-                wanted, chunk, after = self.batch_size - len(samples), [], position
-                while len(chunk) < wanted:
-                    row, epoch, after = next(stream)
-                    if index % self.world.size == self.world.rank:
-                        chunk.append((row, epoch))
-                    index += 1
-                for result in pool.map(self._prepare, chunk):
-                    if isinstance(result, TripletError):
-                        self.skipped += 1
-                        bad_in_a_row += 1
-                        logger.warning("skipping a triplet (%d so far): %s", self.skipped, result)
-                    else:
-                        samples.append(result)
-                        bad_in_a_row = 0
-                if bad_in_a_row >= max(1, len(dataset) // self.world.size):
+        stream = TripletStream(self.uri, seed=self.seed)
+        rows = _PreparedRows(self, stream, StreamPosition.from_dict(start))
+        # Per-row items, about two batches in flight in all; prepared rows past the checkpointed position are
+        # simply prepared again by a resumed run.
+        ahead = {"prefetch_factor": math.ceil(2 * self.batch_size / self.workers)} if self.workers else {}
+        loader = torch.utils.data.DataLoader(rows, batch_size=None, num_workers=self.workers, **ahead)
+        samples, bad_in_a_row = [], 0
+        for sample, position in loader:
+            if isinstance(sample, str):
+                self.skipped += 1
+                bad_in_a_row += 1
+                logger.warning("skipping a triplet (%d so far): %s", self.skipped, sample)
+                if bad_in_a_row >= max(1, len(stream) // self.world.size):
                     raise TripletError(f"{self.uri}: no usable triplet in a whole pass over the data")
-                position = after
-                if len(samples) == self.batch_size:
-                    yield collate(samples), position.to_dict()
-                    samples = []
-
-
-def prefetch(iterator: Iterator, depth: int = 2) -> Iterator:
-    """Run ``iterator`` on a background thread, ``depth`` items ahead; its exceptions re-raise here."""
-    items: queue.Queue = queue.Queue(maxsize=depth)
-    done = object()
-    stop = threading.Event()
-
-    def produce() -> None:
-        try:
-            for item in iterator:
-                while not stop.is_set():
-                    try:
-                        items.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
-                    return
-            items.put(done)
-        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
-            items.put(exc)
-
-    thread = threading.Thread(target=produce, name="prefetch", daemon=True)
-    thread.start()
-    try:
-        while True:
-            item = items.get()
-            if item is done:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
+                continue
+            samples.append(sample)
+            bad_in_a_row = 0
+            if len(samples) == self.batch_size:
+                batch = collate(samples)
+                yield (batch.pin_memory() if self.pin_memory else batch), position
+                samples = []
 
 
 # -- the model -------------------------------------------------------------------------------------------------
@@ -267,15 +186,15 @@ def resolve_device(name: str) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
-def resolve_precision(mixed_precision: MixedPrecision, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype, or None for full fp32."""
+def resolve_precision(mixed_precision: MixedPrecision, device: torch.device) -> Literal["no", "fp16", "bf16"]:
+    """Accelerate's mixed precision for ``mixed_precision`` on ``device``: full fp32 ("no") on a CPU."""
     if device.type != "cuda" or mixed_precision == "no":
         if mixed_precision in ("fp16", "bf16") and device.type != "cuda":
             logger.info("mixed precision %s requested on %s: training in fp32", mixed_precision, device)
-        return None
+        return "no"
     if mixed_precision == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return {"fp16": torch.float16, "bf16": torch.bfloat16}[mixed_precision]
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return mixed_precision
 
 
 def load_pipeline(config: TrainingConfig) -> DreamCachePipeline:
@@ -307,17 +226,24 @@ def step_generator(seed: int, step: int, rank: int, micro: int) -> torch.Generat
 
 
 class AdapterTrainer:
-    """One model, its optimizer, and the training step; knows how to checkpoint and resume itself."""
+    """One model, its optimizer, and the training step, run by an ``accelerate.Accelerator``; writes and reads
+    its own checkpoint folders."""
 
-    def __init__(self, config: TrainingConfig, device: torch.device | None = None, world: World | None = None,
+    def __init__(self, config: TrainingConfig, device: torch.device | None = None,
                  pipe: DreamCachePipeline | None = None) -> None:
         """``pipe`` (optional) is a pipeline built in memory, e.g. a random-weight model for a benchmark; it is moved
         and cast like a loaded one. By default ``config.model`` is loaded."""
         config.validate()
         self.config = config
-        self.world = world or World.current()
         self.device = device or resolve_device(config.device)
-        self.autocast_dtype = resolve_precision(config.mixed_precision, self.device)
+        precision = resolve_precision(config.mixed_precision, self.device)
+        # Accelerate joins a process group already set up (Ray Train's TorchTrainer, torchrun) and wraps the model
+        # in DDP only then. Its state is one per process: the first Accelerator fixes CPU-or-not and the precision.
+        # device_placement off: the frozen pipeline, which it does not see, is placed here with the adapters.
+        self.accelerator = Accelerator(mixed_precision=precision, cpu=self.device.type == "cpu",
+                                       gradient_accumulation_steps=config.grad_accum, device_placement=False)
+        self.world = World(self.accelerator.process_index, self.accelerator.num_processes)
+        self.autocast_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
         self.pipe = prepare_pipeline_for_training(
             pipe or load_pipeline(config), self.device, self.autocast_dtype)
         self.resolution = config.resolution or self.pipe.default_resolution
@@ -325,30 +251,21 @@ class AdapterTrainer:
             self.pipe.unet.enable_gradient_checkpointing()
         elif self.pipe.unet.is_gradient_checkpointing:  # a pipeline handed in may have it on
             self.pipe.unet.disable_gradient_checkpointing()
-        self.denoiser: nn.Module = AdapterDenoiser(self.pipe)
-        if self.world.size > 1:
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            self.denoiser = nn.parallel.DistributedDataParallel(self.denoiser, device_ids=ids)
         self.params = [p for p in self.pipe.adapters.parameters()]
-        self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
-        self.scaler = torch.amp.GradScaler("cuda") if self.autocast_dtype == torch.float16 else None
+        optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
+        self.denoiser, self.optimizer = self.accelerator.prepare(AdapterDenoiser(self.pipe), optimizer)
         with torch.no_grad():
             self.cache_context = self.pipe.encode_prompt([config.cache_prompt])
-        logger.info("training %d adapter parameters on %s (rank %d/%d, autocast %s, checkpointing %s)",
+        logger.info("training %d adapter parameters on %s (rank %d/%d, mixed precision %s, checkpointing %s)",
                     sum(p.numel() for p in self.params), self.device, self.world.rank, self.world.size,
-                    self.autocast_dtype, config.gradient_checkpointing)
+                    precision, config.gradient_checkpointing)
 
     # -- the step ------------------------------------------------------------------------------------------
-    def _autocast(self):
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
-
     @torch.no_grad()
     def encode(self, batch: TripletBatch, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
         """Frozen parts of a step: target latents (posterior sample), caption embeddings, per-sample caches."""
         pipe, vae = self.pipe, self.pipe.vae
-        posterior = vae.encode(batch.target.to(self.device, vae.dtype)).latent_dist
+        posterior = vae.encode(batch.target.to(self.device, vae.dtype, non_blocking=True)).latent_dist
         sample = torch.randn(posterior.mean.shape, generator=generator).to(self.device, posterior.mean.dtype)
         shift = getattr(vae.config, "shift_factor", None) or 0.0
         latents = ((posterior.mean + posterior.std * sample - shift) * vae.config.scaling_factor).float()
@@ -359,9 +276,8 @@ class AdapterTrainer:
         caches = [{name: value[i : i + 1] for name, value in features.items()} for i in range(len(batch))]
         return latents, text, caches
 
-    def loss_and_backward(self, batch: TripletBatch, generator: torch.Generator, scale: float = 1.0,
-                          backward: bool = True) -> float:
-        """eps-MSE of one micro-batch; with ``backward`` its gradient (times ``scale``) is accumulated.
+    def loss_and_backward(self, batch: TripletBatch, generator: torch.Generator, backward: bool = True) -> float:
+        """eps-MSE of one micro-batch; with ``backward`` its gradient (over ``grad_accum``) is accumulated.
 
         The reference context stays open through backward: a gradient-checkpointed block recomputed there must take
         the adapted path again.
@@ -375,34 +291,26 @@ class AdapterTrainer:
         with contextlib.ExitStack() as stack:
             if not backward:
                 stack.enter_context(torch.no_grad())
-            with self._autocast():
+            with self.accelerator.autocast():
                 stack.enter_context(self.pipe.adapters.reference(caches, list(range(len(batch)))))
                 prediction = self.denoiser(noisy.to(unet_dtype), timesteps, text.to(unet_dtype))
                 loss = F.mse_loss(prediction.float(), noise)
             if backward:
-                scaled = loss * scale
-                (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+                self.accelerator.backward(loss)
         return float(loss.detach())
 
     def train_step(self, micro_batches: list[TripletBatch], step: int) -> float:
         """One optimizer step over ``grad_accum`` micro-batches; returns their mean loss."""
-        self.optimizer.zero_grad(set_to_none=True)
         losses = []
         for micro, batch in enumerate(micro_batches):
-            last = micro == len(micro_batches) - 1
-            sync = contextlib.nullcontext() if last or self.world.size == 1 else self.denoiser.no_sync()
-            with sync:
+            # Accelerate skips DDP's all-reduce, the clipping and the optimizer step but on the last micro-batch.
+            with self.accelerator.accumulate(self.denoiser):
                 generator = step_generator(self.config.seed, step, self.world.rank, micro)
-                losses.append(self.loss_and_backward(batch, generator, scale=1.0 / len(micro_batches)))
-        if self.scaler:
-            self.scaler.unscale_(self.optimizer)
-        if self.config.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
-        if self.scaler:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
+                losses.append(self.loss_and_backward(batch, generator))
+                if self.accelerator.sync_gradients and self.config.max_grad_norm:
+                    self.accelerator.clip_grad_norm_(self.params, self.config.max_grad_norm)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
         return sum(losses) / len(losses)
 
     @torch.no_grad()
@@ -412,72 +320,38 @@ class AdapterTrainer:
                   for i, batch in enumerate(batches)]
         return sum(losses) / len(losses)
 
-    # -- checkpoints ---------------------------------------------------------------------------------------
-    def checkpoint_uri(self, step: int) -> str:
-        return storage.join_uri(self.config.out, "checkpoints", f"step-{step:08d}")
+    def mean_across_ranks(self, value: float) -> float:
+        tensor = torch.tensor([value], device=self.device, dtype=torch.float64)
+        return float(self.accelerator.reduce(tensor, reduction="mean").item())
 
-    def save_checkpoint(self, step: int, position: Mapping | None, samples_seen: int) -> str:
-        """Write adapters, optimizer and state, then point latest.json at them (rank 0 only)."""
-        uri = self.checkpoint_uri(step)
-        storage.write_bytes(storage.join_uri(uri, ADAPTER_FILE), adapter_file_bytes(self.pipe.adapters, torch.float32))
-        buffer = io.BytesIO()
-        torch.save({"optimizer": self.optimizer.state_dict(),
-                    "scaler": self.scaler.state_dict() if self.scaler else None}, buffer)
-        storage.write_bytes(storage.join_uri(uri, "optimizer.pt"), buffer.getvalue())
-        state = {"step": step, "data_position": dict(position or {}), "samples_seen": samples_seen,
-                 "base_model": self.pipe.base_model, "world_size": self.world.size, "time": time.time(),
-                 "config": self.config.summary()}
-        storage.write_bytes(storage.join_uri(uri, "state.json"), json.dumps(state, indent=2).encode())
-        storage.write_bytes(storage.join_uri(self.config.out, "checkpoints", LATEST),
-                            json.dumps({"step": step, "checkpoint": uri}).encode())
-        self._prune_checkpoints(step)
-        logger.info("checkpoint at step %d: %s", step, uri)
-        return uri
+    # -- checkpoint folders --------------------------------------------------------------------------------
+    def save_state(self, directory: str, step: int, position: Mapping | None, samples_seen: int) -> None:
+        """This rank's part of a checkpoint, into the local folder ``directory``: Accelerate's state (adapters,
+        optimizer, gradient scaler, random generators), and from rank 0 the adapter file the pipeline loads and
+        ``state.json`` with the step and the data position."""
+        self.accelerator.save_state(directory)
+        if self.world.is_main:
+            Path(directory, ADAPTER_FILE).write_bytes(adapter_file_bytes(self.pipe.adapters, torch.float32))
+            state = {"step": step, "data_position": dict(position or {}), "samples_seen": samples_seen,
+                     "base_model": self.pipe.base_model, "world_size": self.world.size, "time": time.time(),
+                     "config": self.config.summary()}
+            Path(directory, STATE_FILE).write_text(json.dumps(state, indent=2))
 
-    def _prune_checkpoints(self, newest: int) -> None:
-        root = storage.join_uri(self.config.out, "checkpoints")
-        steps = sorted({int(part[5:]) for uri in storage.list_files(root)
-                        for part in uri[len(root):].split("/") if part.startswith("step-") and part[5:].isdigit()})
-        for old in [s for s in steps if s != newest][: max(0, len(steps) - self.config.keep_checkpoints)]:
-            folder = self.checkpoint_uri(old)
-            for uri in storage.list_files(folder):
-                storage.delete(uri)
-            location = storage.parse_uri(folder)
-            if location.scheme == "file":  # object stores have no empty folders to leave behind
-                with contextlib.suppress(OSError):
-                    os.rmdir(location.path)
-
-    def find_checkpoint(self) -> str | None:
-        resume = self.config.resume
-        if resume == "never":
-            return None
-        if resume != "auto":
-            return resume
-        latest = storage.join_uri(self.config.out, "checkpoints", LATEST)
-        if not storage.exists(latest):
-            return None
-        return json.loads(storage.read_bytes(latest))["checkpoint"]
-
-    def load_checkpoint(self, uri: str) -> dict:
-        """Restore adapters and optimizer from a checkpoint folder; returns its state.json."""
-        try:
-            state = json.loads(storage.read_bytes(storage.join_uri(uri, "state.json")))
-        except storage.ObjectNotFound:
-            raise FileNotFoundError(f"{uri} is not a training checkpoint (no state.json)") from None
+    def load_state(self, directory: str, name: str) -> dict:
+        """Restore what ``save_state`` wrote into ``directory`` (the checkpoint ``name``); returns its state.json."""
+        state = json.loads(Path(directory, STATE_FILE).read_text())
         if state["base_model"] != self.pipe.base_model:
-            raise InvalidValue(f"checkpoint {uri} was trained on base model {state['base_model']}, this run's model is "
+            raise InvalidValue(f"checkpoint {name} was trained on base model {state['base_model']}, this run's model is "
                                f"{self.pipe.base_model}; use another --out or --resume never", kind="incompatible")
-        weights, _ = parse_adapter_file(storage.read_bytes(storage.join_uri(uri, ADAPTER_FILE)), uri)
-        self.pipe.adapters.load_state_dict({k: v.to(self.device, torch.float32) for k, v in weights.items()})
-        saved = torch.load(io.BytesIO(storage.read_bytes(storage.join_uri(uri, "optimizer.pt"))),
-                           map_location=self.device, weights_only=True)
-        self.optimizer.load_state_dict(saved["optimizer"])
-        if self.scaler and saved.get("scaler"):
-            self.scaler.load_state_dict(saved["scaler"])
-        if state.get("world_size") != self.world.size:
-            logger.warning("resuming a %s-worker run on %d workers: the data order changes from here",
-                           state.get("world_size"), self.world.size)
-        logger.info("resumed from %s at step %d", uri, state["step"])
+        saved_world = state.get("world_size", 1)
+        if (saved_world == 1) != (self.world.size == 1):  # a DDP-wrapped model's state names its tensors module.*
+            raise InvalidValue(f"checkpoint {name} is of a {saved_world}-worker run; resume it on "
+                               f"{'one worker' if saved_world == 1 else 'several workers'}", kind="incompatible")
+        self.accelerator.load_state(directory)
+        if saved_world != self.world.size:
+            logger.warning("resuming a %d-worker run on %d workers: the data order changes from here",
+                           saved_world, self.world.size)
+        logger.info("resumed from %s at step %d", name, state["step"])
         return state
 
     def save_final(self) -> str:
@@ -485,6 +359,82 @@ class AdapterTrainer:
         dtype = torch.float16 if self.config.save_dtype == "fp16" else torch.float32
         storage.write_bytes(uri, adapter_file_bytes(self.pipe.adapters, dtype))
         return uri
+
+
+# -- where checkpoints go ----------------------------------------------------------------------------------------
+class Checkpoints(Protocol):
+    """Keeps a run's checkpoints (folders of ``AdapterTrainer.save_state``) and gives a resumed run its last one."""
+
+    def restore(self, trainer: AdapterTrainer) -> dict | None:
+        """Load the checkpoint to resume from into ``trainer``; its state.json, or None for a fresh start."""
+        ...
+
+    def save(self, trainer: AdapterTrainer, step: int, position: Mapping | None, samples_seen: int) -> None: ...
+
+
+@dataclass
+class FolderCheckpoints:
+    """The in-process run's checkpoints: ``<out>/checkpoints/step-XXXXXXXX/`` (local or s3://), the newest
+    ``keep_checkpoints`` kept. A folder is complete once it holds ``state.json``, uploaded last; ``resume="auto"``
+    continues from the newest complete one. (On Ray Train, ``pipelines.training`` uses Ray's checkpoints.)"""
+
+    config: TrainingConfig
+
+    @property
+    def root(self) -> str:
+        return storage.join_uri(self.config.out, "checkpoints")
+
+    def folder(self, step: int) -> str:
+        return storage.join_uri(self.root, f"step-{step:08d}")
+
+    def _folders(self) -> dict[int, bool]:
+        """Step -> whether the folder is complete."""
+        folders: dict[int, bool] = {}
+        for uri in storage.list_files(self.root):
+            name, _, rest = uri[len(self.root):].strip("/").partition("/")
+            if name.startswith("step-") and name[5:].isdigit():
+                folders[int(name[5:])] = folders.get(int(name[5:]), False) or rest == STATE_FILE
+        return folders
+
+    def restore(self, trainer: AdapterTrainer) -> dict | None:
+        uri = self.config.resume
+        if uri == "never":
+            return None
+        if uri == "auto":
+            complete = [step for step, done in self._folders().items() if done]
+            if not complete:
+                return None
+            uri = self.folder(max(complete))
+        if not storage.exists(storage.join_uri(uri, STATE_FILE)):
+            raise FileNotFoundError(f"{uri} is not a training checkpoint (no {STATE_FILE})")
+        with tempfile.TemporaryDirectory(prefix="dreamcache-checkpoint-") as local:
+            return trainer.load_state(str(storage.download_prefix(uri, local)), uri)
+
+    def save(self, trainer: AdapterTrainer, step: int, position: Mapping | None, samples_seen: int) -> None:
+        if not trainer.world.is_main:
+            return
+        uri = self.folder(step)
+        with tempfile.TemporaryDirectory(prefix="dreamcache-checkpoint-") as local:
+            trainer.save_state(local, step, position, samples_seen)
+            state = Path(local, STATE_FILE)
+            marker = state.read_bytes()
+            state.unlink()
+            storage.upload_dir(local, uri)
+            storage.write_bytes(storage.join_uri(uri, STATE_FILE), marker)
+        folders = self._folders()
+        keep = sorted(s for s, done in folders.items() if done)[-self.config.keep_checkpoints:]
+        for old in set(folders) - set(keep):
+            self._delete(self.folder(old))
+        logger.info("checkpoint at step %d: %s", step, uri)
+
+    @staticmethod
+    def _delete(folder: str) -> None:
+        for uri in storage.list_files(folder):
+            storage.delete(uri)
+        location = storage.parse_uri(folder)
+        if location.scheme == "file":  # object stores have no empty folders to leave behind
+            with contextlib.suppress(OSError):
+                os.rmdir(location.path)
 
 
 # -- the loop ----------------------------------------------------------------------------------------------------
@@ -501,21 +451,11 @@ class TrainingResult:
 Reporter = Callable[[dict], None]
 
 
-def _mean_across_ranks(value: float, world: World, device: torch.device) -> float:
-    if world.size == 1:
-        return value
-    tensor = torch.tensor([value], device=device, dtype=torch.float64)
-    torch.distributed.all_reduce(tensor)
-    return float(tensor.item()) / world.size
-
-
 @dataclass
 class _Progress:
     """Loss and throughput every ``log_every`` steps: logged on rank 0, reported on every rank."""
 
-    config: TrainingConfig
-    world: World
-    device: torch.device
+    trainer: AdapterTrainer
     report: Reporter | None
     samples_per_step: int
     window_start: float = field(default_factory=time.perf_counter)
@@ -523,42 +463,42 @@ class _Progress:
     samples_per_s: float | None = None
 
     def update(self, step: int, loss: float, samples_seen: int, position: Mapping | None) -> None:
+        config = self.trainer.config
         self.window_steps += 1
-        if step % self.config.log_every and step != self.config.steps:
+        if step % config.log_every and step != config.steps:
             return
         self.samples_per_s = self.window_steps * self.samples_per_step / (time.perf_counter() - self.window_start)
-        loss = _mean_across_ranks(loss, self.world, self.device)  # every rank logs at the same steps
-        if self.world.is_main:
-            eta = (self.config.steps - step) * self.samples_per_step / self.samples_per_s
+        loss = self.trainer.mean_across_ranks(loss)  # every rank logs at the same steps
+        if self.trainer.world.is_main:
+            eta = (config.steps - step) * self.samples_per_step / self.samples_per_s
             logger.info("step %d/%d  loss %.4f  %.2f samples/s  eta %.0fs",
-                        step, self.config.steps, loss, self.samples_per_s, eta)
+                        step, config.steps, loss, self.samples_per_s, eta)
         if self.report:
             self.report({"step": step, "loss": loss, "samples_per_s": self.samples_per_s, "samples_seen": samples_seen,
-                         "lr": self.config.lr, "epoch": (position or {}).get("epoch")})
+                         "lr": config.lr, "epoch": (position or {}).get("epoch")})
         self.window_start, self.window_steps = time.perf_counter(), 0
 
 
 def train(config: TrainingConfig, source: BatchSource | None = None, report: Reporter | None = None,
-          trainer: AdapterTrainer | None = None) -> TrainingResult:
-    """Train (or finish training) the adapters of ``config``; resumes from the last checkpoint under ``config.out``.
+          trainer: AdapterTrainer | None = None, checkpoints: Checkpoints | None = None) -> TrainingResult:
+    """Train (or finish training) the adapters of ``config``; resumes from its last checkpoint.
 
     ``source`` defaults to the local Parquet stream of ``config.data``; ``report`` receives the metrics logged
-    every ``log_every`` steps (Ray Train passes ``ray.train.report``).
+    every ``log_every`` steps; ``checkpoints`` defaults to folders under ``config.out`` (Ray Train passes its own).
     """
     started = time.perf_counter()
     trainer = trainer or AdapterTrainer(config)
+    checkpoints = checkpoints or FolderCheckpoints(config)
     world = trainer.world
-    start_step, position, samples_seen = 0, None, 0
-    checkpoint = trainer.find_checkpoint()
-    if checkpoint:
-        state = trainer.load_checkpoint(checkpoint)
-        start_step, position, samples_seen = state["step"], state["data_position"], state.get("samples_seen", 0)
+    state = checkpoints.restore(trainer) or {}
+    start_step, position, samples_seen = state.get("step", 0), state.get("data_position"), state.get("samples_seen", 0)
     per_step = config.batch_size * config.grad_accum * world.size
-    progress = _Progress(config, world, trainer.device, report, per_step)
+    progress = _Progress(trainer, report, per_step)
     step, last_loss = start_step, None
     if start_step < config.steps:
         source = source or ParquetTripletSource(config.data, config.batch_size, trainer.resolution, config.seed,
-                                                config.augment, config.caption_dropout, config.data_workers, world)
+                                                config.augment, config.caption_dropout, config.data_workers, world,
+                                                pin_memory=trainer.device.type == "cuda")
         logger.info("training steps %d..%d, %d samples per step", start_step + 1, config.steps, per_step)
         batches = source.batches(position)
         try:
@@ -572,8 +512,8 @@ def train(config: TrainingConfig, source: BatchSource | None = None, report: Rep
                     raise FloatingPointError(f"loss is {last_loss} at step {step}; lower the learning rate")
                 samples_seen += per_step
                 progress.update(step, last_loss, samples_seen, position)
-                if world.is_main and (step % config.checkpoint_every == 0 or step == config.steps):
-                    trainer.save_checkpoint(step, position, samples_seen)
+                if step % config.checkpoint_every == 0 or step == config.steps:
+                    checkpoints.save(trainer, step, position, samples_seen)
         finally:
             close = getattr(batches, "close", None)
             if close:

@@ -40,6 +40,7 @@ from PIL import Image, ImageEnhance
 from . import storage
 from .errors import InvalidValue
 from .images import ImageDecodeError, ImageLimits, decode_image, prepare_reference
+from .training_config import ReferenceAugment  # noqa: F401 - re-exported: it is the triplets' augmentation
 
 logger = logging.getLogger(__name__)
 
@@ -59,29 +60,6 @@ class TripletError(InvalidValue):
 
 
 # -- reference construction (spec 3.2) ---------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ReferenceAugment:
-    """The official reference augmentation; every probability can be set to 0 to switch a step off."""
-
-    min_width_fraction: float = 0.7  # RandomResizeForeground(min_pct_area=0.7): width in [0.7 W, W]
-    flip_p: float = 0.5
-    jitter_p: float = 0.1
-    brightness: float = 0.2
-    contrast: float = 0.2
-    saturation: float = 0.2
-    hue: float = 0.05
-    erase_p: float = 0.4
-    erase_area: tuple[float, float] = (0.02, 0.25)
-    erase_ratio: tuple[float, float] = (0.3, 3.3)
-
-    def __post_init__(self) -> None:
-        if not 0 < self.min_width_fraction <= 1:
-            raise InvalidValue(f"min_width_fraction must be in (0, 1], got {self.min_width_fraction}")
-        for name in ("flip_p", "jitter_p", "erase_p"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise InvalidValue(f"{name} must be a probability, got {getattr(self, name)}")
-
-
 NO_AUGMENT = ReferenceAugment(min_width_fraction=1.0, flip_p=0.0, jitter_p=0.0, erase_p=0.0)
 
 
@@ -268,6 +246,9 @@ class TripletBatch:
 
     def __len__(self) -> int:
         return len(self.captions)
+
+    def pin_memory(self) -> TripletBatch:
+        return TripletBatch(self.target.pin_memory(), self.reference.pin_memory(), self.captions)
 
 
 def pixels_to_tensor(pixels: np.ndarray) -> torch.Tensor:

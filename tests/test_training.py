@@ -100,7 +100,7 @@ def test_a_resumed_run_computes_what_an_uninterrupted_one_does(tiny_model_dir, s
     assert state["step"] == 4 and state["data_position"]["epoch"] == 0 and state["samples_seen"] == 32
     kept = storage.list_files(f"{s3_prefix}/interrupted/checkpoints")
     steps_kept = {uri.split("/checkpoints/")[1].split("/")[0] for uri in kept}
-    assert steps_kept == {"latest.json", "step-00000002", "step-00000004"}
+    assert steps_kept == {"step-00000002", "step-00000004"}
     finished = train(interrupted)  # a rerun after the end does no step and rewrites the same adapters
     assert finished.resumed_from_step == 4 and finished.final_loss is None
 
@@ -169,5 +169,6 @@ def test_train_job_on_ray_train_with_two_ddp_workers(ray_cluster, tiny_model_dir
     fresh = load_pipeline(TrainingConfig(model=str(tiny_model_dir), data="", out="", steps=1)).adapters.state_dict()
     trained = pipe.adapters.state_dict()  # the run started from the seed-0 initialisation and moved away from it
     assert any((trained[k] - fresh[k].half().float()).abs().max() > 0 for k in trained)
-    state = json.loads(storage.read_bytes(f"{out}/checkpoints/step-00000003/state.json"))
-    assert state["world_size"] == 2 and state["samples_seen"] == 3 * 2 * 2
+    assert summary["checkpoint"].startswith(f"{out}/dreamcache-adapters/")  # Ray Train's run folder, under --out
+    state = json.loads(storage.read_bytes(f"{summary['checkpoint']}/state.json"))
+    assert state["step"] == 3 and state["world_size"] == 2 and state["samples_seen"] == 3 * 2 * 2

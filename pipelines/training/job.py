@@ -3,14 +3,17 @@
 Ray Data reads the triplet Parquet files (local or s3://) and builds each training sample (decode, the reference
 construction of spec 3.2, caption dropout) in CPU tasks, off the training workers; ``TorchTrainer`` starts one
 worker per GPU (or CPU worker), sets up the process group, and each worker runs ``dreamcache.training.train`` on
-its shard of the stream. ``train`` wraps the adapters in DDP, so gradients are averaged over all workers; rank 0
-writes the checkpoints and the final adapter file to ``--out``, which must be storage every worker can reach
-(s3:// on a multi-node cluster).
+its shard of the stream. ``train``'s Accelerator wraps the adapters in DDP, so gradients are averaged over all
+workers; rank 0 writes the final adapter file to ``--out``, which must be storage every worker can reach (s3:// on
+a multi-node cluster).
 
-A failed worker group is restarted up to ``max_failures`` times and resumes from the last checkpoint under
-``--out``; a resubmitted job does the same. Ray Data's streaming split is not replayable, so a resumed Ray run
-continues at the checkpointed step on a freshly shuffled pass of the data (the in-process path, ``run_local``,
-resumes at the exact sample).
+Checkpoints are Ray Train's: every worker reports its part with ``ray.train.report`` and Ray keeps the newest
+``keep_checkpoints`` (``CheckpointConfig``) in the run folder, ``<ray storage>/dreamcache-adapters`` (by default
+``--out``). A failed worker group is restarted up to ``max_failures`` times and resumes from the last one
+(``ray.train.get_checkpoint``); a resubmitted job with the same run folder does the same (``--resume never`` starts
+a new run folder, ``--resume URI`` starts from that checkpoint). Ray Data's streaming split is not replayable, so a
+resumed Ray run continues at the checkpointed step on a freshly shuffled pass of the data (the in-process path,
+``run_local``, resumes at the exact sample).
 """
 
 from __future__ import annotations
@@ -21,7 +24,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import tempfile
 import uuid
 from collections.abc import Iterator, Mapping
@@ -31,12 +33,16 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from dreamcache import storage
+from dreamcache.cli_args import config_from_namespace
 from dreamcache.images import ImageLimits
-from dreamcache.triplets import ReferenceAugment, TripletBatch, TripletError, parquet_files, pixels_to_tensor, prepare_triplet
+from dreamcache.training_config import ReferenceAugment, TrainingConfig
+from dreamcache.triplets import TripletBatch, TripletError, parquet_files, pixels_to_tensor, prepare_triplet
 from dreamcache.errors import InvalidValue
 
 if TYPE_CHECKING:  # the training loop pulls in diffusers: Ray Data's preparation tasks must not pay for that import
-    from dreamcache.training import AdapterTrainer, TrainingConfig, TrainingResult
+    from dreamcache.training import AdapterTrainer, TrainingResult
+
+RUN_NAME = "dreamcache-adapters"  # fixed: a resubmitted job finds its run folder, and resumes
 
 from ..kernel.model_info import native_resolution
 from ..kernel.ray_runtime import init_ray
@@ -54,7 +60,7 @@ class ScaleConfig:
     cpus_per_worker: float = 1.0
     max_failures: int = 0
     data_cpus: float = 0.5  # per Ray Data preparation task
-    storage_path: str | None = None  # Ray Train's run folder (local path or s3://); default: a temp folder
+    storage_path: str | None = None  # where Ray Train keeps the run folder (local path or s3://); default: --out
     ray_address: str | None = None
 
     def validate(self) -> None:
@@ -141,6 +147,28 @@ class RayShardSource:
             epoch += 1
 
 
+class RayCheckpoints:
+    """``dreamcache.training.Checkpoints`` through Ray Train: each worker reports its part of a checkpoint folder
+    (Ray merges them), and a restarted or resumed run gets the newest back from ``ray.train.get_checkpoint()``."""
+
+    def restore(self, trainer: AdapterTrainer) -> dict | None:
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return None
+        with checkpoint.as_directory() as local:
+            return trainer.load_state(local, checkpoint.path)
+
+    def save(self, trainer: AdapterTrainer, step: int, position: Mapping | None, samples_seen: int) -> None:
+        import ray.train
+
+        with tempfile.TemporaryDirectory(prefix="dreamcache-checkpoint-") as local:
+            trainer.save_state(local, step, position, samples_seen)
+            ray.train.report({"step": step, "samples_seen": samples_seen},
+                             checkpoint=ray.train.Checkpoint.from_directory(local))
+
+
 def _worker_loop(loop_config: dict) -> None:
     """Runs on every Ray Train worker."""
     import ray.train
@@ -152,7 +180,7 @@ def _worker_loop(loop_config: dict) -> None:
     config: TrainingConfig = replace(loop_config["config"], device=str(ray.train.torch.get_device()))
     source = RayShardSource(ray.train.get_dataset_shard("train"), config.batch_size)
     trainer = AdapterTrainer(config)
-    result = train(config, source=source, report=ray.train.report, trainer=trainer)
+    result = train(config, source=source, report=ray.train.report, trainer=trainer, checkpoints=RayCheckpoints())
     check_replicas_agree(trainer)
     if ray.train.get_context().get_world_rank() == 0:
         logger.info("training finished: %s", result)
@@ -185,34 +213,35 @@ def run_training(config: TrainingConfig, scale: ScaleConfig = ScaleConfig()) -> 
     _start_ray(scale)
     resolution = config.resolution or native_resolution(config.model)
     config = replace(config, resolution=resolution)
-    # Ray Train keeps only run state there (checkpoints go to --out): a temp folder is removed after the run.
-    storage_path = scale.storage_path or tempfile.mkdtemp(prefix="dreamcache-ray-train-")
-    storage_kwargs = {"storage_path": storage_path}
-    if storage.is_s3(storage_path):
-        filesystem, path = storage.pyarrow_filesystem(storage_path)
-        storage_kwargs = {"storage_path": path, "storage_filesystem": filesystem}
+    storage_path = scale.storage_path or config.out
+    filesystem, path = storage.pyarrow_filesystem(storage_path)
+    # resume auto continues the run folder's newest checkpoint; never and a checkpoint URI start a run folder of
+    # their own, the URI's checkpoint loaded first.
+    name = RUN_NAME if config.resume == "auto" else f"{RUN_NAME}-{uuid.uuid4().hex[:8]}"
+    start = None
+    if config.resume not in ("auto", "never"):
+        start_filesystem, start_path = storage.pyarrow_filesystem(config.resume)
+        start = ray.train.Checkpoint(start_path, filesystem=start_filesystem)
     trainer = TorchTrainer(
         _worker_loop,
         train_loop_config={"config": config},
         scaling_config=ray.train.ScalingConfig(num_workers=scale.num_workers, use_gpu=scale.use_gpu,
                                                resources_per_worker={"CPU": scale.cpus_per_worker}),
-        run_config=ray.train.RunConfig(name=f"dreamcache-adapters-{uuid.uuid4().hex[:8]}",
+        run_config=ray.train.RunConfig(name=name, storage_path=path, storage_filesystem=filesystem,
                                        failure_config=ray.train.FailureConfig(max_failures=scale.max_failures),
-                                       **storage_kwargs),
+                                       checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.keep_checkpoints)),
         datasets={"train": triplet_dataset(config, resolution, scale.data_cpus)},
+        resume_from_checkpoint=start,
     )
     logger.info("training on %d Ray Train worker(s) (gpu=%s); output %s", scale.num_workers, scale.use_gpu, config.out)
-    try:
-        result = trainer.fit()
-    finally:
-        if scale.storage_path is None:
-            shutil.rmtree(storage_path, ignore_errors=True)
+    result = trainer.fit()
     adapter_uri = storage.join_uri(config.out, "adapter.safetensors")
-    if not storage.exists(adapter_uri):
+    if not storage.exists(adapter_uri) or result.checkpoint is None:
         raise RuntimeError(f"training ended without writing {adapter_uri}: {result.error}")
-    latest = json.loads(storage.read_bytes(storage.join_uri(config.out, "checkpoints", "latest.json")))
-    return {"adapter_uri": adapter_uri, "workers": scale.num_workers, "step": latest["step"],
-            "checkpoint": latest["checkpoint"], **dict(result.metrics or {})}
+    checkpoint = f"s3://{result.checkpoint.path}" if storage.is_s3(storage_path) else result.checkpoint.path
+    state = json.loads(storage.read_bytes(storage.join_uri(checkpoint, "state.json")))
+    return {**dict(result.metrics or {}), "adapter_uri": adapter_uri, "workers": scale.num_workers,
+            "step": state["step"], "checkpoint": checkpoint}
 
 
 def _start_ray(scale: ScaleConfig) -> None:
@@ -238,17 +267,7 @@ def _start_ray(scale: ScaleConfig) -> None:
 
 # -- command line (the parser: pipelines.training.args) ----------------------------------------------------------
 def training_from_args(args: argparse.Namespace) -> tuple[TrainingConfig, ScaleConfig]:
-    from dreamcache.training import TrainingConfig
-
-    config = TrainingConfig(
-        model=args.model, data=args.data, out=args.out, steps=args.steps, batch_size=args.batch_size,
-        grad_accum=args.grad_accum, lr=args.lr, weight_decay=args.weight_decay, resolution=args.resolution,
-        mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing,
-        checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints, resume=args.resume,
-        seed=args.seed, caption_dropout=args.caption_dropout, init_adapter=args.init_adapter,
-        adapter_init=args.adapter_init, save_dtype=args.save_dtype, log_every=args.log_every,
-        max_grad_norm=args.max_grad_norm,
-    )
+    config = config_from_namespace(TrainingConfig, args)
     scale = ScaleConfig(num_workers=args.workers, use_gpu=args.gpu, cpus_per_worker=args.cpus_per_worker,
                         data_cpus=args.data_cpus, max_failures=args.max_failures, storage_path=args.ray_storage,
                         ray_address=args.ray_address)
