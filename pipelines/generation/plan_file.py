@@ -20,6 +20,8 @@ import pyarrow as pa
 from dreamcache import storage
 from dreamcache.errors import InvalidValue
 
+from ..kernel.listing import row_groups
+
 RAW_SCHEMA = pa.schema([("order", pa.int64()), ("where", pa.string()), ("row", pa.string())])
 ROWS_PER_BLOCK = 20_000
 HEAD_BYTES = 1 << 20
@@ -81,18 +83,9 @@ def check_plan_file(uri: str, allowed: Collection[str]) -> int | None:
 
 def plan_pieces(uri: str) -> list[dict]:
     """What each read task reads: a Parquet file's row groups (with their first row's number), else the file."""
-    import pyarrow.parquet as pq
-
     if plan_kind(uri) != "parquet":
         return [{"uri": uri, "row_group": None, "first_row": 0}]
-    filesystem, path = storage.pyarrow_filesystem(uri)
-    with filesystem.open_input_file(path) as handle:
-        metadata = pq.ParquetFile(handle).metadata
-    pieces, first = [], 0
-    for group in range(metadata.num_row_groups):
-        pieces.append({"uri": uri, "row_group": group, "first_row": first})
-        first += metadata.row_group(group).num_rows
-    return pieces
+    return [{"uri": uri, "row_group": group, "first_row": first} for group, first in row_groups(uri)]
 
 
 def _raw(rows: list[tuple[int, str, str | None]]) -> pa.Table:

@@ -78,20 +78,29 @@ def _read_pieces(batch: pa.Table, columns: list[str] | None) -> Iterator[pa.Tabl
                     reader.schema_arrow.empty_table().select(columns)
 
 
+def row_groups(uri: str) -> list[tuple[int, int]]:
+    """(row group, number of its first row) of one Parquet file, from its footer."""
+    import pyarrow.parquet as pq
+
+    filesystem, path = storage.pyarrow_filesystem(uri)
+    with filesystem.open_input_file(path) as handle:
+        metadata = pq.ParquetFile(handle).metadata
+    groups, first = [], 0
+    for group in range(metadata.num_row_groups):
+        groups.append((group, first))
+        first += metadata.row_group(group).num_rows
+    return groups
+
+
 def read_parquet_files(uris: list[str], columns: list[str] | None = None, num_cpus: float = 0.5,
                        split_row_groups: bool = False):
     """Parquet files as a Ray dataset, one read task per file (``split_row_groups``: per row group, so one big
     catalog file is read in parallel)."""
-    import pyarrow.parquet as pq
     import ray
 
     pieces = []
     for uri in uris:
-        groups = None
-        if split_row_groups:
-            filesystem, path = storage.pyarrow_filesystem(uri)
-            with filesystem.open_input_file(path) as handle:
-                groups = list(range(pq.ParquetFile(handle).num_row_groups))
+        groups = [group for group, _ in row_groups(uri)] if split_row_groups else None
         if groups:
             pieces += [{"uri": uri, "row_groups": [g]} for g in groups]
         else:
