@@ -665,9 +665,9 @@ class _S3Store:
         with self._errors("DELETE"):
             s3_client().delete_object(Bucket=self.bucket, Key=self.key)
 
-    def _pages(self, what: str, **kwargs: Any) -> Iterator[dict[str, Any]]:
+    def _pages(self, **kwargs: Any) -> Iterator[dict[str, Any]]:
         """The ListObjectsV2 pages of the prefix (botocore retries each page's request)."""
-        with self._errors(what):
+        with self._errors("LIST"):
             yield from s3_client().get_paginator("list_objects_v2").paginate(
                 Bucket=self.bucket, Prefix=self._prefix, **kwargs)
 
@@ -675,7 +675,7 @@ class _S3Store:
         prefix = self._prefix
         return sorted(
             (obj["Key"][len(prefix):], int(obj["Size"]), obj.get("ETag", "").strip('"'))
-            for page in self._pages("LIST") for obj in page.get("Contents", [])
+            for page in self._pages() for obj in page.get("Contents", [])
             if not obj["Key"].endswith("/")  # "directory marker" objects
         )
 
@@ -684,7 +684,7 @@ class _S3Store:
         prefix = self._prefix
         start = {"StartAfter": prefix + after} if after is not None else {}
         found: list[ListedObject] = []
-        for page in self._pages("LIST", Delimiter="/", PaginationConfig={"PageSize": min(1000, max(limit + 1, 1))},
+        for page in self._pages(Delimiter="/", PaginationConfig={"PageSize": min(1000, max(limit + 1, 1))},
                                 **start):
             for obj in page.get("Contents", []):
                 name = obj["Key"][len(prefix):]
@@ -702,7 +702,7 @@ class _S3Store:
         kwargs: dict[str, Any] = {} if recursive else {"Delimiter": "/"}
         if after is not None:
             kwargs["StartAfter"] = prefix + after
-        for page in self._pages("LIST", **kwargs):
+        for page in self._pages(**kwargs):
             keys = [(obj["Key"], int(obj["Size"]), obj.get("ETag", "").strip('"')) for obj in page.get("Contents", [])]
             for key, nbytes, version in sorted(keys):
                 rel = key[len(prefix):]
