@@ -631,14 +631,10 @@ class _S3Store:
         if known in _known_buckets:
             return
         try:
-            client.head_bucket(Bucket=self.bucket)
-        except bexc.ClientError as exc:
-            code, status = _error_code(exc)
-            if code in ("NoSuchBucket", "404", "NotFound") or status == 404:
-                raise BucketNotFound(f"bucket '{self.bucket}' does not exist ({self.uri})") from None
-            raise _translate(exc, self.uri, f"HEAD bucket {self.bucket}") from exc
-        except bexc.BotoCoreError as exc:
-            raise _translate(exc, self.uri, f"HEAD bucket {self.bucket}") from exc
+            with self._errors(f"HEAD bucket {self.bucket}"):
+                client.head_bucket(Bucket=self.bucket)
+        except ObjectNotFound:  # a HEAD's 404 has no body, so no NoSuchBucket code: here it is the bucket's
+            raise BucketNotFound(f"bucket '{self.bucket}' does not exist ({self.uri})") from None
         _known_buckets.add(known)
 
     def stat(self) -> ObjectInfo:
