@@ -382,8 +382,10 @@ def _local_error(exc: OSError, uri: str, what: str) -> StorageError:
     return StorageError(f"{what} failed for {uri}: {exc}")
 
 
-def _atomic_local_write(path: str, write: Callable[[Any], Any]) -> None:
-    """Write ``path`` via a temp file in the same folder and ``os.replace`` (no torn files)."""
+def _atomic_local_write(path: str, write: Callable[[Any], Any],
+                        commit: Callable[[str, str], Any] | None = None) -> None:
+    """Write ``path`` via a temp file in the same folder, then ``commit(tmp, path)``: by default ``os.replace``
+    (no torn files); a commit that raises leaves no temp file behind."""
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
     tmp = os.path.join(parent, f".{os.path.basename(path)}.{uuid.uuid4().hex[:12]}{_TMP_SUFFIX}")
@@ -394,7 +396,7 @@ def _atomic_local_write(path: str, write: Callable[[Any], Any]) -> None:
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        (commit or os.replace)(tmp, path)
     except BaseException:
         try:
             os.unlink(tmp)
@@ -454,17 +456,16 @@ class _LocalStore:
             _atomic_local_write(self.path, lambda fh: fh.write(data))
 
     def write_if_absent(self, data: bytes) -> None:
-        # A hard link of a finished temp file: atomic, and it fails if the name exists.
-        parent = os.path.dirname(self.path)
-        tmp = os.path.join(parent, f".{os.path.basename(self.path)}.{uuid.uuid4().hex[:12]}{_TMP_SUFFIX}")
-        with self._errors("write"):
-            _atomic_local_write(tmp, lambda fh: fh.write(data))
+        def link(tmp: str, path: str) -> None:
+            # A hard link of the finished temp file: atomic, and it fails if the name exists.
             try:
-                os.link(tmp, self.path)
+                os.link(tmp, path)
             except FileExistsError:
                 raise AlreadyExists(f"already exists: {self.uri}") from None
-            finally:
-                os.unlink(tmp)
+            os.unlink(tmp)
+
+        with self._errors("write"):
+            _atomic_local_write(self.path, lambda fh: fh.write(data), commit=link)
 
     def stat(self) -> ObjectInfo:
         with self._errors("stat"):
