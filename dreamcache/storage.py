@@ -289,7 +289,9 @@ def s3_client() -> Any:
 
 
 def _connection() -> _S3Connection:
-    aws_env = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("AWS_")))
+    # On every S3 operation: walk the keys and read only the AWS_* values (os.environ decodes each value it hands
+    # out); 15 us a call instead of 35 for items() with 44 variables on the 2-core box.
+    aws_env = tuple(sorted((k, os.environ[k]) for k in os.environ if k.startswith("AWS_")))
     return _cached_connection(aws_env, os.getpid())
 
 
@@ -382,8 +384,10 @@ def _local_error(exc: OSError, uri: str, what: str) -> StorageError:
     return StorageError(f"{what} failed for {uri}: {exc}")
 
 
-def _atomic_local_write(path: str, write: Callable[[Any], Any]) -> None:
-    """Write ``path`` via a temp file in the same folder and ``os.replace`` (no torn files)."""
+def _atomic_local_write(path: str, write: Callable[[Any], Any],
+                        commit: Callable[[str, str], Any] | None = None) -> None:
+    """Write ``path`` via a temp file in the same folder, then ``commit(tmp, path)``: by default ``os.replace``
+    (no torn files); a commit that raises leaves no temp file behind."""
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
     tmp = os.path.join(parent, f".{os.path.basename(path)}.{uuid.uuid4().hex[:12]}{_TMP_SUFFIX}")
@@ -394,7 +398,7 @@ def _atomic_local_write(path: str, write: Callable[[Any], Any]) -> None:
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        (commit or os.replace)(tmp, path)
     except BaseException:
         try:
             os.unlink(tmp)
@@ -454,17 +458,16 @@ class _LocalStore:
             _atomic_local_write(self.path, lambda fh: fh.write(data))
 
     def write_if_absent(self, data: bytes) -> None:
-        # A hard link of a finished temp file: atomic, and it fails if the name exists.
-        parent = os.path.dirname(self.path)
-        tmp = os.path.join(parent, f".{os.path.basename(self.path)}.{uuid.uuid4().hex[:12]}{_TMP_SUFFIX}")
-        with self._errors("write"):
-            _atomic_local_write(tmp, lambda fh: fh.write(data))
+        def link(tmp: str, path: str) -> None:
+            # A hard link of the finished temp file: atomic, and it fails if the name exists.
             try:
-                os.link(tmp, self.path)
+                os.link(tmp, path)
             except FileExistsError:
                 raise AlreadyExists(f"already exists: {self.uri}") from None
-            finally:
-                os.unlink(tmp)
+            os.unlink(tmp)
+
+        with self._errors("write"):
+            _atomic_local_write(self.path, lambda fh: fh.write(data), commit=link)
 
     def stat(self) -> ObjectInfo:
         with self._errors("stat"):
@@ -631,14 +634,10 @@ class _S3Store:
         if known in _known_buckets:
             return
         try:
-            client.head_bucket(Bucket=self.bucket)
-        except bexc.ClientError as exc:
-            code, status = _error_code(exc)
-            if code in ("NoSuchBucket", "404", "NotFound") or status == 404:
-                raise BucketNotFound(f"bucket '{self.bucket}' does not exist ({self.uri})") from None
-            raise _translate(exc, self.uri, f"HEAD bucket {self.bucket}") from exc
-        except bexc.BotoCoreError as exc:
-            raise _translate(exc, self.uri, f"HEAD bucket {self.bucket}") from exc
+            with self._errors(f"HEAD bucket {self.bucket}"):
+                client.head_bucket(Bucket=self.bucket)
+        except ObjectNotFound:  # a HEAD's 404 has no body, so no NoSuchBucket code: here it is the bucket's
+            raise BucketNotFound(f"bucket '{self.bucket}' does not exist ({self.uri})") from None
         _known_buckets.add(known)
 
     def stat(self) -> ObjectInfo:
@@ -665,9 +664,9 @@ class _S3Store:
         with self._errors("DELETE"):
             s3_client().delete_object(Bucket=self.bucket, Key=self.key)
 
-    def _pages(self, what: str, **kwargs: Any) -> Iterator[dict[str, Any]]:
+    def _pages(self, **kwargs: Any) -> Iterator[dict[str, Any]]:
         """The ListObjectsV2 pages of the prefix (botocore retries each page's request)."""
-        with self._errors(what):
+        with self._errors("LIST"):
             yield from s3_client().get_paginator("list_objects_v2").paginate(
                 Bucket=self.bucket, Prefix=self._prefix, **kwargs)
 
@@ -675,7 +674,7 @@ class _S3Store:
         prefix = self._prefix
         return sorted(
             (obj["Key"][len(prefix):], int(obj["Size"]), obj.get("ETag", "").strip('"'))
-            for page in self._pages("LIST") for obj in page.get("Contents", [])
+            for page in self._pages() for obj in page.get("Contents", [])
             if not obj["Key"].endswith("/")  # "directory marker" objects
         )
 
@@ -684,7 +683,7 @@ class _S3Store:
         prefix = self._prefix
         start = {"StartAfter": prefix + after} if after is not None else {}
         found: list[ListedObject] = []
-        for page in self._pages("LIST", Delimiter="/", PaginationConfig={"PageSize": min(1000, max(limit + 1, 1))},
+        for page in self._pages(Delimiter="/", PaginationConfig={"PageSize": min(1000, max(limit + 1, 1))},
                                 **start):
             for obj in page.get("Contents", []):
                 name = obj["Key"][len(prefix):]
@@ -702,7 +701,7 @@ class _S3Store:
         kwargs: dict[str, Any] = {} if recursive else {"Delimiter": "/"}
         if after is not None:
             kwargs["StartAfter"] = prefix + after
-        for page in self._pages("LIST", **kwargs):
+        for page in self._pages(**kwargs):
             keys = [(obj["Key"], int(obj["Size"]), obj.get("ETag", "").strip('"')) for obj in page.get("Contents", [])]
             for key, nbytes, version in sorted(keys):
                 rel = key[len(prefix):]

@@ -191,6 +191,17 @@ def test_local_write_failure_leaves_old_file_and_no_temp(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["out.bin"]
 
 
+def test_write_if_absent_creates_once(base):
+    uri = join_uri(base, "commits", "00001.json")
+    storage.write_bytes_if_absent(uri, b"first")
+    with pytest.raises(storage.AlreadyExists, match="already exists"):
+        storage.write_bytes_if_absent(uri, b"second")
+    assert read_bytes(uri) == b"first"
+    assert list_files(join_uri(base, "commits")) == [uri]  # and locally no temp file left by either write
+    if not storage.is_s3(base):
+        assert os.listdir(os.path.dirname(storage.parse_uri(uri).path)) == ["00001.json"]
+
+
 # --------------------------------------------------------------------------- errors
 
 
