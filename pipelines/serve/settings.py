@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, ValidationError, ValidationInfo, field_validator
 
 from dreamcache import storage
 from dreamcache.errors import InvalidValue
@@ -124,11 +124,13 @@ class ServeSettings(BaseModel):
                 storage.parse_uri(prefix)  # a malformed prefix fails the deploy, not a request
         return prefixes
 
-    @model_validator(mode="after")
-    def _sides_ordered(self) -> ServeSettings:
-        if self.max_side is not None and self.max_side < self.min_side:
-            raise ValueError(f"'max_side' ({self.max_side}) must be >= 'min_side' ({self.min_side})")
-        return self
+    @field_validator("max_side")
+    @classmethod
+    def _sides_ordered(cls, value: int | None, info: ValidationInfo) -> int | None:
+        min_side = info.data.get("min_side")  # declared before max_side; absent if it failed its own checks
+        if value is not None and min_side is not None and value < min_side:
+            raise ValueError(f"must be >= min_side ({min_side})")
+        return value
 
     @classmethod
     def model_validate(cls, obj: Any, **kwargs: Any) -> ServeSettings:
