@@ -86,10 +86,10 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_class: type, *,
     for f, spec, hint in cli_fields(config_class):
         if wanted is not None and f.name not in wanted:
             continue
-        target: Any = parser
-        if spec.get("one_of"):
-            target = groups.get(spec["one_of"]) or groups.setdefault(
-                spec["one_of"], parser.add_mutually_exclusive_group(required=True))
+        group = spec.get("one_of")
+        if group and group not in groups:
+            groups[group] = parser.add_mutually_exclusive_group(required=True)
+        target: Any = groups[group] if group else parser
         target.add_argument(flag_of(f.name), *spec.get("aliases", ()), dest=f.name, **_argparse_kwargs(f, spec, hint))
 
 

@@ -125,7 +125,7 @@ def test_parsers_build_without_heavy_imports():
         "build_parser(add_ray_commands)\n"
         "for job in (jobs.cache_catalog, jobs.evaluate, jobs.generate_batch, jobs.train_adapters):\n"
         "    job.build_parser()\n"
-        "print(sorted(m for m in ('torch', 'diffusers', 'transformers', 'ray') if m in sys.modules))\n"
+        "print(sorted(m for m in ('torch', 'diffusers', 'transformers', 'ray', 'pydantic') if m in sys.modules))\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           cwd=Path(__file__).resolve().parents[1])
@@ -199,3 +199,13 @@ def test_parsed_config_equals_the_dataclass_built_directly():
                                           "--wait-for-resources"]))
     assert parsed == caching(out="o", model="m", catalog="c.csv", actors=3, dtype="fp16",
                              actor_resources={"gpu_node": 1}, wait_for_resources=True, run_id=parsed.run_id)
+    # A field's text parser (--seeds), an older flag name (--guidance-mode), a value the caller converts (--subjects).
+    generation, parser, from_args, required = _job_parsers()[1]
+    argv = [x for name, value in required.items() for x in ("--" + name, value)]
+    parsed = from_args(parser.parse_args([*argv, "--seeds", "0-2,7", "--guidance-mode", "joint", "--subjects", "a,b"]))
+    assert parsed == generation(**required, seeds=[0, 1, 2, 7], guidance="joint", subjects=["a", "b"])
+    # A one_of group: exactly one of its flags (--images, --catalog).
+    caching_parser = _job_parsers()[0][1]
+    for source in ([], ["--images", "i", "--catalog", "c"]):
+        with pytest.raises(SystemExit):
+            caching_parser.parse_args(["--out", "o", "--model", "m", *source])

@@ -441,6 +441,7 @@ def test_settings_refuse_unknown_and_out_of_range_args():
     ({"replicas": 0}, "replicas"), ({"replicas": True}, "replicas"), ({"dtype": "fp8"}, "dtype"),
     ({"request_timeout_s": 0}, "request_timeout_s"), ({"max_queued_requests": 0}, "max_queued_requests"),
     ({"model": " "}, "model"), ({"allowed_image_prefixes": "http://x/"}, "allowed_image_prefixes"),
+    ({"min_side": 128, "max_side": 64}, "max_side"),
 ])
 def test_a_bad_setting_is_one_line_naming_its_field(bad, field):
     from pipelines.serve.settings import ServeSettings, SettingsError

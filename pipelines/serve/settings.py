@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, ValidationError, ValidationInfo, field_validator
 
 from dreamcache import storage
 from dreamcache.errors import InvalidValue
@@ -33,20 +33,15 @@ class SettingsError(InvalidValue):
     """An application argument is missing, unknown or out of range."""
 
 
-def _not_bool(value: Any) -> Any:
-    # pydantic's lax mode reads True as 1; a YAML `yes` where a count belongs is a typo, not one replica.
-    if isinstance(value, bool):
-        raise ValueError("must be a number, not a boolean")
-    return value
-
-
 def _split_commas(value: Any) -> Any:
     # `--arg allowed_image_prefixes=s3://a/,s3://b/` arrives as one string.
     return [p for p in value.split(",") if p] if isinstance(value, str) else value
 
 
-Count = Annotated[int, BeforeValidator(_not_bool), Field(ge=1)]
-Amount = Annotated[float, BeforeValidator(_not_bool), Field(ge=0)]
+# Strict: pydantic's lax mode reads True as 1 and "2" as 2; a YAML `yes` where a count belongs is a typo, not one
+# replica. A float field still takes an int.
+Count = Annotated[int, Strict(), Field(ge=1)]
+Amount = Annotated[float, Strict(), Field(ge=0)]
 
 
 class ServeSettings(BaseModel):
@@ -68,9 +63,9 @@ class ServeSettings(BaseModel):
     cpus_per_replica: Amount = 1.0
     max_ongoing_requests: Count = 16  # per replica; >= 2x the batch so one batch fills while another runs
     # Waiting for a replica, per ingress replica; beyond it: 503 + Retry-After. -1: unbounded (Serve's value).
-    max_queued_requests: Annotated[int, BeforeValidator(_not_bool)] = 64
+    max_queued_requests: Annotated[int, Strict()] = 64
     # Images per UNet batch (requests of different subjects share it); one request may ask for the API's maximum.
-    max_batch_size: Annotated[int, BeforeValidator(_not_bool), Field(ge=MAX_IMAGES_PER_REQUEST)] = 8
+    max_batch_size: Annotated[int, Strict(), Field(ge=MAX_IMAGES_PER_REQUEST)] = 8
     batch_wait_timeout_s: Amount = 0.02  # how long a batch waits to fill once its first request arrived
     max_caches_per_replica: Count = 64  # per-replica LRU of subject caches held on the device
     # How a request reaches a replica holding its subject (pipelines/serve/routing.py): "multiplexed" (Serve's
@@ -86,7 +81,7 @@ class ServeSettings(BaseModel):
 
     # -- request limits -------------------------------------------------------------------------------------
     # Server-side deadline of a request: 504 after it.
-    request_timeout_s: Annotated[float, BeforeValidator(_not_bool), Field(gt=0)] = 300.0
+    request_timeout_s: Annotated[float, Strict(), Field(gt=0)] = 300.0
     retry_after_s: Count = 5  # the Retry-After of a 503
     max_upload_bytes: Count = 20 * 2**20  # per reference image
     max_references: Count = 8  # images per subject
@@ -129,11 +124,13 @@ class ServeSettings(BaseModel):
                 storage.parse_uri(prefix)  # a malformed prefix fails the deploy, not a request
         return prefixes
 
-    @model_validator(mode="after")
-    def _sides_ordered(self) -> ServeSettings:
-        if self.max_side is not None and self.max_side < self.min_side:
-            raise ValueError(f"'max_side' ({self.max_side}) must be >= 'min_side' ({self.min_side})")
-        return self
+    @field_validator("max_side")
+    @classmethod
+    def _sides_ordered(cls, value: int | None, info: ValidationInfo) -> int | None:
+        min_side = info.data.get("min_side")  # declared before max_side; absent if it failed its own checks
+        if value is not None and min_side is not None and value < min_side:
+            raise ValueError(f"must be >= min_side ({min_side})")
+        return value
 
     @classmethod
     def model_validate(cls, obj: Any, **kwargs: Any) -> ServeSettings:
