@@ -82,6 +82,9 @@ def test_parse_seeds():
     for bad in ("", "a", "1.5", "-1", "0-x"):
         with pytest.raises(ValueError):
             parse_seeds(bad)
+    assert len(parse_seeds("0-9999")) == 10_000
+    with pytest.raises(ValueError, match="more than 10000 seeds per prompt"):
+        parse_seeds("0-1000000000")  # refused at once, not expanded into a billion-item list
 
 
 def test_prompt_files_text_and_jsonl(tmp_path):

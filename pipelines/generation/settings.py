@@ -24,8 +24,13 @@ def check_seed(seed: Any) -> int:
     return seed
 
 
+# Seeds per prompt: the list travels with every plan task, so a range such as 0-1000000000 is refused, not
+# expanded; more images per prompt than this go in an explicit plan, which the cluster reads in pieces.
+MAX_SEEDS = 10_000
+
+
 def parse_seeds(text: str) -> list[int]:
-    """``"0,1,5"`` or ranges ``"0-3"`` (inclusive), mixed: ``"0-3,10"``."""
+    """``"0,1,5"`` or ranges ``"0-3"`` (inclusive), mixed: ``"0-3,10"``; at most :data:`MAX_SEEDS`."""
     seeds: list[int] = []
     for part in (p.strip() for p in text.split(",")):
         if not part:
@@ -35,6 +40,9 @@ def parse_seeds(text: str) -> list[int]:
             values = range(int(low), int(high) + 1) if sep else [int(part)]
         except ValueError:
             raise InvalidValue(f"bad seed list {text!r}: use numbers and ranges like 0,1,5 or 0-3") from None
+        if len(seeds) + len(values) > MAX_SEEDS:
+            raise InvalidValue(f"seed list {text!r} names more than {MAX_SEEDS} seeds per prompt; "
+                               "use an explicit plan (--plan) for more")
         seeds.extend(check_seed(v) for v in values)
     if not seeds:
         raise InvalidValue(f"no seeds in {text!r}")
