@@ -256,26 +256,34 @@ def _ray_node(bin_dir: Path, env: dict, temp_dir: str, log, *args: str) -> subpr
                             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def test_ray_job_submit_on_a_started_cluster(catalog, model_uri, s3_prefix):
-    """`ray start --head`, then `ray job submit` of the entrypoint, as on a real cluster: the caching actors need a
-    custom resource the node offers (how a job targets a node group), every object goes through S3."""
+def _alive_nodes(address: str) -> list[dict]:
+    """The cluster's live nodes, from its dashboard's state API (the test process joins no cluster)."""
+    from ray.util.state import list_nodes
+
+    return [vars(n) for n in list_nodes(address=address, detail=True, raise_on_missing_output=False)
+            if n.state == "ALIVE"]
+
+
+def test_ray_job_submit_on_a_two_node_cluster(catalog, model_uri, s3_prefix):
+    """A head and a worker node started with `ray start`, then `ray job submit` of the entrypoint, as on a real
+    cluster: the caching actors need a custom resource only the worker node offers (how a job targets a node
+    group), and every object goes through S3, so nothing depends on the driver's node or disk."""
     bin_dir = Path(sys.executable).parent
+    # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (the tests' and local runs' default) also forbids a second node on Linux:
+    # this cluster sets it to 1, so its nodes register at the machine's own address (nothing leaves the machine).
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "RAY_AUTH_MODE": "disabled",
-           "RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+           "RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"}
     env.pop("RAY_ADDRESS", None)
     gcs, dashboard = _free_port(), _free_port()
     temp_dir = tempfile.mkdtemp(prefix="rj-", dir="/tmp")  # short: Ray's unix socket paths must fit in 107 bytes
     log = open(os.path.join(temp_dir, "nodes.log"), "w")
-    # One node that offers the caching actors' resource. (A second, worker node was tried: joining needs
-    # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1, and then the node looks the head up at the machine's non-loopback
-    # address, which tests must not reach.)
-    head = _ray_node(bin_dir, env, temp_dir, log, "--head", f"--port={gcs}", "--num-cpus=2",
-                     '--resources={"caching_node": 1}',
+    # What init_ray gives a local Ray (kernel.ray_runtime): idle workers kept between the job's Ray Data
+    # executions, instead of restarted for each on these 2 cores.
+    system_config = ["--system-config", json.dumps(local_system_config(2))]
+    head = _ray_node(bin_dir, env, temp_dir, log, "--head", f"--port={gcs}", "--num-cpus=1",
                      "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--include-dashboard=true",
-                     f"--ray-client-server-port={_free_port()}",
-                     # What init_ray gives a local Ray (kernel.ray_runtime): idle workers kept between the job's
-                     # Ray Data executions, instead of restarted for each on these 2 cores.
-                     "--system-config", json.dumps(local_system_config(2)))
+                     f"--ray-client-server-port={_free_port()}", *system_config)
+    nodes_started = [head]
     try:
         address = f"http://127.0.0.1:{dashboard}"
         deadline = time.time() + 180
@@ -284,6 +292,10 @@ def test_ray_job_submit_on_a_started_cluster(catalog, model_uri, s3_prefix):
                                    capture_output=True, text=True)
             if probe.returncode == 0:
                 break
+            time.sleep(1)
+        nodes_started.append(_ray_node(bin_dir, env, temp_dir, log, f"--address=127.0.0.1:{gcs}", "--num-cpus=1",
+                                       '--resources={"caching_node": 1}'))
+        while time.time() < deadline and len(_alive_nodes(address)) < 2:
             time.sleep(1)
         out = f"{s3_prefix}/job-out"
         command = [str(bin_dir / "ray"), "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
@@ -298,21 +310,23 @@ def test_ray_job_submit_on_a_started_cluster(catalog, model_uri, s3_prefix):
         assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:] + open(log.name).read()[-2000:]
         assert "caching done: 2 computed" in submit.stdout
         assert manifest(out)["duo"]["status"] == "ok"
-        # The caching actors ran on the node that offers their resource.
-        nodes = json.loads(subprocess.run([str(bin_dir / "ray"), "list", "nodes", "--address", address, "--format",
-                                           "json", "--detail"], env=env, capture_output=True, text=True).stdout)
-        worker_id = next(n["node_id"] for n in nodes if "caching_node" in (n.get("resources_total") or {}))
+        # Two nodes, and the caching actors ran on the worker node, the one that offers their resource.
+        nodes = _alive_nodes(address)
+        assert len(nodes) == 2, nodes
+        [worker_id] = [n["node_id"] for n in nodes if "caching_node" in (n.get("resources_total") or {})]
+        assert not next(n for n in nodes if n["node_id"] == worker_id)["is_head_node"]
         actors = json.loads(subprocess.run([str(bin_dir / "ray"), "list", "actors", "--address", address, "--format",
                                             "json", "--detail", "--limit", "1000"], env=env, capture_output=True,
                                            text=True).stdout)
         placed = {a["node_id"] for a in actors if "CacheActor" in (a.get("class_name") or "")}
         assert placed == {worker_id}, (placed, worker_id)
     finally:
-        os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
+        for node in reversed(nodes_started):
+            os.killpg(node.pid, signal.SIGTERM)
+            try:
+                node.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(node.pid, signal.SIGKILL)
         log.close()
         shutil.rmtree(temp_dir, ignore_errors=True)
 
