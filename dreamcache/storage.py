@@ -474,7 +474,7 @@ class _LocalStore:
             st = os.stat(self.path)
         if not S_ISREG(st.st_mode):
             raise ObjectNotFound(f"not a file: {self.uri}")
-        return ObjectInfo(self.uri, st.st_size, _local_version(st))
+        return ObjectInfo(self.uri, st.st_size, _local_version(st), st.st_mtime)
 
     def exists(self) -> bool:
         return os.path.isfile(self.path)
@@ -649,7 +649,8 @@ class _S3Store:
         except ObjectNotFound:
             self._check_bucket()  # a missing bucket is a setup error, not a missing object
             raise
-        return ObjectInfo(self.uri, int(head["ContentLength"]), head.get("ETag", "").strip('"'))
+        return ObjectInfo(self.uri, int(head["ContentLength"]), head.get("ETag", "").strip('"'),
+                          head["LastModified"].timestamp())
 
     def exists(self) -> bool:
         try:
@@ -797,7 +798,7 @@ def write_parquet(uri: str, table: pyarrow.Table, **options: Any) -> None:
 
 
 def stat(uri: str) -> ObjectInfo:
-    """Size and version of one file or object; ObjectNotFound if it does not exist."""
+    """Size, version and last write of one file or object; ObjectNotFound if it does not exist."""
     return _store(uri).stat()
 
 
@@ -838,6 +839,7 @@ class ObjectInfo:
     uri: str
     size: int
     version: str
+    modified: float | None = None  # last write, epoch seconds: set by stat(), not by listings
 
 
 def list_objects(prefix_uri: str) -> list[ObjectInfo]:

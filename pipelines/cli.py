@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from dreamcache.cli import main as method_main
+from dreamcache.cli_args import DefaultsFormatter
 
 
 def add_ray_commands(sub: argparse._SubParsersAction) -> None:
@@ -15,6 +16,7 @@ def add_ray_commands(sub: argparse._SubParsersAction) -> None:
     _add_cache_catalog_command(sub)
     _add_generate_batch_command(sub)
     _add_manifest_command(sub)
+    _add_vacuum_command(sub)
     _add_training_commands(sub)
 
 
@@ -81,6 +83,25 @@ def _cmd_manifest(args: argparse.Namespace) -> None:
     from pipelines.manifest_report import print_manifests
 
     print_manifests(args.uri, as_json=args.json, max_errors=args.errors)
+
+
+# -- dreamcache vacuum -----------------------------------------------------------------------------------------
+def _add_vacuum_command(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("vacuum", help="delete old manifest versions, and files only they name, under a job's output",
+                       formatter_class=DefaultsFormatter)
+    p.add_argument("uri", help="a job's output prefix or its _manifests/<kind> folder")
+    p.add_argument("--keep-versions", type=int, default=5, help="newest versions always kept")
+    p.add_argument("--retain-hours", type=float, default=168.0,
+                   help="also keep every version that was current, and every unpublished file written, this recently "
+                        "(a job that started then still reads them)")
+    p.add_argument("--dry-run", action="store_true", help="say what would be removed; remove nothing")
+    p.set_defaults(func=_cmd_vacuum)
+
+
+def _cmd_vacuum(args: argparse.Namespace) -> None:
+    from pipelines.manifest_report import vacuum_manifests
+
+    print("\n".join(vacuum_manifests(args.uri, args.keep_versions, args.retain_hours, args.dry_run)))
 
 
 # -- dreamcache generate-batch ---------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """``dreamcache manifest URI``: counts by status and action and the error rows of every manifest a URI names,
-streamed in batches (a manifest of millions of rows is never held whole)."""
+streamed in batches (a manifest of millions of rows is never held whole); ``dreamcache vacuum URI``: old versions
+of those manifests removed."""
 
 from __future__ import annotations
 
@@ -73,3 +74,19 @@ def print_manifests(uri: str, as_json: bool = False, max_errors: int = 20) -> No
             if shown > len(errors):
                 print(f"  ... {shown - len(errors):,} more error rows (--json prints every row)")
     sys.stdout.flush()
+
+
+def vacuum_manifests(uri: str, keep_versions: int, retain_hours: float, dry_run: bool) -> list[str]:
+    """One line per manifest ``uri`` names: what :meth:`ManifestLog.vacuum` removed and kept."""
+    found = find_manifests(uri, KINDS)
+    if not found:
+        raise DreamCacheError(f"no manifest under {uri} (expected _manifests/<kind>/ or manifest.parquet)",
+                              kind="not_found")
+    lines = []
+    for kind, where in found:
+        if not kind:
+            lines.append(f"{where}: a single-file manifest of an older release, nothing to vacuum")
+            continue
+        report = _log(kind, where).vacuum(keep_versions, retain_hours * 3600, dry_run)
+        lines.append(report.line())
+    return lines

@@ -162,3 +162,57 @@ def test_one_row_per_input_at_20k_subjects(ray_cluster, tiny_model_dir, tmp_path
     assert table.num_rows == n and len(set(table["subject_id"].to_pylist())) == n
     errors = table["error"].to_pylist()
     assert sum("unsupported URI scheme" in e for e in errors) == n // 2 and sum("no image_uri" in e for e in errors) == n // 2
+
+
+# -- vacuum: old versions go, what a reader or a running job may still need stays ---------------------------------
+VACUUM_SCHEMA = pa.schema([pa.field("subject_id", pa.string()), pa.field("status", pa.string())])
+
+
+def _publish(log: ManifestLog, run_id: str, subjects: list[str]) -> str:
+    """One run's rows written under its data folder and published on top of the current version."""
+    uri = storage.join_uri(log.data_prefix(run_id), "part-0.parquet")
+    storage.write_parquet(uri, pa.table({"subject_id": subjects, "status": ["ok"] * len(subjects)}))
+    log.commit(run_id, [uri], len(subjects), {"ok": len(subjects)}, log.current())
+    return uri
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_vacuum_removes_old_versions_and_keeps_what_readers_and_running_jobs_need(where, tmp_path, request, capsys):
+    import time
+
+    from pipelines.cli import main
+
+    out = str(tmp_path / "out") if where == "local" else request.getfixturevalue("s3_prefix") + "/out"
+    log = ManifestLog(out, "caching", VACUUM_SCHEMA, key="subject_id")
+    files = [_publish(log, f"run{i}", ["a", "b"]) for i in range(1, 5)]
+    unpublished = storage.join_uri(log.data_prefix("killed"), "part-0.parquet")  # a killed (or running) job's
+    storage.write_parquet(unpublished, pa.table({"subject_id": ["a"], "status": ["ok"]}))
+
+    # Every version was the current one within the last hour: a job that started on it may still read it.
+    now = log.vacuum(keep_versions=2, retain_s=3600, dry_run=True)
+    assert now.removed_versions == () and now.removed_files == 0 and now.young_unpublished == 1
+    # Two hours on, versions 1 and 2 and the unpublished file are past the retention; a dry run removes nothing.
+    later = time.time() + 2 * 3600
+    dry = log.vacuum(keep_versions=2, retain_s=3600, dry_run=True, now=later)
+    assert (dry.kept_versions, dry.removed_versions, dry.removed_files) == ((3, 4), (1, 2), 3)
+    assert all(storage.exists(f) for f in [*files, unpublished])
+    done = log.vacuum(keep_versions=2, retain_s=3600, now=later)
+    assert done.removed_versions == (1, 2) and done.removed_bytes > 0
+    assert [storage.exists(f) for f in [*files, unpublished]] == [False, False, True, True, False]
+    assert not storage.exists(log.commit_uri(1)) and storage.exists(log.commit_uri(3))
+    current = log.current()
+    assert current.version == 4 and sum(b.num_rows for b in log.iter_batches(current)) == 2
+    assert log.vacuum(keep_versions=2, retain_s=3600, now=later).removed_files == 0  # nothing left to do
+    # The next publish still numbers on from the current version.
+    _publish(log, "run5", ["a"])
+    assert log.current().version == 5
+
+    # The command: one line per manifest; bad values and a prefix without manifests are one line, exit 2.
+    capsys.readouterr()
+    assert main(["vacuum", out, "--dry-run"]) == 0
+    assert "caching manifest: " in capsys.readouterr().out
+    for bad in (["vacuum", out, "--keep-versions", "0"], ["vacuum", out, "--retain-hours", "-1"],
+                ["vacuum", str(tmp_path / "nothing")]):
+        assert main(bad) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1, err

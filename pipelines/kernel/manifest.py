@@ -14,6 +14,9 @@ follows one commit's file list and sees the old or the new version, never a mix;
 and its files are never read. A single-file ``manifest.parquet`` left by an older release is read as the prior
 state when its columns fit the kind.
 
+Each run writes a complete snapshot, so old versions pile up: ``dreamcache vacuum OUT`` (:meth:`ManifestLog.vacuum`)
+deletes the versions no reader or running job can still need, and the files only they name.
+
 Without this project's code (pyarrow, duckdb):
 
     pq.read_table(json.load(open("OUT/_manifests/caching/_latest.json"))["files"])
@@ -23,6 +26,7 @@ Without this project's code (pyarrow, duckdb):
 
 from __future__ import annotations
 
+import calendar
 import json
 import logging
 import time
@@ -32,7 +36,7 @@ from dataclasses import asdict, dataclass, field
 import pyarrow as pa
 
 from dreamcache import storage
-from dreamcache.errors import DreamCacheError
+from dreamcache.errors import DreamCacheError, InvalidValue
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +71,36 @@ class ManifestVersion:
         body = {"format": FORMAT, **asdict(self), "files": list(self.files), "counts": dict(self.counts)}
         body.pop("uri")
         return json.dumps(body, indent=1, sort_keys=True)
+
+
+@dataclass(frozen=True)
+class VacuumReport:
+    """What :meth:`ManifestLog.vacuum` removed (or, on a dry run, would remove) and kept."""
+
+    kind: str
+    kept_versions: tuple[int, ...]
+    removed_versions: tuple[int, ...]
+    removed_files: int
+    removed_bytes: int
+    young_unpublished: int  # files no version names, written within the retention: a run may still be writing
+    dry_run: bool
+
+    def line(self) -> str:
+        verb = "would remove" if self.dry_run else "removed"
+        kept = f"{len(self.kept_versions)} versions kept ({_span(self.kept_versions)})"
+        young = (f"; {self.young_unpublished} files of unpublished runs are younger than the retention, kept"
+                 if self.young_unpublished else "")
+        return (f"{self.kind} manifest: {kept}; {verb} {len(self.removed_versions)} versions and "
+                f"{self.removed_files} files ({self.removed_bytes / 2**20:.1f} MiB){young}")
+
+
+def _span(versions: tuple[int, ...]) -> str:
+    return "none" if not versions else f"{versions[0]}" if len(versions) == 1 else f"{versions[0]}-{versions[-1]}"
+
+
+def _epoch(created: str) -> float:
+    """A commit's ``created`` in epoch seconds; a commit without one counts as new (kept)."""
+    return float(calendar.timegm(time.strptime(created, "%Y-%m-%dT%H:%M:%SZ"))) if created else float("inf")
 
 
 def conform(batch: pa.Table, schema: pa.Schema) -> pa.Table:
@@ -182,6 +216,54 @@ class ManifestLog:
         logger.info("published %s manifest version %d (%d rows, %d files): %s", self.kind, number, rows,
                     len(files), version.uri)
         return version
+
+
+    # -- housekeeping ----------------------------------------------------------------------------------------
+    def vacuum(self, keep_versions: int = 5, retain_s: float = 7 * 86400, dry_run: bool = False,
+               now: float | None = None) -> VacuumReport:
+        """Delete old versions and the data files that only they, or no version at all, name.
+
+        Kept: the newest ``keep_versions`` versions, and every version that was the newest one at some time
+        within ``retain_s`` seconds, since a job that started then plans against it and reads it again when it
+        publishes; and every file no version names that was written within ``retain_s`` (a running job's, not
+        yet published). Removed: the other versions' commits, then their files, and older unpublished files (a
+        killed run's). Caches, images and a legacy ``manifest.parquet`` are never touched."""
+        if keep_versions < 1:
+            raise InvalidValue(f"keep_versions must be at least 1 (the current version), not {keep_versions}")
+        if retain_s < 0:
+            raise InvalidValue(f"the retention must not be negative, not {retain_s} s")
+        now = time.time() if now is None else now
+        names = [uri.rsplit("/", 1)[-1] for uri in storage.list_files(self.commits)]
+        numbers = sorted(int(n[:-5]) for n in names if n.endswith(".json") and n[:-5].isdigit())
+        versions = [self.read_commit(self.commit_uri(n)) for n in numbers]  # an unreadable one stops the vacuum
+        cutoff = now - retain_s
+        keep = {v.version for v in versions[-keep_versions:]}
+        for older, newer in zip(versions, versions[1:]):
+            if _epoch(newer.created) >= cutoff:  # ``older`` was the newest one until less than retain_s ago
+                keep.add(older.version)
+        kept = [v for v in versions if v.version in keep]
+        removed = [v for v in versions if v.version not in keep]
+        named_by_kept = {f for v in kept for f in v.files}
+        named_by_removed = {f for v in removed for f in v.files} - named_by_kept
+        doomed: list[storage.ObjectInfo] = []
+        young = 0
+        for uri in storage.list_files(storage.join_uri(self.root, "data")):
+            if uri in named_by_kept:
+                continue
+            info = storage.stat(uri)
+            if uri in named_by_removed or (info.modified or now) < cutoff:
+                doomed.append(info)
+            else:
+                young += 1
+        if not dry_run:
+            # Commits first: a vacuum stopped half-way leaves files no version names, which the next one removes.
+            for version in removed:
+                storage.delete(version.uri)
+            for info in doomed:
+                storage.delete(info.uri)
+            logger.info("vacuumed %s: %d versions, %d files", self.root, len(removed), len(doomed))
+        return VacuumReport(self.kind, tuple(sorted(keep)), tuple(v.version for v in removed), len(doomed),
+                            sum(i.size for i in doomed), young, dry_run)
 
 
 def find_manifests(uri: str, kinds: Iterable[str]) -> list[tuple[str, str]]:
