@@ -127,19 +127,30 @@ def test_commits_are_create_if_absent(tmp_path):
     assert log.current().run_id == "run-1" and log.current().version == first.version == 1
 
 
-def test_manifest_command(ray_cluster, tiny_model_dir, tmp_path, capsys):
-    images = refs(tmp_path / "refs", {"red": "red"})
-    (tmp_path / "refs" / "bad").mkdir()
-    (tmp_path / "refs" / "bad" / "x.png").write_bytes(b"junk")
-    out = str(tmp_path / "out")
-    cache(tiny_model_dir, images, out)
-    capsys.readouterr()
-    # In-process, as tests/test_cli.py runs the CLI: a subprocess per call cost seconds of imports each.
+def _publish(log: ManifestLog, run_id: str, rows: pa.Table) -> str:
+    """One run's rows written under its data folder and published on top of the current version, without a job."""
+    from pipelines.kernel.manifest import conform
+
+    uri = storage.join_uri(log.data_prefix(run_id), "part-0.parquet")
+    storage.write_parquet(uri, conform(rows, log.schema))
+    log.commit(run_id, [uri], rows.num_rows, {"rows": rows.num_rows}, log.current())
+    return uri
+
+
+def test_manifest_command(tmp_path, capsys):
+    """The command reads a caching manifest in the job's own schema (published here directly: a job run costs
+    15-20 s of the suite, and the job's manifests are read back by the tests above)."""
+    from pipelines.caching.job import manifest_log
     from pipelines.cli import main
 
+    out = str(tmp_path / "out")
+    _publish(manifest_log(out), "run1", pa.table({
+        "subject_id": ["red", "bad"], "status": ["ok", "error"], "action": ["computed", "failed"],
+        "error": [None, "bad/x.png: not an image"]}))
+    # In-process, as tests/test_cli.py runs the CLI: a subprocess per call cost seconds of imports each.
     assert main(["manifest", out]) == 0
     done = capsys.readouterr()
-    assert "caching" in done.out and "ok 1" in done.out and "error 1" in done.out and "bad" in done.out
+    assert "caching" in done.out and "ok 1" in done.out and "error 1" in done.out and "bad/x.png" in done.out
     assert main(["manifest", out, "--json"]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert {r["subject_id"] for r in rows} == {"red", "bad"}
@@ -168,14 +179,6 @@ def test_one_row_per_input_at_20k_subjects(ray_cluster, tiny_model_dir, tmp_path
 VACUUM_SCHEMA = pa.schema([pa.field("subject_id", pa.string()), pa.field("status", pa.string())])
 
 
-def _publish(log: ManifestLog, run_id: str, subjects: list[str]) -> str:
-    """One run's rows written under its data folder and published on top of the current version."""
-    uri = storage.join_uri(log.data_prefix(run_id), "part-0.parquet")
-    storage.write_parquet(uri, pa.table({"subject_id": subjects, "status": ["ok"] * len(subjects)}))
-    log.commit(run_id, [uri], len(subjects), {"ok": len(subjects)}, log.current())
-    return uri
-
-
 @pytest.mark.parametrize("where", ["local", "s3"])
 def test_vacuum_removes_old_versions_and_keeps_what_readers_and_running_jobs_need(where, tmp_path, request, capsys):
     import time
@@ -184,7 +187,8 @@ def test_vacuum_removes_old_versions_and_keeps_what_readers_and_running_jobs_nee
 
     out = str(tmp_path / "out") if where == "local" else request.getfixturevalue("s3_prefix") + "/out"
     log = ManifestLog(out, "caching", VACUUM_SCHEMA, key="subject_id")
-    files = [_publish(log, f"run{i}", ["a", "b"]) for i in range(1, 5)]
+    rows = pa.table({"subject_id": ["a", "b"], "status": ["ok", "ok"]})
+    files = [_publish(log, f"run{i}", rows) for i in range(1, 5)]
     unpublished = storage.join_uri(log.data_prefix("killed"), "part-0.parquet")  # a killed (or running) job's
     storage.write_parquet(unpublished, pa.table({"subject_id": ["a"], "status": ["ok"]}))
 
@@ -204,7 +208,7 @@ def test_vacuum_removes_old_versions_and_keeps_what_readers_and_running_jobs_nee
     assert current.version == 4 and sum(b.num_rows for b in log.iter_batches(current)) == 2
     assert log.vacuum(keep_versions=2, retain_s=3600, now=later).removed_files == 0  # nothing left to do
     # The next publish still numbers on from the current version.
-    _publish(log, "run5", ["a"])
+    _publish(log, "run5", rows)
     assert log.current().version == 5
 
     # The command: one line per manifest; bad values and a prefix without manifests are one line, exit 2.
