@@ -204,9 +204,14 @@ def test_unusable_inputs_fail_the_job_clearly(ray_cluster, model_uri, s3_prefix)
 
 
 def _cache_actor_processes() -> list[psutil.Process]:
+    """The caching actors of this test session's own Ray (its raylet is a child of this process), not those of
+    another Ray on the machine (a parallel test worker, a bench)."""
     found = []
-    for proc in psutil.process_iter(["cmdline"]):
-        cmdline = " ".join(proc.info["cmdline"] or [])
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            cmdline = " ".join(proc.cmdline())
+        except psutil.Error:  # gone meanwhile
+            continue
         if "CacheActor" in cmdline and "MapWorker" in cmdline:
             found.append(proc)
     return found
