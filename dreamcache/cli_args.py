@@ -68,6 +68,11 @@ def option(default: Any = dataclasses.MISSING, help: str | None = None, *, alias
     return dataclasses.field(default=default, metadata={_KEY: spec})
 
 
+def comma_list(text: str) -> list[str]:
+    """``"a, b,,c"`` -> ``["a", "b", "c"]``: a list option given as one comma-separated text (e.g. --subjects)."""
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
 def cli_fields(config_class: type) -> list[tuple[dataclasses.Field, dict[str, Any], Any]]:
     """The fields of ``config_class`` that are options: (field, its option spec, its resolved type)."""
     hints = typing.get_type_hints(config_class)

@@ -28,7 +28,6 @@ def _add_training_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_train_adapters)
     p = sub.add_parser("evaluate", help="DreamBench: cache, generate, score (DINO, CLIP-I, CLIP-T)")
     add_evaluation_arguments(p)
-    p.add_argument("--ray-address", help="a Ray cluster to join (default: $RAY_ADDRESS, else a local Ray)")
     p.set_defaults(func=_cmd_evaluate)
 
 

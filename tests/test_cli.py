@@ -136,15 +136,20 @@ def test_parsers_build_without_heavy_imports():
 def _job_parsers():
     """(config class, parser, its config from parsed args, the required options) for each job."""
     from jobs.cache_catalog import build_parser as caching_parser
+    from jobs.evaluate import build_parser as evaluation_parser
     from jobs.generate_batch import build_parser as generation_parser
     from pipelines.caching.args import config_from_args as caching_config
     from pipelines.caching.config import CachingJobConfig
+    from pipelines.evaluation.args import evaluation_from_args
+    from pipelines.evaluation.config import EvaluationConfig
     from pipelines.generation.args import config_from_args as generation_config
     from pipelines.generation.settings import GenerationJobConfig
 
     return [(CachingJobConfig, caching_parser(), caching_config, {"out": "o", "model": "m", "images": "i"}),
             (GenerationJobConfig, generation_parser(), generation_config,
-             {"model": "m", "adapter": "a", "caches": "c", "prompts": "p.txt"})]
+             {"model": "m", "adapter": "a", "caches": "c", "prompts": "p.txt"}),
+            (EvaluationConfig, evaluation_parser(), evaluation_from_args,
+             {"dataset": "d", "model": "m", "adapter": "a", "out": "o", "dino": "x", "clip": "y"})]
 
 
 def test_every_config_field_is_exactly_one_flag():
@@ -204,6 +209,12 @@ def test_parsed_config_equals_the_dataclass_built_directly():
     argv = [x for name, value in required.items() for x in ("--" + name, value)]
     parsed = from_args(parser.parse_args([*argv, "--seeds", "0-2,7", "--guidance-mode", "joint", "--subjects", "a,b"]))
     assert parsed == generation(**required, seeds=[0, 1, 2, 7], guidance="joint", subjects=["a", "b"])
+    # The evaluation's comma-separated subjects, a choice that holds a space (--backbone), the older mode flag.
+    evaluation, parser, from_args, required = _job_parsers()[2]
+    argv = [x for name, value in required.items() for x in ("--" + name, value)]
+    parsed = from_args(parser.parse_args([*argv, "--subjects", "dog, can", "--backbone", "SD 1.5",
+                                          "--guidance-mode", "joint"]))
+    assert parsed == evaluation(**required, subjects=["dog", "can"], backbone="SD 1.5", guidance="joint")
     # A one_of group: exactly one of its flags (--images, --catalog).
     caching_parser = _job_parsers()[0][1]
     for source in ([], ["--images", "i", "--catalog", "c"]):

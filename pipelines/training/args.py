@@ -11,6 +11,8 @@ import argparse
 from dreamcache.cli_args import add_config_arguments
 from dreamcache.training_config import TrainingConfig
 
+from ..kernel.ray_runtime import add_ray_address_argument
+
 
 def add_training_arguments(p: argparse.ArgumentParser) -> None:
     add_config_arguments(p, TrainingConfig)
@@ -20,5 +22,5 @@ def add_training_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-cpus", type=float, default=0.5, help="CPUs per Ray Data preparation task")
     p.add_argument("--max-failures", type=int, default=0, help="restarts of a failed worker group (each resumes)")
     p.add_argument("--ray-storage", help="where Ray Train keeps the run folder and its checkpoints (default: --out)")
-    p.add_argument("--ray-address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
+    add_ray_address_argument(p)
     p.add_argument("--no-ray", action="store_true", help="train in this process (local data path, exact resume)")
