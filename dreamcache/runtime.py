@@ -23,17 +23,23 @@ Dtype = Literal["auto", "fp16", "bf16", "fp32"]
 DTYPES: tuple[str, ...] = get_args(Dtype)
 
 
-# The options every command and job that loads the model shares, declared once (see dreamcache.cli_args).
+# The options every command and job that loads the model shares, declared once (see dreamcache.cli_args; the
+# Serve settings, a pydantic model, take the same help texts).
+MODEL_HELP = "diffusers Stable Diffusion folder: local path or s3:// prefix"
+DEVICE_HELP = "auto (cuda if available), cpu, cuda, cuda:1, ..."
+DTYPE_HELP = "auto: fp16 on GPU, fp32 on CPU"
+
+
 def model_field() -> Any:
-    return option(help="diffusers Stable Diffusion folder: local path or s3:// prefix")
+    return option(help=MODEL_HELP)
 
 
 def device_field() -> Any:
-    return option("auto", "auto (cuda if available), cpu, cuda, cuda:1, ...")
+    return option("auto", DEVICE_HELP)
 
 
 def dtype_field() -> Any:
-    return option("auto", "auto: fp16 on GPU, fp32 on CPU")
+    return option("auto", DTYPE_HELP)
 
 
 def pick_device(name: str) -> torch.device:

@@ -130,6 +130,13 @@ def test_parsers_build_without_heavy_imports():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           cwd=Path(__file__).resolve().parents[1])
     assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr
+    # `dreamcache serve --help` alone loads pydantic (its flags are the fields of the Serve settings), and no more.
+    serve_help = code.replace("build_parser(add_ray_commands)\n", "import contextlib, io\n"
+                              "with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
+                              "    build_parser(add_ray_commands).parse_args(['serve', '--help'])\n")
+    done = subprocess.run([sys.executable, "-c", serve_help], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0 and done.stdout.strip() == "['pydantic']", done.stdout + done.stderr
 
 
 # -- command lines derived from the config dataclasses (dreamcache.cli_args) ----------------------------------------
