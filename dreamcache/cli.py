@@ -20,9 +20,8 @@ from pathlib import Path, PurePosixPath
 # (and so `dreamcache --help`) must not pay seconds of imports.
 from . import runtime
 from .cache_info import library_version  # torch-free
-from .cli_args import ArgumentParser, add_config_arguments
+from .cli_args import ArgumentParser, add_config_arguments, config_from_namespace
 from .errors import DreamCacheError
-from .runtime import pick_device, pick_dtype  # noqa: F401 - re-exported: callers import them from here
 
 logger = logging.getLogger("dreamcache")
 
@@ -56,14 +55,14 @@ def quiet_libraries() -> None:
         sys.modules["diffusers"].utils.logging.set_verbosity_error()
 
 
-def load_pipeline(args: argparse.Namespace, adapter: str | None = None):
+def model_spec(args: argparse.Namespace, adapter: str | None = None) -> runtime.ModelSpec:
+    """The --model/--device/--dtype options as runtime's model spec, for its one loader (runtime.load_pipeline)."""
     # adapter=False: the method's commands name their adapter file explicitly (generate) or need none (cache).
-    spec = runtime.ModelSpec(model=args.model, adapter=adapter or False, device=args.device, dtype=args.dtype)
-    return runtime.load_pipeline(spec)
+    return config_from_namespace(runtime.ModelSpec, args, adapter=adapter or False)
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    add_config_arguments(p, runtime.ModelSpec, only=("model", "device", "dtype"))
+    add_config_arguments(p, runtime.ModelSpec)  # --model, --device, --dtype
 
 
 # -- commands -------------------------------------------------------------------------------------------------
@@ -93,7 +92,7 @@ def cmd_cache(args: argparse.Namespace) -> None:
             if subject in subjects:
                 raise UsageError(f"two images are both named {subject!r}; pass --subject-id for a multi-reference subject")
             subjects[subject] = [i]
-    pipe = load_pipeline(args)
+    pipe = runtime.load_pipeline(model_spec(args))
     caches = pipe.build_caches(images, hashes, resolution=args.resolution, preprocess=args.preprocess,
                                cache_prompt=args.cache_prompt, seed=args.seed, batch_size=args.batch_size)
     from .cache import FeatureCache
@@ -111,7 +110,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from . import storage
     from .image_files import image_name, png_bytes
 
-    pipe = load_pipeline(args, adapter=args.adapter)
+    pipe = runtime.load_pipeline(model_spec(args, adapter=args.adapter))
     cache = pipe.load_cache(args.cache)
     subject = cache.info.subject_id or PurePosixPath(storage.parse_uri(args.cache).path).stem
     generator = torch.Generator().manual_seed(args.seed)

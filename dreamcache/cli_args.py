@@ -23,7 +23,7 @@ import dataclasses
 import json
 import types
 import typing
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Annotated, Any, Literal, TypeVar, Union
 
 T = TypeVar("T")
@@ -107,13 +107,10 @@ def flag_of(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, config_class: type, *, only: Iterable[str] | None = None) -> None:
-    """One argparse option per option field of ``config_class`` (or of the fields named in ``only``)."""
+def add_config_arguments(parser: argparse.ArgumentParser, config_class: type) -> None:
+    """One argparse option per option field of ``config_class``."""
     groups: dict[str, argparse._MutuallyExclusiveGroup] = {}
-    wanted = None if only is None else set(only)
     for f, spec, hint in cli_fields(config_class):
-        if wanted is not None and f.name not in wanted:
-            continue
         group = spec.get("one_of")
         if group and group not in groups:
             groups[group] = parser.add_mutually_exclusive_group(required=True)

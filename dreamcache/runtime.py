@@ -7,11 +7,12 @@ picker or the loader runs, not when this module is imported.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
-from .cli_args import option
+from .cli_args import NOT_A_FLAG, option
 from .errors import InvalidValue
+from .training_config import LinearCatInit
 
 if TYPE_CHECKING:
     import torch
@@ -68,10 +69,13 @@ class ModelSpec:
 
     model: str = model_field()
     # adapter file (path or URI); None: the folder's own adapter.safetensors if it has one; False: none
-    adapter: str | Literal[False] | None = None
+    adapter: str | Literal[False] | None = field(default=None, metadata=NOT_A_FLAG)
     device: str = device_field()  # see pick_device
     dtype: Dtype = dtype_field()  # see pick_dtype
-    torch_threads: int | None = None  # intra-op CPU threads; None leaves torch's default
+    # intra-op CPU threads; None leaves torch's default
+    torch_threads: int | None = field(default=None, metadata=NOT_A_FLAG)
+    # the fresh adapters' linear_cat (training's option, deviation A7)
+    adapter_init: LinearCatInit = field(default="default", metadata=NOT_A_FLAG)
 
     def torch_device(self) -> torch.device:
         return pick_device(self.device)
@@ -89,5 +93,6 @@ def load_pipeline(spec: ModelSpec) -> DreamCachePipeline:
     if spec.torch_threads is not None:
         torch.set_num_threads(spec.torch_threads)
     device = spec.torch_device()
-    pipe = DreamCachePipeline.from_pretrained(spec.model, adapter=spec.adapter, torch_dtype=pick_dtype(spec.dtype, device))
+    pipe = DreamCachePipeline.from_pretrained(spec.model, adapter=spec.adapter, torch_dtype=pick_dtype(spec.dtype, device),
+                                              adapter_init=spec.adapter_init)
     return pipe.to(device)

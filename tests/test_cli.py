@@ -87,7 +87,7 @@ def test_generate_passes_eta(monkeypatch, tmp_path):
             from types import SimpleNamespace
             return SimpleNamespace(images=[])
 
-    monkeypatch.setattr(cli, "load_pipeline", lambda args, adapter=None: FakePipe())
+    monkeypatch.setattr(cli.runtime, "load_pipeline", lambda spec: FakePipe())
     base = ["generate", "--model", "m", "--adapter", "a", "--cache", "c.safetensors", "--prompt", "x",
             "--out", str(tmp_path)]
     assert main(base) == 0 and main([*base, "--eta", "1"]) == 0

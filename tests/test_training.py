@@ -15,7 +15,7 @@ from dreamcache.adapters import parse_adapter_file
 from dreamcache.images import to_tensor
 from dreamcache.models import write_tiny_model
 from dreamcache.pipeline import DreamCachePipeline
-from dreamcache.training import AdapterTrainer, TrainingConfig, load_pipeline, step_generator, train
+from dreamcache.training import AdapterTrainer, TrainingConfig, load_training_pipeline, step_generator, train
 from dreamcache.triplets import NO_AUGMENT, collate, prepare_triplet, sample_rng, write_triplets
 from training_fixtures import shape_rows, write_learning_model
 
@@ -166,7 +166,7 @@ def test_train_job_on_ray_train_with_two_ddp_workers(ray_cluster, tiny_model_dir
     summary = json.loads(capsys.readouterr().out.split("train_adapters: ", 1)[1])
     assert summary["step"] == 3 and summary["workers"] == 2
     pipe = DreamCachePipeline.from_pretrained(str(tiny_model_dir), adapter=f"{out}/adapter.safetensors")
-    fresh = load_pipeline(TrainingConfig(model=str(tiny_model_dir), data="", out="", steps=1)).adapters.state_dict()
+    fresh = load_training_pipeline(TrainingConfig(model=str(tiny_model_dir), data="", out="", steps=1)).adapters.state_dict()
     trained = pipe.adapters.state_dict()  # the run started from the seed-0 initialisation and moved away from it
     assert any((trained[k] - fresh[k].half().float()).abs().max() > 0 for k in trained)
     assert summary["checkpoint"].startswith(f"{out}/dreamcache-adapters/")  # Ray Train's run folder, under --out
