@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
@@ -22,6 +21,7 @@ from . import runtime
 from .cache_info import library_version  # torch-free
 from .cli_args import ArgumentParser, add_config_arguments, config_from_namespace
 from .errors import DreamCacheError
+from .runtime import quiet_libraries
 
 logger = logging.getLogger("dreamcache")
 
@@ -37,22 +37,6 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from . import storage
 
     return DreamCacheError, storage.StorageError, FileNotFoundError, NotADirectoryError, IsADirectoryError
-
-
-def quiet_libraries() -> None:
-    """Keep stderr for our own messages: no weight-loading bars or advisory warnings from the libraries.
-
-    A library not imported yet is quieted by the environment variables it reads at import, not by importing it
-    here: importing diffusers pulls in torch, seconds that `dreamcache manifest` or `--help` must not pay."""
-    for name, value in (("TRANSFORMERS_VERBOSITY", "error"), ("DIFFUSERS_VERBOSITY", "error"),
-                        ("HF_HUB_DISABLE_PROGRESS_BARS", "1")):
-        os.environ.setdefault(name, value)
-    if "transformers" in sys.modules:
-        transformers = sys.modules["transformers"]
-        transformers.utils.logging.set_verbosity_error()
-        transformers.utils.logging.disable_progress_bar()
-    if "diffusers" in sys.modules:
-        sys.modules["diffusers"].utils.logging.set_verbosity_error()
 
 
 def model_spec(args: argparse.Namespace, adapter: str | None = None) -> runtime.ModelSpec:

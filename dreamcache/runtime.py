@@ -7,6 +7,8 @@ picker or the loader runs, not when this module is imported.
 
 from __future__ import annotations
 
+import os
+import sys
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
@@ -61,6 +63,22 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     if name not in DTYPES:
         raise InvalidValue(f"dtype must be one of {list(DTYPES)}, got {name!r}")
     return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[name]
+
+
+def quiet_libraries() -> None:
+    """Keep stderr for our own messages: no weight-loading bars or advisory warnings from the libraries.
+
+    A library not imported yet is quieted by the environment variables it reads at import, not by importing it
+    here: importing diffusers pulls in torch, seconds that `dreamcache manifest` or `--help` must not pay."""
+    for name, value in (("TRANSFORMERS_VERBOSITY", "error"), ("DIFFUSERS_VERBOSITY", "error"),
+                        ("HF_HUB_DISABLE_PROGRESS_BARS", "1")):
+        os.environ.setdefault(name, value)
+    if "transformers" in sys.modules:
+        transformers = sys.modules["transformers"]
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+    if "diffusers" in sys.modules:
+        sys.modules["diffusers"].utils.logging.set_verbosity_error()
 
 
 @dataclass(frozen=True)

@@ -222,6 +222,18 @@ def test_parsed_config_equals_the_dataclass_built_directly():
     parsed = from_args(parser.parse_args([*argv, "--subjects", "dog, can", "--backbone", "SD 1.5",
                                           "--guidance-mode", "joint"]))
     assert parsed == evaluation(**required, subjects=["dog", "can"], backbone="SD 1.5", guidance="joint")
+    # Training: TrainingConfig's and ScaleConfig's fields, the older Ray flag names (--workers, --gpu, --ray-storage).
+    from jobs.train_adapters import build_parser as training_parser
+    from pipelines.training.args import training_from_args
+    from dreamcache.training_config import TrainingConfig
+    from pipelines.training.config import ScaleConfig
+
+    base = ["--model", "m", "--data", "d", "--out", "o", "--steps", "5"]
+    config, scale = training_from_args(training_parser().parse_args(
+        [*base, "--workers", "2", "--gpu", "--ray-storage", "s3://b/runs", "--ray-address", "ray://h:10001"]))
+    assert config == TrainingConfig(model="m", data="d", out="o", steps=5)
+    assert scale == ScaleConfig(num_workers=2, use_gpu=True, storage_path="s3://b/runs", ray_address="ray://h:10001")
+    assert training_from_args(training_parser().parse_args(base))[1] == ScaleConfig()
     # A one_of group: exactly one of its flags (--images, --catalog).
     caching_parser = _job_parsers()[0][1]
     for source in ([], ["--images", "i", "--catalog", "c"]):

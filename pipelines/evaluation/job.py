@@ -29,6 +29,9 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
+import pyarrow as pa
+import ray
+
 from dreamcache import storage
 from dreamcache.dreambench import (
     REFERENCE_IMAGES,
@@ -38,8 +41,11 @@ from dreamcache.dreambench import (
     summarize_scores,
     summary_markdown,
 )
+from dreamcache.images import decode_image
 from dreamcache.metrics import MetricBackbones
 
+from ..caching import CachingJobConfig, run_caching
+from ..generation import GenerationJobConfig, read_manifest, run_generation
 from .config import EvaluationConfig, EvaluationInputError
 
 logger = logging.getLogger(__name__)
@@ -120,7 +126,6 @@ def _backbone_name(config: EvaluationConfig) -> str | None:
 def cache_references(config: EvaluationConfig, sources: dict[str, dict[str, list[str]]]) -> str:
     """Caches of the subjects' references through the caching job; returns its output prefix (the generation job
     reads the caching manifest there)."""
-    from ..caching import CachingJobConfig, run_caching
 
     catalog = config.uri("references.jsonl")
     lines = [json.dumps({"subject_id": s, "image_uri": src["ref"][0]}) for s, src in sources.items()]
@@ -139,7 +144,6 @@ def cache_references(config: EvaluationConfig, sources: dict[str, dict[str, list
 
 def generate(config: EvaluationConfig, caches: str):
     """Every benchmark image through the batch generation job (incremental)."""
-    from ..generation import GenerationJobConfig, run_generation
 
     generation = GenerationJobConfig(
         model=config.model, adapter=config.adapter, caches=caches, plan=evaluation_plan(config),
@@ -156,7 +160,6 @@ def generate(config: EvaluationConfig, caches: str):
 def _gpus(config: EvaluationConfig) -> float:
     if config.gpus_per_actor is not None:
         return config.gpus_per_actor
-    import ray
 
     return 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
 
@@ -181,8 +184,6 @@ class ScoreActor:
         return self.embedded[subject]
 
     def __call__(self, batch):
-        import pyarrow as pa
-
         rows = batch.to_pylist()
         by_subject: dict[str, list[dict]] = {}
         for row in rows:
@@ -204,14 +205,10 @@ class ScoreActor:
 
 
 def _load(uri: str):
-    from dreamcache.images import decode_image
-
     return decode_image(storage.read_bytes(uri), uri)
 
 
 def scores_schema():
-    import pyarrow as pa
-
     return pa.schema([("subject", pa.string()), ("kind", pa.string()), ("prompt_index", pa.int32()),
                       ("prompt", pa.string()), ("eval_caption", pa.string()), ("seed", pa.int64()),
                       ("image_uri", pa.string())]
@@ -221,8 +218,6 @@ def scores_schema():
 
 def score_images(config: EvaluationConfig, manifest: Sequence[dict], sources: dict[str, dict[str, list[str]]]) -> list[dict]:
     """Per-image scores for the manifest's rendered images; failed generations become error rows."""
-    import pyarrow as pa
-    import ray
 
     prompts = {(p.subject, p.prompt): p for p in dreambench_prompts(config.subject_list, config.prompts_per_subject)}
     todo, failed = [], []
@@ -250,8 +245,6 @@ def score_images(config: EvaluationConfig, manifest: Sequence[dict], sources: di
 
 
 def write_scores(uri: str, rows: Sequence[dict]) -> None:
-    import pyarrow as pa
-
     ordered = sorted(rows, key=lambda r: (r["subject"], r["prompt_index"], r["seed"]))
     storage.write_parquet(uri, pa.Table.from_pylist(ordered, schema=scores_schema()))
 
@@ -266,7 +259,6 @@ def run_evaluation(config: EvaluationConfig) -> EvaluationResult:
                 config.images_per_prompt)
     caches = config.caches or cache_references(config, sources)
     generation = generate(config, caches)
-    from ..generation import read_manifest
 
     manifest = read_manifest(generation.manifest_uri)
     rows = score_images(config, manifest, sources)
