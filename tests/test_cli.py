@@ -1,5 +1,6 @@
 """The command line end to end on the tiny model, and its bad-input contract (exit 2, one line, no traceback)."""
 
+import argparse
 import io
 import re
 import subprocess
@@ -159,12 +160,22 @@ def _job_parsers():
              {"dataset": "d", "model": "m", "adapter": "a", "out": "o", "dino": "x", "clip": "y"})]
 
 
+def _command_parsers():
+    """(config class, the subcommand's parser) for the method's commands whose options are config fields."""
+    from dreamcache import runtime
+    from dreamcache.cli import CacheOptions, GenerateOptions, build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return [(runtime.ModelSpec, sub.choices["cache"]), (CacheOptions, sub.choices["cache"]),
+            (GenerateOptions, sub.choices["generate"])]
+
+
 def test_every_config_field_is_exactly_one_flag():
     import dataclasses
 
     from dreamcache.cli_args import NOT_A_FLAG
 
-    for config_class, parser, _, _ in _job_parsers():
+    for config_class, parser in [(c, p) for c, p, _, _ in _job_parsers()] + _command_parsers():
         dests = [action.dest for action in parser._actions]
         for f in dataclasses.fields(config_class):
             expected = 0 if f.metadata.get("cli", {}) is NOT_A_FLAG["cli"] else 1
@@ -177,7 +188,7 @@ def test_help_shows_every_default(monkeypatch):
     from dreamcache.cli_args import cli_fields, flag_of
 
     monkeypatch.setenv("COLUMNS", "2000")  # no default split across lines by wrapping
-    for config_class, parser, _, _ in _job_parsers():
+    for config_class, parser in [(c, p) for c, p, _, _ in _job_parsers()] + _command_parsers():
         blocks = re.split(r"\n(?=  -)", parser.format_help())  # one per option: its flags, then its help
         for f, _, _ in cli_fields(config_class):
             flag = flag_of(f.name)

@@ -18,6 +18,15 @@ from dreamcache.dreambench import (
     check_subjects,
 )
 from dreamcache.errors import InvalidValue
+from dreamcache.options import (
+    Guidance,
+    cache_prompt_field,
+    guidance_field,
+    guidance_scale_field,
+    image_guidance_scale_field,
+    side_field,
+    steps_field,
+)
 from dreamcache.runtime import Dtype, dtype_field, model_field
 
 
@@ -42,17 +51,14 @@ class EvaluationConfig:
     prompts_per_subject: int = option(PROMPTS_PER_SUBJECT, f"below {PROMPTS_PER_SUBJECT}: a smoke run")
     images_per_prompt: int = option(IMAGES_PER_PROMPT)
     seed: int = option(0, "image i of a prompt uses seed + i")
-    steps: int = option(50)
-    guidance_scale: float = option(7.5, "text guidance scale")
-    image_guidance_scale: float = option(0.4, "the official DreamBench setting (spec 4.2)")
-    guidance: Literal["compositional", "joint"] = option("compositional", "guidance mode, as in generate "
-                                                                          "(--guidance-mode: its older name)",
-                                                         aliases=("--guidance-mode",))
+    steps: int = steps_field()
+    guidance_scale: float = guidance_scale_field()
+    image_guidance_scale: float = image_guidance_scale_field()  # 0.4: the official DreamBench setting (spec 4.2)
+    guidance: Guidance = guidance_field()
     negative_prompt: str = option(OFFICIAL_NEGATIVE_PROMPT, "the official sampler's by default")
-    # "" (paper, training) or the negative prompt (official sampler; ambiguity A2)
-    cache_prompt: str = option("", '"" as the paper; the negative prompt as the official sampler')
-    height: int | None = option(None, "image height (default: the model's resolution)")
-    width: int | None = option(None, "image width (default: the model's resolution)")
+    cache_prompt: str = cache_prompt_field()  # "" (paper, training) or the negative prompt (ambiguity A2)
+    height: int | None = side_field("height")
+    width: int | None = side_field("width")
     batch_size: int = option(8)
     actors: int = option(1, "actors per stage (caching, generation, scoring)")
     gpus_per_actor: float | None = option(None, "default: 1 if the cluster has GPUs, else 0 (generation, scoring)")
