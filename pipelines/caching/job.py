@@ -63,7 +63,6 @@ def manifest_log(out: str) -> ManifestLog:
 
 def model_version(model: str) -> str:
     """A digest of the model folder's listing (names, sizes, versions): unchanged weights, unchanged digest."""
-
     digest = hashlib.sha256()
     for obj in storage.list_objects(model):
         digest.update(f"{obj.uri[len(model):]}|{obj.size}|{obj.version}\n".encode())

@@ -64,7 +64,6 @@ def _stored_cache(row: dict, config: CachingJobConfig, size: tuple[int, int]) ->
     """A resumed run (killed before its manifest): the store may already hold this subject's cache from these
     very sources and settings. Its header is read here, in the parallel CPU stage, so that the actor only
     compares the base-model fingerprint (known once the model is loaded) and its GPU never waits on storage."""
-
     if row["stored_cache"] is None:  # the plan's listing found no cache file
         return None
     try:
@@ -127,7 +126,6 @@ class CacheActor:
     def _compute(self, rows: list[dict]) -> tuple[list[bytes], float]:
         """All references of the batch through the UNet together, then regrouped into one cache file per subject;
         also the seconds spent holding the model (waiting for another call's turn excluded)."""
-
         from dreamcache.cache import FeatureCache
 
         res = self.resolution

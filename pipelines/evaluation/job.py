@@ -126,7 +126,6 @@ def _backbone_name(config: EvaluationConfig) -> str | None:
 def cache_references(config: EvaluationConfig, sources: dict[str, dict[str, list[str]]]) -> str:
     """Caches of the subjects' references through the caching job; returns its output prefix (the generation job
     reads the caching manifest there)."""
-
     catalog = config.uri("references.jsonl")
     lines = [json.dumps({"subject_id": s, "image_uri": src["ref"][0]}) for s, src in sources.items()]
     storage.write_bytes(catalog, ("\n".join(lines) + "\n").encode())
@@ -144,7 +143,6 @@ def cache_references(config: EvaluationConfig, sources: dict[str, dict[str, list
 
 def generate(config: EvaluationConfig, caches: str):
     """Every benchmark image through the batch generation job (incremental)."""
-
     generation = GenerationJobConfig(
         model=config.model, adapter=config.adapter, caches=caches, plan=evaluation_plan(config),
         subjects=config.subject_list, seeds=[config.seed + i for i in range(config.images_per_prompt)],
@@ -218,7 +216,6 @@ def scores_schema():
 
 def score_images(config: EvaluationConfig, manifest: Sequence[dict], sources: dict[str, dict[str, list[str]]]) -> list[dict]:
     """Per-image scores for the manifest's rendered images; failed generations become error rows."""
-
     prompts = {(p.subject, p.prompt): p for p in dreambench_prompts(config.subject_list, config.prompts_per_subject)}
     todo, failed = [], []
     for row in manifest:

@@ -114,7 +114,6 @@ def _actor_resources(config: GenerationJobConfig) -> tuple[float, float]:
 def _render(todo, config: GenerationJobConfig):
     """The rows to render, sorted by subject (a batch holds few subjects; the next batch reuses their caches),
     through a pool of actors."""
-
     gpus, cpus = _actor_resources(config)
     check_resources({"CPU": cpus, "GPU": gpus}, "the generation actors", wait=config.wait_for_resources)
     device = config.device if config.device != "auto" else ("cuda" if gpus > 0 else "cpu")
@@ -150,7 +149,6 @@ def _manifest_rows(batch: pa.Table, common: dict) -> pa.Table:
 
 def run_generation(config: GenerationJobConfig) -> GenerationSummary:
     """Plan, skip what exists, render the rest on Ray, publish the manifest, draw the contact sheet."""
-
     start = time.perf_counter()
     config.validate()
     run_id = config.run_id or new_run_id()

@@ -48,7 +48,6 @@ def result_schema():
 def manifest_schema():
     """One row per plan row: what was asked (subject, prompt, seed, parameters), what happened (status
     ok/error, action rendered/skipped/failed, error), where the image is, and timings."""
-
     return pa.schema(list(result_schema()) + [
         ("guidance", pa.string()), ("steps", pa.int32()), ("height", pa.int32()), ("width", pa.int32()),
         ("run_id", pa.string()),
@@ -62,7 +61,6 @@ def manifest_log(out: str):
 def read_manifest(uri: str) -> list[dict]:
     """Rows of a published version (its commit object, ``.json``), of one run (its data folder: the rows that
     run produced), or of a single Parquet file. For tests and small tools: the rows come back as a list."""
-
     if uri.endswith(".json"):
         files = list(manifest_log(uri.rsplit("/_manifests/", 1)[0]).read_commit(uri).files)
     elif uri.endswith(".parquet"):

@@ -85,7 +85,6 @@ class PlanRow:
 
     def result(self) -> dict:
         """The record as a result row: an error now when it is known before rendering, else still to decide."""
-
         return result_row(self.record(), "error", "failed", self.error) if self.error else \
             result_row(self.record(), None, None)
 
@@ -170,7 +169,6 @@ def load_prompts(config: GenerationJobConfig) -> list[PromptSpec]:
 def _caching_manifest_subjects(uri: str) -> list[SubjectSource]:
     """Subjects of a caching job's single-file manifest: ``ok`` rows point at their cache, ``error`` rows carry
     the reason."""
-
     try:
         table = storage.read_parquet(uri)
     except (pa.ArrowInvalid, OSError) as exc:
@@ -196,8 +194,6 @@ def load_subjects(config: GenerationJobConfig) -> dict[str, SubjectSource]:
     """Every subject the caches know, by id, on the driver (explicit plans; the expanded plan reads them as a
     dataset, :func:`subjects_dataset`): a caching manifest file, a caching job's output prefix, or the
     ``<subject_id>.safetensors`` files under a prefix."""
-
-
     if config.caches.lower().endswith(".parquet"):
         sources = _caching_manifest_subjects(config.caches)
     else:
@@ -252,7 +248,6 @@ def plan_request(row: Mapping[str, Any], config: GenerationJobConfig, where: str
 
 def request_schema():
     """A checked plan row (``problem`` set: it could not be read, and becomes one error row)."""
-
     return pa.schema([("order", pa.int64()), ("where", pa.string()), ("subject_id", pa.string()),
                       ("prompt", pa.string()), ("negative_prompt", pa.string()), ("guidance_scale", pa.float64()),
                       ("image_guidance_scale", pa.float64()), ("seeds", pa.list_(pa.int64())),
@@ -262,7 +257,6 @@ def request_schema():
 def requests_block(batch, config: GenerationJobConfig):
     """Raw plan rows (``plan_file.RAW_SCHEMA``) -> checked requests; a bad row keeps the subject it names, if any,
     so its error row sits with that subject's rows."""
-
     rows = []
     for order, where, text in zip(batch["order"].to_pylist(), batch["where"].to_pylist(), batch["row"].to_pylist()):
         row: Any = None
@@ -389,7 +383,6 @@ SUBJECT_SCHEMA_FIELDS = (("subject_id", "string"), ("cache_uri", "string"), ("ca
 
 def _caching_view():
     """The columns of a caching manifest this job reads (its own view: the caching app owns the full schema)."""
-
     return pa.schema([("subject_id", pa.string()), ("status", pa.string()), ("cache_uri", pa.string()),
                       ("error", pa.string()), ("source_hashes", pa.list_(pa.string())),
                       ("base_model", pa.string()), ("settings", pa.string())])
@@ -401,7 +394,6 @@ def subject_schema():
 
 def _subjects_from_caching_rows(batch):
     """A caching manifest's rows (any version of its schema: only these columns are read) -> subject rows."""
-
     rows = []
     for row in batch.to_pylist():
         hashes = row.get("source_hashes") or []
@@ -428,8 +420,6 @@ def _subjects_from_listing(batch, root: str):
 def subjects_dataset(config: GenerationJobConfig):
     """Every subject the caches know, as a dataset: a caching job's manifest (its output prefix, or a single
     ``manifest.parquet`` file), else the ``<subject_id>.safetensors`` files under the prefix."""
-
-
     if config.caches.lower().endswith(".parquet"):
         if not storage.exists(config.caches):
             raise storage.ObjectNotFound(f"caching manifest not found: {config.caches}")
@@ -456,8 +446,6 @@ def subjects_dataset(config: GenerationJobConfig):
 
 def _wanted_block(block, schema):
     """Requested subject ids (``--subjects``) joined with the known ones: unknown ids become error rows."""
-
-
     parts = split_sources(block, {"known": schema, "wanted": pa.schema([("subject_id", pa.string())])})
     known = {r["subject_id"]: r for r in parts["known"].to_pylist()}
     rows = [known.get(s) or {"subject_id": s, "cache_uri": None, "cache_version": "", "error": None}
@@ -467,7 +455,6 @@ def _wanted_block(block, schema):
 
 def _wanted(subjects: Sequence[str]):
     """``--subjects`` as a colocate source: (dataset, schema)."""
-
     ids = ray.data.from_items([{"subject_id": str(s)} for s in dict.fromkeys(subjects)])
     return ids, pa.schema([subject_schema().field("subject_id")])
 
@@ -478,8 +465,6 @@ def _row_index(row_key: str) -> int:
 
 def expand_block(batch, config: GenerationJobConfig, prompts: Sequence[PromptSpec], caches: str):
     """Each subject row -> its rows for every prompt and seed, named and keyed (see :func:`image_name`)."""
-
-
     rows = []
     for subject in batch.to_pylist():
         source = SubjectSource(subject["subject_id"], subject["cache_uri"], subject["cache_version"] or "",
@@ -495,7 +480,6 @@ def expand_block(batch, config: GenerationJobConfig, prompts: Sequence[PromptSpe
 
 def plan_dataset(config: GenerationJobConfig, prompts: Sequence[PromptSpec]):
     """subjects x prompts x seeds as a dataset of result rows (status null: still to decide)."""
-
     subjects = subjects_dataset(config)
     if config.subjects is not None:
         schema = subject_schema()
@@ -510,8 +494,6 @@ def plan_dataset(config: GenerationJobConfig, prompts: Sequence[PromptSpec]):
 def explicit_block(block, config: GenerationJobConfig, filtered: bool):
     """One colocated block (the known subjects, the checked plan rows and, when ``filtered``, the wanted subject
     ids, all of the same subjects) -> result rows."""
-
-
     schema = subject_schema()
     parts = split_sources(block, {"known": schema, "requests": request_schema(),
                                   "wanted": pa.schema([schema.field("subject_id")])})
@@ -526,7 +508,6 @@ def explicit_plan_dataset(config: GenerationJobConfig, rows: int | None):
     """An explicit plan as a dataset of result rows, read, checked and expanded in the cluster: its rows are
     hash-partitioned with the known subjects (and ``--subjects``) by subject id, so each block holds all the rows
     of its subjects. ``rows``: the plan's size when known (it sizes the shuffle)."""
-
     requests = raw_plan_dataset(config.plan).map_batches(requests_block, fn_kwargs={"config": config},
                                                          batch_format="pyarrow")
     sources = {"known": (subjects_dataset(config), subject_schema()), "requests": (requests, request_schema())}
@@ -539,7 +520,6 @@ def explicit_plan_dataset(config: GenerationJobConfig, rows: int | None):
 
 def _rendered_images(batch):
     """PNGs under the output prefix, outside ``_runs/`` and ``_manifests/``: (image_uri, size)."""
-
     keep = pc.and_(pc.ends_with(batch["path"], ".png"), pc.invert(pc.starts_with(batch["path"], "_")))
     found = batch.filter(keep)
     return pa.table({"image_uri": found["uri"], "image_bytes": found["size"]})
@@ -553,8 +533,6 @@ def _prior_images(batch):
 def classify_block(block, schema):
     """A row whose image is already in the store (at the size the last manifest recorded, when it did) is
     skipped; the rest is rendered. Errors stay errors."""
-
-
     parts = split_sources(block, {
         "plan": schema,
         "found": pa.schema([("image_uri", pa.string()), ("image_bytes", pa.int64())]),

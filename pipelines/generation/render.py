@@ -62,7 +62,6 @@ def render_rows(pipe, rows: Sequence[Mapping], settings: RenderSettings, caches:
     (a call may mix subjects: one cache per prompt)."""
     import torch
 
-
     results: dict[int, dict] = {}
     loaded: dict[str, Any] = {}
     read_time: dict[str, float] = {}
@@ -115,7 +114,6 @@ def load_render_pipeline(settings: RenderSettings):
     """The pipeline on its device and dtype, quiet, from the model and adapter URIs (``dreamcache.runtime``'s one
     loader). Reads only ``model``, ``adapter``, ``device``, ``dtype`` and ``torch_threads`` (the Serve generator
     passes its ServeSettings)."""
-
     quiet_libraries()
     pipe = load_pipeline(ModelSpec(model=settings.model, adapter=settings.adapter, device=settings.device,
                                    dtype=settings.dtype, torch_threads=settings.torch_threads))

@@ -81,7 +81,6 @@ def _read_pieces(batch: pa.Table, columns: list[str] | None) -> Iterator[pa.Tabl
 
 def row_groups(uri: str) -> list[tuple[int, int]]:
     """(row group, number of its first row) of one Parquet file, from its footer."""
-
     filesystem, path = storage.pyarrow_filesystem(uri)
     with filesystem.open_input_file(path) as handle:
         metadata = pq.ParquetFile(handle).metadata

@@ -139,7 +139,6 @@ class ManifestLog:
 
     def dataset(self, version: ManifestVersion, columns: list[str] | None = None):
         """A version's rows as a Ray dataset in today's schema (older versions conformed)."""
-
         schema = self.schema if columns is None else pa.schema([self.schema.field(c) for c in columns])
         if not version.files:  # a version of no rows (a run over an empty input)
             import ray

@@ -54,7 +54,6 @@ def count_rows(table: pa.Table) -> dict[str, int]:
 def _write_part(batch: pa.Table, folder: str, schema: pa.Schema, name: str,
                 count: Callable[[pa.Table], dict[str, int]]) -> pa.Table:
     """One part file per batch, written by the worker; returns one stats row (never the rows)."""
-
     table = conform(batch, schema)
     uri = storage.join_uri(folder, f"{name}-{uuid.uuid4().hex}.parquet")
     storage.write_parquet(uri, table)
@@ -304,7 +303,6 @@ def colocate(sources: Mapping[str, tuple], key: str, partitions: int):
 
 def split_sources(block: pa.Table, schemas: Mapping[str, pa.Schema]) -> dict[str, pa.Table]:
     """A colocated block back into one table per source, each in its own schema."""
-
     tags = block[SOURCE]
     return {tag: conform(block.filter(pc.equal(tags, tag)), schema) for tag, schema in schemas.items()}
 

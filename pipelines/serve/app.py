@@ -671,8 +671,6 @@ def _stop_on_signal(signum, frame) -> None:
 def run_local(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000, ray_address: str | None = None,
               app_name: str = "dreamcache") -> None:
     """``dreamcache serve``: start (or join) Ray, run the app at http://host:port/ until interrupted."""
-
-
     resolve_api_token(settings)  # before Ray starts
     init_ray(address=ray_address)
     # The proxy's own timeout is a backstop behind the app's deadline (which answers 504 first).
