@@ -387,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from dreamcache.cli import pick_device, quiet_libraries
+    from dreamcache.runtime import pick_device, quiet_libraries
 
     quiet_libraries()
     if pick_device(args.device).type == "cpu" and not args.torch_threads:

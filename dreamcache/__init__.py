@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 # public name -> the submodule that defines it
 _EXPORTS = {
     "DreamCachePipeline": "pipeline",
-    "OFFICIAL_NEGATIVE_PROMPT": "pipeline",
+    "OFFICIAL_NEGATIVE_PROMPT": "dreambench",
     "ADAPTER_WEIGHTS_NAME": "pipeline",
     "FeatureCache": "cache",
     "extract_features": "cache",
@@ -43,9 +43,10 @@ if TYPE_CHECKING:  # for type checkers and IDEs only; at runtime the names load 
     from .cache_info import CacheError, CacheInfo
     from .cache_store import CacheStore, read_cache_info
     from .convert import convert_official_checkpoint
+    from .dreambench import OFFICIAL_NEGATIVE_PROMPT
     from .layers import CachedLayer, select_layers
     from .models import load_base_model, write_tiny_model
-    from .pipeline import ADAPTER_WEIGHTS_NAME, OFFICIAL_NEGATIVE_PROMPT, DreamCachePipeline
+    from .pipeline import ADAPTER_WEIGHTS_NAME, DreamCachePipeline
     from .runtime import ModelSpec, load_pipeline, pick_device, pick_dtype
 
 

@@ -32,10 +32,12 @@ import json
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
+import safetensors.torch
 import torch
 import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import Attention
+from safetensors import SafetensorError
 from torch import nn
 
 from .errors import DreamCacheError
@@ -326,19 +328,16 @@ def adapter_metadata(backbone: str, layers: list[str], channels: list[int], head
 
 def adapter_file_bytes(adapters: DreamCacheAdapters, dtype: torch.dtype = torch.float16) -> bytes:
     """Serialise the adapters as safetensors with diffusers-named keys and metadata naming backbone and layers."""
-    from safetensors.torch import save
 
     state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in adapters.state_dict().items()}
-    return save(state, metadata=adapters.metadata())
+    return safetensors.torch.save(state, metadata=adapters.metadata())
 
 
 def parse_adapter_file(data: bytes, source: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Read an adapter file; a truncated or foreign file gets a clear AdapterError naming ``source``."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load
 
     try:
-        state = load(data)
+        state = safetensors.torch.load(data)
         metadata = read_metadata(data)
     except (SafetensorError, ValueError, RuntimeError) as exc:
         raise AdapterError(f"{source} is not a readable safetensors adapter file ({exc})") from None

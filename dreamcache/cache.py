@@ -13,8 +13,10 @@ import hashlib
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
+import safetensors.torch
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
+from safetensors import SafetensorError
 
 # The cache file's metadata lives in a torch-free module: the caching job's CPU stages read headers with it.
 from .cache_info import (  # noqa: F401 - re-exported: dreamcache.cache is the public home of these names
@@ -73,11 +75,9 @@ class FeatureCache:
 
     # -- file format ---------------------------------------------------------------------------------------
     def to_bytes(self) -> bytes:
-        from safetensors.torch import save
-
         dtype = getattr(torch, self.info.dtype)  # the dtype the metadata names, whatever the tensors are now in
         tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in self.features.items()}
-        return save(tensors, metadata=self.info.to_metadata())
+        return safetensors.torch.save(tensors, metadata=self.info.to_metadata())
 
     @classmethod
     def from_bytes(
@@ -88,11 +88,9 @@ class FeatureCache:
         base_model: str | None = None,
     ) -> FeatureCache:
         """Parse and validate a cache file; with ``layers``/``base_model`` also check it fits a pipeline."""
-        from safetensors import SafetensorError
-        from safetensors.torch import load
 
         try:
-            tensors = load(data)
+            tensors = safetensors.torch.load(data)
             meta = read_metadata(data)
         except (SafetensorError, ValueError, RuntimeError) as exc:
             raise CacheError(f"{source}: not a readable cache file (truncated or corrupt: {exc})") from None

@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
+from importlib.metadata import PackageNotFoundError, version
 
 from .errors import DreamCacheError
 
@@ -25,8 +27,6 @@ class CacheError(DreamCacheError, ValueError):
 
 
 def library_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
         return version("dreamcache")
     except PackageNotFoundError:
@@ -52,7 +52,6 @@ class CacheInfo:
     def fingerprint(self) -> str:
         """A short id of what the cache was made from (model, images, settings); not the library version,
         which does not change the features."""
-        import hashlib
 
         made_from = {k: v for k, v in asdict(self).items() if k not in ("library_version", "subject_id")}
         return hashlib.sha256(json.dumps(made_from, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 from . import storage
 from .cache_info import CacheError, CacheInfo
 from .layers import CachedLayer
+from .safetensors_header import file_size, header_length, read_metadata
 
 if TYPE_CHECKING:  # .cache loads torch and diffusers: listing or naming caches (a job's planner) needs neither
     from .cache import FeatureCache
@@ -23,7 +24,6 @@ def read_cache_info(uri: str, size: int | None = None) -> CacheInfo:
     """What a stored cache was made from, from its header alone (about 1 KiB, one ranged GET; a second only for an
     unusual header), not its 6 MB of tensors. ObjectNotFound if absent, CacheError if not a cache we read, or if
     ``size`` (the stored object's, from a listing) is not the size its header promises (a cut-short file)."""
-    from .safetensors_header import file_size, header_length, read_metadata
 
     if size is not None and size < 8:  # an empty object: no header to read (and S3 refuses a range of it)
         raise CacheError(f"{uri}: not a readable cache file ({size} bytes)")

@@ -11,18 +11,19 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 # torch, diffusers and the S3 client are imported by the commands that use them, not here: building the parser
 # (and so `dreamcache --help`) must not pay seconds of imports.
-from . import runtime
+from . import options, runtime
 from .cache_info import library_version  # torch-free
-from .cli_args import ArgumentParser, add_config_arguments
+from .cli_args import ArgumentParser, add_config_arguments, config_from_namespace, option
 from .errors import DreamCacheError
-from .runtime import pick_device, pick_dtype  # noqa: F401 - re-exported: callers import them from here
+from .images import PreprocessMode
+from .runtime import quiet_libraries
 
 logger = logging.getLogger("dreamcache")
 
@@ -40,30 +41,42 @@ def user_errors() -> tuple[type[BaseException], ...]:
     return DreamCacheError, storage.StorageError, FileNotFoundError, NotADirectoryError, IsADirectoryError
 
 
-def quiet_libraries() -> None:
-    """Keep stderr for our own messages: no weight-loading bars or advisory warnings from the libraries.
-
-    A library not imported yet is quieted by the environment variables it reads at import, not by importing it
-    here: importing diffusers pulls in torch, seconds that `dreamcache manifest` or `--help` must not pay."""
-    for name, value in (("TRANSFORMERS_VERBOSITY", "error"), ("DIFFUSERS_VERBOSITY", "error"),
-                        ("HF_HUB_DISABLE_PROGRESS_BARS", "1")):
-        os.environ.setdefault(name, value)
-    if "transformers" in sys.modules:
-        transformers = sys.modules["transformers"]
-        transformers.utils.logging.set_verbosity_error()
-        transformers.utils.logging.disable_progress_bar()
-    if "diffusers" in sys.modules:
-        sys.modules["diffusers"].utils.logging.set_verbosity_error()
-
-
-def load_pipeline(args: argparse.Namespace, adapter: str | None = None):
+def model_spec(args: argparse.Namespace, adapter: str | None = None) -> runtime.ModelSpec:
+    """The --model/--device/--dtype options as runtime's model spec, for its one loader (runtime.load_pipeline)."""
     # adapter=False: the method's commands name their adapter file explicitly (generate) or need none (cache).
-    spec = runtime.ModelSpec(model=args.model, adapter=adapter or False, device=args.device, dtype=args.dtype)
-    return runtime.load_pipeline(spec)
+    return config_from_namespace(runtime.ModelSpec, args, adapter=adapter or False)
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    add_config_arguments(p, runtime.ModelSpec, only=("model", "device", "dtype"))
+@dataclass
+class CacheOptions:
+    """`dreamcache cache`'s options besides the model (ModelSpec's) and the images."""
+
+    out: str = option(help="folder or s3:// prefix for <subject_id>.safetensors")
+    subject_id: str | None = option(None, "treat all images as references of one subject with this id")
+    resolution: int | None = options.resolution_field()
+    preprocess: PreprocessMode = options.preprocess_field()
+    cache_prompt: str = options.cache_prompt_field()
+    seed: int = option(0, "noise seed (per image, mixed with the image hash)")
+    batch_size: int = option(8, "images per UNet call")
+
+
+@dataclass
+class GenerateOptions:
+    """`dreamcache generate`'s options besides the model (ModelSpec's) and the prompts."""
+
+    adapter: str = option(help="adapter safetensors file (path or s3:// URI)")
+    cache: str = option(help="the subject's cache file (path or s3:// URI)")
+    negative_prompt: str | None = option(None)
+    num_images: int = option(1, "images per prompt")
+    steps: int = options.steps_field()
+    guidance_scale: float = options.guidance_scale_field()
+    image_guidance_scale: float = options.image_guidance_scale_field()
+    guidance: options.Guidance = options.guidance_field()
+    eta: float = option(0.0, "DDIM eta: 0 (deterministic) as the official DreamBench script; its sample_ref.sh uses 1")
+    height: int | None = options.side_field("height")
+    width: int | None = options.side_field("width")
+    seed: int = option(0)
+    out: str = option("dreamcache-out", "output folder for PNGs")
 
 
 # -- commands -------------------------------------------------------------------------------------------------
@@ -93,7 +106,7 @@ def cmd_cache(args: argparse.Namespace) -> None:
             if subject in subjects:
                 raise UsageError(f"two images are both named {subject!r}; pass --subject-id for a multi-reference subject")
             subjects[subject] = [i]
-    pipe = load_pipeline(args)
+    pipe = runtime.load_pipeline(model_spec(args))
     caches = pipe.build_caches(images, hashes, resolution=args.resolution, preprocess=args.preprocess,
                                cache_prompt=args.cache_prompt, seed=args.seed, batch_size=args.batch_size)
     from .cache import FeatureCache
@@ -111,7 +124,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from . import storage
     from .image_files import image_name, png_bytes
 
-    pipe = load_pipeline(args, adapter=args.adapter)
+    pipe = runtime.load_pipeline(model_spec(args, adapter=args.adapter))
     cache = pipe.load_cache(args.cache)
     subject = cache.info.subject_id or PurePosixPath(storage.parse_uri(args.cache).path).stem
     generator = torch.Generator().manual_seed(args.seed)
@@ -221,36 +234,15 @@ def build_parser(extend: Callable[[argparse._SubParsersAction], None] | None = N
     p.set_defaults(func=cmd_tiny_model)
 
     p = sub.add_parser("cache", help="compute feature caches of reference images")
-    _add_model_args(p)
+    add_config_arguments(p, runtime.ModelSpec)  # --model, --device, --dtype
     p.add_argument("images", nargs="+", metavar="IMAGE", help="reference images (paths or s3:// URIs)")
-    p.add_argument("--out", required=True, help="folder or s3:// prefix for <subject_id>.safetensors")
-    p.add_argument("--subject-id", help="treat all images as references of one subject with this id")
-    p.add_argument("--resolution", type=int, help="reference size in pixels (default: the model's, 512 for SD)")
-    p.add_argument("--preprocess", choices=["resize", "pad"], default="resize",
-                   help="resize: the official plain resize; pad: keep the aspect ratio on white")
-    p.add_argument("--cache-prompt", default="", help='text context of the caching pass (default "", as the paper)')
-    p.add_argument("--seed", type=int, default=0, help="noise seed (per image, mixed with the image hash)")
-    p.add_argument("--batch-size", type=int, default=8)
+    add_config_arguments(p, CacheOptions)
     p.set_defaults(func=cmd_cache)
 
     p = sub.add_parser("generate", help="generate images of a cached subject")
-    _add_model_args(p)
-    p.add_argument("--adapter", required=True, help="adapter safetensors file (path or s3:// URI)")
-    p.add_argument("--cache", required=True, help="the subject's cache file (path or s3:// URI)")
+    add_config_arguments(p, runtime.ModelSpec)
     p.add_argument("--prompt", required=True, action="append", help="prompt; repeat for several")
-    p.add_argument("--negative-prompt")
-    p.add_argument("--num-images", type=int, default=1, help="images per prompt")
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--guidance-scale", type=float, default=7.5)
-    p.add_argument("--image-guidance-scale", type=float, default=0.4,
-                   help="0.4 reproduces the DreamBench setting; 3-5 preserves identity more strongly")
-    p.add_argument("--guidance", choices=["compositional", "joint"], default="compositional")
-    p.add_argument("--eta", type=float, default=0.0,
-                   help="DDIM eta: 0 (deterministic) as the official DreamBench script; its sample_ref.sh uses 1")
-    p.add_argument("--height", type=int)
-    p.add_argument("--width", type=int)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="dreamcache-out", help="output folder for PNGs")
+    add_config_arguments(p, GenerateOptions)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("convert-official", help="convert the authors' cross_attention-*.pt to an adapter file")

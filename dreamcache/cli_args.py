@@ -23,8 +23,8 @@ import dataclasses
 import json
 import types
 import typing
-from collections.abc import Callable, Iterable
-from typing import Any, Literal, TypeVar, Union
+from collections.abc import Callable
+from typing import Annotated, Any, Literal, TypeVar, Union
 
 T = TypeVar("T")
 _KEY = "cli"  # the field metadata key
@@ -51,10 +51,33 @@ def _shows_default(action: argparse.Action) -> bool:
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse's parser with DefaultsFormatter; the parsers of its subcommands are of this class too."""
+    """argparse's parser with DefaultsFormatter; the parsers of its subcommands are of this class too.
 
-    def __init__(self, *args: Any, formatter_class: type[argparse.HelpFormatter] = DefaultsFormatter, **kwargs: Any) -> None:
+    ``deferred``: adds this parser's options when it is first used (to parse, or for ``--help``), not when it is
+    built: a subcommand whose options come from a heavy module (``dreamcache serve``'s from its pydantic settings)
+    then costs nothing to the other commands and to ``dreamcache --help``, which only lists it."""
+
+    def __init__(self, *args: Any, formatter_class: type[argparse.HelpFormatter] = DefaultsFormatter,
+                 deferred: Callable[[argparse.ArgumentParser], None] | None = None, **kwargs: Any) -> None:
         super().__init__(*args, formatter_class=formatter_class, **kwargs)
+        self._deferred = deferred
+
+    def _add_deferred(self) -> None:
+        if self._deferred is not None:
+            add, self._deferred = self._deferred, None
+            add(self)
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:  # a subcommand's parser too
+        self._add_deferred()
+        return super().parse_known_args(args, namespace)
+
+    def format_usage(self) -> str:
+        self._add_deferred()
+        return super().format_usage()
+
+    def format_help(self) -> str:
+        self._add_deferred()
+        return super().format_help()
 
 
 def option(default: Any = dataclasses.MISSING, help: str | None = None, *, aliases: tuple[str, ...] = (),
@@ -68,6 +91,11 @@ def option(default: Any = dataclasses.MISSING, help: str | None = None, *, alias
     return dataclasses.field(default=default, metadata={_KEY: spec})
 
 
+def comma_list(text: str) -> list[str]:
+    """``"a, b,,c"`` -> ``["a", "b", "c"]``: a list option given as one comma-separated text (e.g. --subjects)."""
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
 def cli_fields(config_class: type) -> list[tuple[dataclasses.Field, dict[str, Any], Any]]:
     """The fields of ``config_class`` that are options: (field, its option spec, its resolved type)."""
     hints = typing.get_type_hints(config_class)
@@ -79,18 +107,31 @@ def flag_of(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, config_class: type, *, only: Iterable[str] | None = None) -> None:
-    """One argparse option per option field of ``config_class`` (or of the fields named in ``only``)."""
+def add_config_arguments(parser: argparse.ArgumentParser, config_class: type) -> None:
+    """One argparse option per option field of ``config_class``."""
     groups: dict[str, argparse._MutuallyExclusiveGroup] = {}
-    wanted = None if only is None else set(only)
     for f, spec, hint in cli_fields(config_class):
-        if wanted is not None and f.name not in wanted:
-            continue
         group = spec.get("one_of")
         if group and group not in groups:
             groups[group] = parser.add_mutually_exclusive_group(required=True)
         target: Any = groups[group] if group else parser
-        target.add_argument(flag_of(f.name), *spec.get("aliases", ()), dest=f.name, **_argparse_kwargs(f, spec, hint))
+        target.add_argument(flag_of(f.name), *spec.get("aliases", ()), dest=f.name,
+                            **_argparse_kwargs(f.default, spec, hint))
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, model_class: Any) -> None:
+    """One option per field of the pydantic model ``model_class``: the same rules as add_config_arguments, the
+    help from each field's ``description``. Duck-typed on ``model_fields``, so this module never imports
+    pydantic. The values are checked by the model (model_values, then ``model_validate``), not by argparse."""
+    for name, info in model_class.model_fields.items():
+        default = dataclasses.MISSING if info.is_required() else info.get_default(call_default_factory=True)
+        parser.add_argument(flag_of(name), dest=name, **_argparse_kwargs(default, {"help": info.description},
+                                                                          info.annotation))
+
+
+def model_values(model_class: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """The values of ``model_class``'s fields parsed by the options of add_model_arguments."""
+    return {name: getattr(args, name) for name in model_class.model_fields}
 
 
 def config_from_namespace(config_class: type[T], args: argparse.Namespace, **values: Any) -> T:
@@ -104,15 +145,16 @@ def config_from_namespace(config_class: type[T], args: argparse.Namespace, **val
     return config_class(**given, **values)
 
 
-def _argparse_kwargs(f: dataclasses.Field, spec: dict[str, Any], hint: Any) -> dict[str, Any]:
+def _argparse_kwargs(default: Any, spec: dict[str, Any], hint: Any) -> dict[str, Any]:
+    """``default``: dataclasses.MISSING for a required field."""
     base = _without_none(hint)
     if base is bool:  # a switch: off unless given
         return {"action": "store_true", "default": False, "help": spec.get("help")}
     kwargs: dict[str, Any] = {"help": spec.get("help")}
-    if f.default is dataclasses.MISSING:
+    if default is dataclasses.MISSING:
         kwargs["required"] = not spec.get("one_of")
     else:
-        kwargs["default"] = f.default
+        kwargs["default"] = default
     if typing.get_origin(base) is Literal:
         kwargs["choices"] = list(typing.get_args(base))
     elif spec.get("parse") is None:  # an option with ``parse`` stays text here
@@ -124,8 +166,10 @@ def _argparse_kwargs(f: dataclasses.Field, spec: dict[str, Any], hint: Any) -> d
 
 
 def _without_none(hint: Any) -> Any:
-    """``X | None`` -> ``X``; any other union (a field that also takes values from programs) -> its first member."""
+    """``X | None`` -> ``X``; any other union (a field that also takes values from programs) -> its first member;
+    ``Annotated[X, ...]`` (pydantic's constraints) -> ``X``."""
     if typing.get_origin(hint) in (Union, types.UnionType):
-        members = [a for a in typing.get_args(hint) if a is not type(None)]
-        return members[0]
+        hint = [a for a in typing.get_args(hint) if a is not type(None)][0]
+    while typing.get_origin(hint) is Annotated:
+        hint = typing.get_args(hint)[0]
     return hint

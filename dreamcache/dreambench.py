@@ -21,6 +21,9 @@ from typing import Literal
 from .errors import InvalidValue
 
 SubjectKind = Literal["object", "live"]
+# The official sampler's negative prompt (spec 4.1): the evaluation's default; pass it explicitly to
+# DreamCachePipeline to reproduce the official scripts.
+OFFICIAL_NEGATIVE_PROMPT = "Open mouth, tongue out, teeth visible, bad photo, low quality, blurred, deformed"
 
 # DreamBooth subject -> DreamBooth class (dataset/prompts_and_classes.txt).
 DREAMBOOTH_CLASSES: dict[str, str] = {

@@ -19,6 +19,8 @@ from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from . import storage
+from .adapters import DreamCacheAdapters, adapter_file_bytes
+from .errors import DreamCacheError
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +76,6 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 def check_safetensors_weights(path: Path, uri: str) -> None:
     """Refuse, before loading anything, a model whose weights are not all safetensors: pickle weights
     (``.bin``, ``.ckpt``) can run code when loaded, and the libraries' own refusal is a long traceback."""
-    from .errors import DreamCacheError
 
     for folder in WEIGHT_FOLDERS:
         files = [f for f in (path / folder).iterdir() if f.is_file()] if (path / folder).is_dir() else []
@@ -187,7 +188,6 @@ def write_tiny_model(out_dir: str | Path, seed: int = 0) -> Path:
     """Write the tiny model as a diffusers folder (loadable by StableDiffusionPipeline) plus random adapters."""
     from diffusers import StableDiffusionPipeline
 
-    from .adapters import DreamCacheAdapters, adapter_file_bytes
 
     out = Path(out_dir)
     components = tiny_components(seed)

@@ -44,14 +44,12 @@ from .branching import widen_batch_after_encoder
 from .errors import InvalidValue
 from .cache import CacheInfo, FeatureCache, HostCopies, cache_dtype_name, extract_features, reference_seed
 from .images import PreprocessMode, pixels_to_input, prepare_reference, sha256_hex
+from .options import Guidance
 from .layers import select_layers
 from .models import load_base_model, model_fingerprint, resolve_model_dir
 
 logger = logging.getLogger(__name__)
 
-Guidance = Literal["compositional", "joint"]
-# The official sampler's negative prompt (spec 4.1); pass it explicitly to reproduce the official scripts.
-OFFICIAL_NEGATIVE_PROMPT = "Open mouth, tongue out, teeth visible, bad photo, low quality, blurred, deformed"
 # Where save_pretrained writes the adapters and from_pretrained looks for them: beside model_index.json, at the
 # root of the diffusers folder (the tiny model's layout too). Stock diffusers loaders ignore the file.
 ADAPTER_WEIGHTS_NAME = "adapter.safetensors"

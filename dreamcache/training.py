@@ -55,6 +55,7 @@ from .cache import extract_features
 from .errors import InvalidValue
 from .images import ImageLimits
 from .pipeline import DreamCachePipeline
+from .runtime import ModelSpec, load_pipeline, pick_device
 from .training_config import MixedPrecision, TrainingConfig  # noqa: F401 - re-exported: callers import it from here
 from .triplets import (
     PreparedTriplet,
@@ -180,12 +181,6 @@ class AdapterDenoiser(nn.Module):
         return self.unet(latents, timesteps, encoder_hidden_states=text).sample
 
 
-def resolve_device(name: str) -> torch.device:
-    if name != "auto":
-        return torch.device(name)
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-
-
 def resolve_precision(mixed_precision: MixedPrecision, device: torch.device) -> Literal["no", "fp16", "bf16"]:
     """Accelerate's mixed precision for ``mixed_precision`` on ``device``: full fp32 ("no") on a CPU."""
     if device.type != "cuda" or mixed_precision == "no":
@@ -197,14 +192,20 @@ def resolve_precision(mixed_precision: MixedPrecision, device: torch.device) -> 
     return mixed_precision
 
 
-def load_pipeline(config: TrainingConfig) -> DreamCachePipeline:
-    """The base model with adapters: loaded from ``init_adapter``, or freshly initialised from the seed."""
-    with torch.random.fork_rng(devices=[]):  # the fresh adapters' init depends on the seed only
+def training_model(config: TrainingConfig) -> ModelSpec:
+    """What a run trains from, for runtime's one loader: fp32 on the CPU (prepare_pipeline_for_training places
+    and casts it), the adapters loaded from ``init_adapter`` or fresh."""
+    # False, not None: None would load an adapter.safetensors lying beside the model (from_pretrained's rule),
+    # and a run meant to start fresh would start from it.
+    return ModelSpec(model=config.model, adapter=config.init_adapter or False, device="cpu", dtype="fp32",
+                     adapter_init=config.adapter_init)
+
+
+def load_training_pipeline(config: TrainingConfig) -> DreamCachePipeline:
+    """runtime.load_pipeline of training_model, with the fresh adapters' init drawn from the run's seed alone."""
+    with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
-        # False, not None: None would load an adapter.safetensors lying beside the model (from_pretrained's rule),
-        # and a run meant to start fresh would start from it.
-        return DreamCachePipeline.from_pretrained(config.model, adapter=config.init_adapter or False,
-                                                  adapter_init=config.adapter_init)
+        return load_pipeline(training_model(config))
 
 
 def prepare_pipeline_for_training(pipe: DreamCachePipeline, device: torch.device,
@@ -235,7 +236,7 @@ class AdapterTrainer:
         and cast like a loaded one. By default ``config.model`` is loaded."""
         config.validate()
         self.config = config
-        self.device = device or resolve_device(config.device)
+        self.device = device or pick_device(config.device)
         precision = resolve_precision(config.mixed_precision, self.device)
         # Accelerate joins a process group already set up (Ray Train's TorchTrainer, torchrun) and wraps the model
         # in DDP only then. Its state is one per process: the first Accelerator fixes CPU-or-not and the precision.
@@ -245,7 +246,7 @@ class AdapterTrainer:
         self.world = World(self.accelerator.process_index, self.accelerator.num_processes)
         self.autocast_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
         self.pipe = prepare_pipeline_for_training(
-            pipe or load_pipeline(config), self.device, self.autocast_dtype)
+            pipe or load_training_pipeline(config), self.device, self.autocast_dtype)
         self.resolution = config.resolution or self.pipe.default_resolution
         if config.gradient_checkpointing:
             self.pipe.unet.enable_gradient_checkpointing()

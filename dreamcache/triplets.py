@@ -34,6 +34,8 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 from PIL import Image, ImageEnhance
 
@@ -266,8 +268,6 @@ def collate(samples: Sequence[PreparedTriplet]) -> TripletBatch:
 
 # -- writing ---------------------------------------------------------------------------------------------------
 def _arrow_schema():
-    import pyarrow as pa
-
     return pa.schema([(name, pa.string() if kind == "string" else pa.binary()) for name, kind in TRIPLET_SCHEMA_FIELDS])
 
 
@@ -282,7 +282,6 @@ def write_triplets(rows: Iterable[Mapping], uri: str, row_group_size: int = DEFA
 
     PIL images are accepted for the image columns and stored as PNG. The file is written whole. Returns the row count.
     """
-    import pyarrow as pa
 
     names = [name for name, _ in TRIPLET_SCHEMA_FIELDS]
     columns: dict[str, list] = {name: [] for name in names}
@@ -371,8 +370,6 @@ class TripletStream:
 
     @staticmethod
     def _open(file_uri: str):
-        import pyarrow.parquet as pq
-
         fs, path = storage.pyarrow_filesystem(file_uri)
         return pq.ParquetFile(fs.open_input_file(path))
 

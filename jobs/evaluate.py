@@ -19,19 +19,18 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `ray job submit --working-dir .` runs from the root
 
 from dreamcache.cli_args import ArgumentParser  # noqa: E402
-from pipelines.evaluation.args import add_evaluation_arguments  # noqa: E402 - light: build_parser() needs no torch
+from pipelines.evaluation.args import add_evaluation_arguments, evaluation_from_args  # noqa: E402 - light: no torch
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="evaluate.py", description=__doc__.splitlines()[0])
     add_evaluation_arguments(p)
-    p.add_argument("--ray-address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from pipelines.evaluation import evaluation_from_args, result_lines, run_evaluation
+    from pipelines.evaluation import result_lines, run_evaluation
     from pipelines.kernel.ray_runtime import init_ray, run_entrypoint
 
     def work() -> list[str]:

@@ -30,7 +30,6 @@ def _add_training_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_train_adapters)
     p = sub.add_parser("evaluate", help="DreamBench: cache, generate, score (DINO, CLIP-I, CLIP-T)")
     add_evaluation_arguments(p)
-    p.add_argument("--ray-address", help="a Ray cluster to join (default: $RAY_ADDRESS, else a local Ray)")
     p.set_defaults(func=_cmd_evaluate)
 
 
@@ -121,59 +120,35 @@ def _cmd_generate_batch(args: argparse.Namespace) -> None:
 
 
 # -- dreamcache serve ------------------------------------------------------------------------------------------
-# Flags that map one-to-one onto the Serve app's args (pipelines.serve.settings.ServeSettings); --arg sets any other.
-_SERVE_FLAGS = {
-    "model": "model", "adapter": "adapter", "caches": "caches", "replicas": "replicas",
-    "gpus_per_replica": "gpus_per_replica", "cpus_per_replica": "cpus_per_replica",
-    "max_batch_size": "max_batch_size", "max_caches_per_replica": "max_caches_per_replica",
-    "max_ongoing_requests": "max_ongoing_requests", "request_timeout": "request_timeout_s",
-    "device": "device", "dtype": "dtype",
-}
-
-
 def _add_serve_command(sub: argparse._SubParsersAction) -> None:
-    from dreamcache.cli_args import add_config_arguments
-    from dreamcache.runtime import DTYPES, ModelSpec
-
-    p = sub.add_parser("serve", help="run the HTTP API and web page on Ray Serve (a local Ray unless $RAY_ADDRESS)")
-    add_config_arguments(p, ModelSpec, only=("model",))
-    p.add_argument("--adapter", help="adapter safetensors file (path or s3:// URI)")
-    p.add_argument("--caches", required=True, help="cache store: folder or s3:// prefix of <subject_id>.safetensors")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (loopback only by default)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--replicas", type=int, help="generator replicas (default 1)")
-    p.add_argument("--gpus-per-replica", type=float, help="default: 1 when the cluster has GPUs, else 0")
-    p.add_argument("--cpus-per-replica", type=float)
-    p.add_argument("--max-batch-size", type=int, help="images per UNet batch (default 8)")
-    p.add_argument("--max-caches-per-replica", type=int, help="subject caches kept on each replica's device")
-    p.add_argument("--max-ongoing-requests", type=int, help="per generator replica")
-    p.add_argument("--request-timeout", type=float, help="server-side deadline per request, seconds (504 after)")
-    p.add_argument("--device", help="auto (default), cpu, cuda")
-    p.add_argument("--dtype", choices=DTYPES, help="auto (default): fp16 on GPU, fp32 on CPU")
-    p.add_argument("--arg", action="append", default=[], metavar="KEY=VALUE",
-                   help="any other app argument (JSON value, e.g. --arg 'autoscaling={\"min_replicas\":1}')")
-    p.add_argument("--ray-address", help="a Ray cluster to join (default: $RAY_ADDRESS, else a local Ray)")
-    p.add_argument("--wait-for-resources", action="store_true",
-                   help="an autoscaler adds nodes for the replicas: do not fail when the cluster lacks them now")
+    # deferred: the app's options are the fields of its pydantic settings, imported only when `serve` is parsed.
+    p = sub.add_parser("serve", help="run the HTTP API and web page on Ray Serve (a local Ray unless $RAY_ADDRESS)",
+                       deferred=_add_serve_arguments)
     p.set_defaults(func=cmd_serve)
 
 
+def _add_serve_arguments(p: argparse.ArgumentParser) -> None:
+    """Every Serve app argument as a flag (ServeSettings' fields: the same names as in a serve config's ``args``),
+    then what only this command binds: the address, the Ray cluster."""
+    from dreamcache.cli_args import add_model_arguments
+    from pipelines.kernel.ray_runtime import add_ray_address_argument
+    from pipelines.serve.settings import ServeSettings
+
+    # The older --request-timeout still works: argparse takes it as the prefix of --request-timeout-s.
+    add_model_arguments(p, ServeSettings)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (loopback only by default)")
+    p.add_argument("--port", type=int, default=8000)
+    add_ray_address_argument(p)
+    p.add_argument("--wait-for-resources", action="store_true",
+                   help="an autoscaler adds nodes for the replicas: do not fail when the cluster lacks them now")
+
+
 def serve_app_args(args: argparse.Namespace) -> dict:
-    """The Serve app's args from the command line: the flags given, then every --arg KEY=VALUE."""
-    import json
+    """The Serve app's args from the command line (every ServeSettings field, given or default)."""
+    from dreamcache.cli_args import model_values
+    from pipelines.serve.settings import ServeSettings
 
-    from dreamcache.cli import UsageError
-
-    app_args = {key: getattr(args, flag) for flag, key in _SERVE_FLAGS.items() if getattr(args, flag) is not None}
-    for item in args.arg:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise UsageError(f"--arg expects KEY=VALUE, got {item!r}")
-        try:
-            app_args[key] = json.loads(raw)
-        except json.JSONDecodeError:
-            app_args[key] = raw  # a bare string
-    return app_args
+    return model_values(ServeSettings, args)
 
 
 def cmd_serve(args: argparse.Namespace) -> None:

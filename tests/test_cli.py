@@ -1,5 +1,6 @@
 """The command line end to end on the tiny model, and its bad-input contract (exit 2, one line, no traceback)."""
 
+import argparse
 import io
 import re
 import subprocess
@@ -87,7 +88,7 @@ def test_generate_passes_eta(monkeypatch, tmp_path):
             from types import SimpleNamespace
             return SimpleNamespace(images=[])
 
-    monkeypatch.setattr(cli, "load_pipeline", lambda args, adapter=None: FakePipe())
+    monkeypatch.setattr(cli.runtime, "load_pipeline", lambda spec: FakePipe())
     base = ["generate", "--model", "m", "--adapter", "a", "--cache", "c.safetensors", "--prompt", "x",
             "--out", str(tmp_path)]
     assert main(base) == 0 and main([*base, "--eta", "1"]) == 0
@@ -130,21 +131,43 @@ def test_parsers_build_without_heavy_imports():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           cwd=Path(__file__).resolve().parents[1])
     assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr
+    # `dreamcache serve --help` alone loads pydantic (its flags are the fields of the Serve settings), and no more.
+    serve_help = code.replace("build_parser(add_ray_commands)\n", "import contextlib, io\n"
+                              "with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
+                              "    build_parser(add_ray_commands).parse_args(['serve', '--help'])\n")
+    done = subprocess.run([sys.executable, "-c", serve_help], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0 and done.stdout.strip() == "['pydantic']", done.stdout + done.stderr
 
 
 # -- command lines derived from the config dataclasses (dreamcache.cli_args) ----------------------------------------
 def _job_parsers():
     """(config class, parser, its config from parsed args, the required options) for each job."""
     from jobs.cache_catalog import build_parser as caching_parser
+    from jobs.evaluate import build_parser as evaluation_parser
     from jobs.generate_batch import build_parser as generation_parser
     from pipelines.caching.args import config_from_args as caching_config
     from pipelines.caching.config import CachingJobConfig
+    from pipelines.evaluation.args import evaluation_from_args
+    from pipelines.evaluation.config import EvaluationConfig
     from pipelines.generation.args import config_from_args as generation_config
     from pipelines.generation.settings import GenerationJobConfig
 
     return [(CachingJobConfig, caching_parser(), caching_config, {"out": "o", "model": "m", "images": "i"}),
             (GenerationJobConfig, generation_parser(), generation_config,
-             {"model": "m", "adapter": "a", "caches": "c", "prompts": "p.txt"})]
+             {"model": "m", "adapter": "a", "caches": "c", "prompts": "p.txt"}),
+            (EvaluationConfig, evaluation_parser(), evaluation_from_args,
+             {"dataset": "d", "model": "m", "adapter": "a", "out": "o", "dino": "x", "clip": "y"})]
+
+
+def _command_parsers():
+    """(config class, the subcommand's parser) for the method's commands whose options are config fields."""
+    from dreamcache import runtime
+    from dreamcache.cli import CacheOptions, GenerateOptions, build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return [(runtime.ModelSpec, sub.choices["cache"]), (CacheOptions, sub.choices["cache"]),
+            (GenerateOptions, sub.choices["generate"])]
 
 
 def test_every_config_field_is_exactly_one_flag():
@@ -152,7 +175,7 @@ def test_every_config_field_is_exactly_one_flag():
 
     from dreamcache.cli_args import NOT_A_FLAG
 
-    for config_class, parser, _, _ in _job_parsers():
+    for config_class, parser in [(c, p) for c, p, _, _ in _job_parsers()] + _command_parsers():
         dests = [action.dest for action in parser._actions]
         for f in dataclasses.fields(config_class):
             expected = 0 if f.metadata.get("cli", {}) is NOT_A_FLAG["cli"] else 1
@@ -165,7 +188,7 @@ def test_help_shows_every_default(monkeypatch):
     from dreamcache.cli_args import cli_fields, flag_of
 
     monkeypatch.setenv("COLUMNS", "2000")  # no default split across lines by wrapping
-    for config_class, parser, _, _ in _job_parsers():
+    for config_class, parser in [(c, p) for c, p, _, _ in _job_parsers()] + _command_parsers():
         blocks = re.split(r"\n(?=  -)", parser.format_help())  # one per option: its flags, then its help
         for f, _, _ in cli_fields(config_class):
             flag = flag_of(f.name)
@@ -204,6 +227,24 @@ def test_parsed_config_equals_the_dataclass_built_directly():
     argv = [x for name, value in required.items() for x in ("--" + name, value)]
     parsed = from_args(parser.parse_args([*argv, "--seeds", "0-2,7", "--guidance-mode", "joint", "--subjects", "a,b"]))
     assert parsed == generation(**required, seeds=[0, 1, 2, 7], guidance="joint", subjects=["a", "b"])
+    # The evaluation's comma-separated subjects, a choice that holds a space (--backbone), the older mode flag.
+    evaluation, parser, from_args, required = _job_parsers()[2]
+    argv = [x for name, value in required.items() for x in ("--" + name, value)]
+    parsed = from_args(parser.parse_args([*argv, "--subjects", "dog, can", "--backbone", "SD 1.5",
+                                          "--guidance-mode", "joint"]))
+    assert parsed == evaluation(**required, subjects=["dog", "can"], backbone="SD 1.5", guidance="joint")
+    # Training: TrainingConfig's and ScaleConfig's fields, the older Ray flag names (--workers, --gpu, --ray-storage).
+    from jobs.train_adapters import build_parser as training_parser
+    from pipelines.training.args import training_from_args
+    from dreamcache.training_config import TrainingConfig
+    from pipelines.training.config import ScaleConfig
+
+    base = ["--model", "m", "--data", "d", "--out", "o", "--steps", "5"]
+    config, scale = training_from_args(training_parser().parse_args(
+        [*base, "--workers", "2", "--gpu", "--ray-storage", "s3://b/runs", "--ray-address", "ray://h:10001"]))
+    assert config == TrainingConfig(model="m", data="d", out="o", steps=5)
+    assert scale == ScaleConfig(num_workers=2, use_gpu=True, storage_path="s3://b/runs", ray_address="ray://h:10001")
+    assert training_from_args(training_parser().parse_args(base))[1] == ScaleConfig()
     # A one_of group: exactly one of its flags (--images, --catalog).
     caching_parser = _job_parsers()[0][1]
     for source in ([], ["--images", "i", "--catalog", "c"]):

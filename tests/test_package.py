@@ -41,10 +41,9 @@ def test_every_public_name_resolves_and_unknown_names_raise():
         dreamcache.nope  # noqa: B018
 
 
-def test_cli_pickers_are_the_runtime_ones():
-    from dreamcache import cli, runtime
+def test_the_device_and_dtype_pickers():
+    from dreamcache import runtime
 
-    assert cli.pick_device is runtime.pick_device and cli.pick_dtype is runtime.pick_dtype
     assert runtime.pick_dtype("auto", torch.device("cpu")) == torch.float32
     assert runtime.pick_dtype("auto", torch.device("cuda")) == torch.float16
     assert runtime.pick_dtype("bf16", torch.device("cpu")) == torch.bfloat16

@@ -599,17 +599,27 @@ def test_serve_config_is_a_valid_serve_deploy_config():
     assert settings.gpus_per_replica == 1 and settings.autoscaling["max_replicas"] >= 1
 
 
-def test_cli_serve_flags_become_app_args():
+def test_cli_serve_flags_are_the_settings_fields():
+    """`dreamcache serve`'s flags are ServeSettings' fields (one declaration): each flag reaches its field typed,
+    every default is the model's, and a field added to the model is a flag without more code."""
     from dreamcache.cli import build_parser
-    from pipelines.cli import add_ray_commands, main, serve_app_args
+    from pipelines.cli import add_ray_commands, serve_app_args
+    from pipelines.serve.settings import ServeSettings
 
-    args = build_parser(add_ray_commands).parse_args([
-        "serve", "--model", "m", "--adapter", "a", "--caches", "s3://b/c", "--replicas", "2", "--port", "9000",
-        "--arg", 'autoscaling={"min_replicas": 1, "max_replicas": 3}', "--arg", "cache_prompt=a photo"])
-    assert serve_app_args(args) == {"model": "m", "adapter": "a", "caches": "s3://b/c", "replicas": 2,
-                                    "autoscaling": {"min_replicas": 1, "max_replicas": 3}, "cache_prompt": "a photo"}
+    parser = build_parser(add_ray_commands)
+    given = {"model": "m", "caches": "s3://b/c", "adapter": "a", "replicas": 2, "cpus_per_replica": 0.25,
+             "autoscaling": {"min_replicas": 1, "max_replicas": 3}, "cache_prompt": "a photo", "dtype": "fp16",
+             "allowed_image_prefixes": ("s3://b/up/", "s3://b/in/"), "request_timeout_s": 9.5, "max_side": 128}
+    argv = ["serve", "--port", "9000", "--autoscaling", json.dumps(given["autoscaling"]),
+            "--allowed-image-prefixes", ",".join(given["allowed_image_prefixes"]), "--request-timeout", "9.5"]
+    argv += [x for k, v in given.items() if k not in ("autoscaling", "allowed_image_prefixes", "request_timeout_s")
+             for x in ("--" + k.replace("_", "-"), str(v))]
+    args = parser.parse_args(argv)
+    assert ServeSettings.model_validate(serve_app_args(args)) == ServeSettings(**given)
     assert args.host == "127.0.0.1" and args.port == 9000
-    assert main(["serve", "--model", "m", "--caches", "c", "--arg", "no_such_setting=1"]) == 2  # before Ray starts
+    defaults = serve_app_args(parser.parse_args(["serve", "--model", "m", "--caches", "c"]))
+    assert ServeSettings.model_validate(defaults) == ServeSettings(model="m", caches="c")
+    assert set(defaults) == set(ServeSettings.model_fields)
 
 
 def test_accept_header_and_image_uri_rules():

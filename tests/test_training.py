@@ -12,10 +12,11 @@ from PIL import Image
 
 from dreamcache import storage
 from dreamcache.adapters import parse_adapter_file
+from dreamcache.errors import InvalidValue
 from dreamcache.images import to_tensor
 from dreamcache.models import write_tiny_model
 from dreamcache.pipeline import DreamCachePipeline
-from dreamcache.training import AdapterTrainer, TrainingConfig, load_pipeline, step_generator, train
+from dreamcache.training import AdapterTrainer, TrainingConfig, load_training_pipeline, step_generator, train
 from dreamcache.triplets import NO_AUGMENT, collate, prepare_triplet, sample_rng, write_triplets
 from training_fixtures import shape_rows, write_learning_model
 
@@ -141,6 +142,12 @@ def test_a_checkpoint_of_another_base_model_is_refused(tiny_model_dir, small_dat
     other = write_tiny_model(tmp_path / "other-model", seed=1)
     with pytest.raises(ValueError, match="trained on base model"):
         train(replace(config, model=str(other), steps=2))
+    # A checkpoint of a run on several workers (DDP names its tensors module.*) is refused on one, in one line;
+    # on Ray the worker's refusal is passed through Ray Train's failure report (pipelines.training.job).
+    (state_file,) = (tmp_path / "run").rglob("state.json")
+    state_file.write_text(json.dumps({**json.loads(state_file.read_text()), "world_size": 2}))
+    with pytest.raises(InvalidValue, match="is of a 2-worker run; resume it on several workers"):
+        train(replace(config, steps=2))
     assert train(replace(config, model=str(other), steps=1, resume="never", out=str(tmp_path / "run2"))).steps == 1
 
 
@@ -166,7 +173,7 @@ def test_train_job_on_ray_train_with_two_ddp_workers(ray_cluster, tiny_model_dir
     summary = json.loads(capsys.readouterr().out.split("train_adapters: ", 1)[1])
     assert summary["step"] == 3 and summary["workers"] == 2
     pipe = DreamCachePipeline.from_pretrained(str(tiny_model_dir), adapter=f"{out}/adapter.safetensors")
-    fresh = load_pipeline(TrainingConfig(model=str(tiny_model_dir), data="", out="", steps=1)).adapters.state_dict()
+    fresh = load_training_pipeline(TrainingConfig(model=str(tiny_model_dir), data="", out="", steps=1)).adapters.state_dict()
     trained = pipe.adapters.state_dict()  # the run started from the seed-0 initialisation and moved away from it
     assert any((trained[k] - fresh[k].half().float()).abs().max() > 0 for k in trained)
     assert summary["checkpoint"].startswith(f"{out}/dreamcache-adapters/")  # Ray Train's run folder, under --out

@@ -7,12 +7,13 @@ import argparse
 
 from dreamcache.cli_args import add_config_arguments, config_from_namespace
 
+from ..kernel.ray_runtime import add_ray_address_argument
 from .config import CachingJobConfig
 
 
 def add_caching_arguments(p: argparse.ArgumentParser) -> None:
     add_config_arguments(p, CachingJobConfig)
-    p.add_argument("--ray-address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
+    add_ray_address_argument(p)
 
 
 def config_from_args(args: argparse.Namespace) -> CachingJobConfig:

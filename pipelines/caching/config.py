@@ -9,6 +9,7 @@ from dreamcache import storage
 from dreamcache.cli_args import NOT_A_FLAG, option
 from dreamcache.errors import InvalidValue
 from dreamcache.images import ImageLimits, PreprocessMode
+from dreamcache.options import cache_prompt_field, preprocess_field, resolution_field
 from dreamcache.runtime import Dtype, dtype_field, model_field
 
 from ..kernel import new_run_id
@@ -46,9 +47,9 @@ class CachingJobConfig:
     # caches are serialized (the model part itself runs one batch at a time, see CacheActor). 2 beat 1 in steady
     # state on an H100 (52.7 vs 35.9 subjects/s) and on a 2-core CPU (39.3 vs 35.4): bench/caching_job.py.
     actor_concurrency: int = option(2, "batches in flight per actor: input prep and serialization overlap the GPU work")
-    resolution: int | None = option(None, "reference size in pixels (default: the model's)")
-    preprocess: PreprocessMode = option("resize")
-    cache_prompt: str = option("")
+    resolution: int | None = resolution_field()
+    preprocess: PreprocessMode = preprocess_field()
+    cache_prompt: str = cache_prompt_field()
     seed: int = option(0)
     dtype: Dtype = dtype_field()
     max_image_bytes: int = option(ImageLimits.max_bytes)

@@ -14,6 +14,7 @@ half-way publishes nothing and the next one resumes from the caches it had writt
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from dataclasses import dataclass
@@ -62,8 +63,6 @@ def manifest_log(out: str) -> ManifestLog:
 
 def model_version(model: str) -> str:
     """A digest of the model folder's listing (names, sizes, versions): unchanged weights, unchanged digest."""
-    import hashlib
-
     digest = hashlib.sha256()
     for obj in storage.list_objects(model):
         digest.update(f"{obj.uri[len(model):]}|{obj.size}|{obj.version}\n".encode())

@@ -18,6 +18,9 @@ from pathlib import PurePosixPath
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.json as pajson
+import pyarrow.parquet as pq
 
 from dreamcache import storage
 from dreamcache.cache_store import CACHE_SUFFIX, CacheStore
@@ -117,10 +120,6 @@ CATALOG_FORMATS = {".parquet": "parquet", ".csv": "csv", ".jsonl": "json", ".jso
 
 def _check_catalog(uri: str) -> None:
     """The catalog's columns, from its footer (Parquet) or first rows: a wrong file fails in one line, at once."""
-    import pyarrow.csv as pacsv
-    import pyarrow.json as pajson
-    import pyarrow.parquet as pq
-
     suffix = PurePosixPath(storage.parse_uri(uri).path).suffix.lower()
     if suffix not in CATALOG_FORMATS:
         raise JobInputError(f"catalog {uri}: unknown format {suffix!r} (use .parquet, .csv or .jsonl)")
@@ -282,8 +281,6 @@ def plan(config: CachingJobConfig, prior_ds, model_version: str, tally=None):
 
 def _catalog_rows(uri: str) -> int | None:
     """A Parquet catalog's row count from its footer (sizes the shuffle); None for text formats."""
-    import pyarrow.parquet as pq
-
     if not uri.lower().endswith(".parquet"):
         return None
     filesystem, path = storage.pyarrow_filesystem(uri)

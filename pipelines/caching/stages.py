@@ -15,10 +15,14 @@ import logging
 import threading
 import time
 
+import numpy as np
 import pyarrow as pa
 
 from dreamcache import storage
-from dreamcache.images import ImageDecodeError, ImageLimits
+from dreamcache.cache_info import CACHE_TIMESTEP, CacheError
+from dreamcache.cache_store import read_cache_info
+from dreamcache.images import ImageDecodeError, ImageLimits, decode_image, prepare_reference, sha256_hex
+from dreamcache.runtime import ModelSpec, load_pipeline
 
 from .config import CachingJobConfig
 from .plan import WORK_SCHEMA, fail
@@ -39,8 +43,6 @@ def read_stage(batch: pa.Table, config: CachingJobConfig, resolution: int) -> pa
 
 
 def _read_subject(row: dict, config: CachingJobConfig, size: tuple[int, int], limits: ImageLimits) -> dict:
-    from dreamcache.images import decode_image, prepare_reference, sha256_hex
-
     start = time.perf_counter()
     try:
         hashes, pixels = [], []
@@ -62,9 +64,6 @@ def _stored_cache(row: dict, config: CachingJobConfig, size: tuple[int, int]) ->
     """A resumed run (killed before its manifest): the store may already hold this subject's cache from these
     very sources and settings. Its header is read here, in the parallel CPU stage, so that the actor only
     compares the base-model fingerprint (known once the model is loaded) and its GPU never waits on storage."""
-    from dreamcache.cache_info import CACHE_TIMESTEP, CacheError
-    from dreamcache.cache_store import read_cache_info
-
     if row["stored_cache"] is None:  # the plan's listing found no cache file
         return None
     try:
@@ -89,8 +88,6 @@ class CacheActor:
     """
 
     def __init__(self, config: CachingJobConfig) -> None:
-        from dreamcache.runtime import ModelSpec, load_pipeline
-
         self.config = config
         device = "cuda" if config.gpus_per_actor > 0 else "cpu"  # "cuda" without one fails here, in one line
         # Caching needs the frozen UNet alone: no adapter file is loaded, even if the model folder has one.
@@ -129,8 +126,6 @@ class CacheActor:
     def _compute(self, rows: list[dict]) -> tuple[list[bytes], float]:
         """All references of the batch through the UNet together, then regrouped into one cache file per subject;
         also the seconds spent holding the model (waiting for another call's turn excluded)."""
-        import numpy as np
-
         from dreamcache.cache import FeatureCache
 
         res = self.resolution

@@ -3,7 +3,7 @@
 from .._lazy import lazy_exports
 
 __getattr__, __dir__ = lazy_exports(__name__, {
-    "job": ["EvaluationConfig", "EvaluationResult", "EvaluationInputError", "run_evaluation", "evaluation_from_args",
-            "result_lines", "evaluation_plan", "score_images", "scores_schema"],
-    "args": ["add_evaluation_arguments"],
+    "config": ["EvaluationConfig", "EvaluationInputError"],
+    "job": ["EvaluationResult", "run_evaluation", "result_lines", "evaluation_plan", "score_images", "scores_schema"],
+    "args": ["add_evaluation_arguments", "evaluation_from_args"],
 })

@@ -23,88 +23,34 @@ are reported against all real images of a subject (standard DreamBench) and agai
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Literal
+
+import pyarrow as pa
+import ray
 
 from dreamcache import storage
-from dreamcache.errors import InvalidValue
 from dreamcache.dreambench import (
-    IMAGES_PER_PROMPT,
-    PROMPTS_PER_SUBJECT,
     REFERENCE_IMAGES,
     SCORE_COLUMNS,
-    SUBJECTS,
-    check_subjects,
     dreambench_prompts,
     subject_kind,
     summarize_scores,
     summary_markdown,
 )
+from dreamcache.images import decode_image
 from dreamcache.metrics import MetricBackbones
-from dreamcache.pipeline import OFFICIAL_NEGATIVE_PROMPT
 
-from .args import add_evaluation_arguments  # noqa: F401 - re-exported: callers import it from here
+from ..caching import CachingJobConfig, run_caching
+from ..generation import GenerationJobConfig, read_manifest, run_generation
+from .config import EvaluationConfig, EvaluationInputError
 
 logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
-
-
-class EvaluationInputError(InvalidValue):
-    """The dataset, references or settings cannot make a benchmark run."""
-
-
-@dataclass
-class EvaluationConfig:
-    dataset: str  # DreamBooth dataset: <dataset>/<subject>/<NN>.jpg (path or s3://)
-    model: str
-    adapter: str
-    out: str
-    dino: str  # transformers DINO ViT-S/16 folder (facebook/dino-vits16), path or s3://
-    clip: str  # transformers CLIP ViT-B/32 folder (openai/clip-vit-base-patch32), path or s3://
-    references: str | None = None  # <references>/<subject>/<image> or <references>/<subject>.<ext>; default keep-list
-    caches: str | None = None  # precomputed caches (prefix or caching manifest): skips the caching stage
-    subjects: Sequence[str] | None = None  # default: all 30
-    prompts_per_subject: int = PROMPTS_PER_SUBJECT
-    images_per_prompt: int = IMAGES_PER_PROMPT
-    seed: int = 0  # image i of a prompt uses seed + i
-    steps: int = 50
-    guidance_scale: float = 7.5
-    image_guidance_scale: float = 0.4  # the official DreamBench setting (spec 4.2)
-    guidance: Literal["compositional", "joint"] = "compositional"
-    negative_prompt: str = OFFICIAL_NEGATIVE_PROMPT
-    cache_prompt: str = ""  # "" (paper, training) or the negative prompt (official sampler; ambiguity A2)
-    height: int | None = None
-    width: int | None = None
-    batch_size: int = 8
-    actors: int = 1
-    gpus_per_actor: float | None = None  # None: 1 if the cluster has GPUs, else 0 (generation and scoring)
-    cpus_per_actor: float | None = None
-    dtype: Literal["auto", "fp16", "bf16", "fp32"] = "auto"
-    score_batch_size: int = 32
-    backbone: str | None = None  # "SD 2.1" / "SD 1.5" marks the comparable paper row; None: from the model config
-    run_id: str | None = None
-
-    def validate(self) -> None:
-        if self.subjects is not None:
-            check_subjects(list(self.subjects))
-        if not 1 <= self.prompts_per_subject <= PROMPTS_PER_SUBJECT:
-            raise EvaluationInputError(f"prompts_per_subject must be 1..{PROMPTS_PER_SUBJECT}")
-        for name in ("images_per_prompt", "steps", "batch_size", "actors", "score_batch_size"):
-            if getattr(self, name) < 1:
-                raise EvaluationInputError(f"{name} must be >= 1, got {getattr(self, name)}")
-
-    @property
-    def subject_list(self) -> list[str]:
-        return list(self.subjects) if self.subjects is not None else list(SUBJECTS)
-
-    def uri(self, *parts: str) -> str:
-        return storage.join_uri(self.out, *parts)
 
 
 @dataclass
@@ -180,8 +126,6 @@ def _backbone_name(config: EvaluationConfig) -> str | None:
 def cache_references(config: EvaluationConfig, sources: dict[str, dict[str, list[str]]]) -> str:
     """Caches of the subjects' references through the caching job; returns its output prefix (the generation job
     reads the caching manifest there)."""
-    from ..caching import CachingJobConfig, run_caching
-
     catalog = config.uri("references.jsonl")
     lines = [json.dumps({"subject_id": s, "image_uri": src["ref"][0]}) for s, src in sources.items()]
     storage.write_bytes(catalog, ("\n".join(lines) + "\n").encode())
@@ -199,8 +143,6 @@ def cache_references(config: EvaluationConfig, sources: dict[str, dict[str, list
 
 def generate(config: EvaluationConfig, caches: str):
     """Every benchmark image through the batch generation job (incremental)."""
-    from ..generation import GenerationJobConfig, run_generation
-
     generation = GenerationJobConfig(
         model=config.model, adapter=config.adapter, caches=caches, plan=evaluation_plan(config),
         subjects=config.subject_list, seeds=[config.seed + i for i in range(config.images_per_prompt)],
@@ -216,7 +158,6 @@ def generate(config: EvaluationConfig, caches: str):
 def _gpus(config: EvaluationConfig) -> float:
     if config.gpus_per_actor is not None:
         return config.gpus_per_actor
-    import ray
 
     return 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
 
@@ -241,8 +182,6 @@ class ScoreActor:
         return self.embedded[subject]
 
     def __call__(self, batch):
-        import pyarrow as pa
-
         rows = batch.to_pylist()
         by_subject: dict[str, list[dict]] = {}
         for row in rows:
@@ -264,14 +203,10 @@ class ScoreActor:
 
 
 def _load(uri: str):
-    from dreamcache.images import decode_image
-
     return decode_image(storage.read_bytes(uri), uri)
 
 
 def scores_schema():
-    import pyarrow as pa
-
     return pa.schema([("subject", pa.string()), ("kind", pa.string()), ("prompt_index", pa.int32()),
                       ("prompt", pa.string()), ("eval_caption", pa.string()), ("seed", pa.int64()),
                       ("image_uri", pa.string())]
@@ -281,9 +216,6 @@ def scores_schema():
 
 def score_images(config: EvaluationConfig, manifest: Sequence[dict], sources: dict[str, dict[str, list[str]]]) -> list[dict]:
     """Per-image scores for the manifest's rendered images; failed generations become error rows."""
-    import pyarrow as pa
-    import ray
-
     prompts = {(p.subject, p.prompt): p for p in dreambench_prompts(config.subject_list, config.prompts_per_subject)}
     todo, failed = [], []
     for row in manifest:
@@ -310,8 +242,6 @@ def score_images(config: EvaluationConfig, manifest: Sequence[dict], sources: di
 
 
 def write_scores(uri: str, rows: Sequence[dict]) -> None:
-    import pyarrow as pa
-
     ordered = sorted(rows, key=lambda r: (r["subject"], r["prompt_index"], r["seed"]))
     storage.write_parquet(uri, pa.Table.from_pylist(ordered, schema=scores_schema()))
 
@@ -326,7 +256,6 @@ def run_evaluation(config: EvaluationConfig) -> EvaluationResult:
                 config.images_per_prompt)
     caches = config.caches or cache_references(config, sources)
     generation = generate(config, caches)
-    from ..generation import read_manifest
 
     manifest = read_manifest(generation.manifest_uri)
     rows = score_images(config, manifest, sources)
@@ -348,24 +277,6 @@ def run_evaluation(config: EvaluationConfig) -> EvaluationResult:
                             contact_sheet_uri=generation.contact_sheet_uri, images_scored=len(scored),
                             images_failed=len(rows) - len(scored), elapsed_s=time.perf_counter() - start,
                             markdown=markdown)
-
-
-# -- command line (the parser: pipelines.evaluation.args) ----------------------------------------------------------
-def evaluation_from_args(args: argparse.Namespace) -> EvaluationConfig:
-    subjects = [s.strip() for s in args.subjects.split(",") if s.strip()] if args.subjects else None
-    config = EvaluationConfig(
-        dataset=args.dataset, model=args.model, adapter=args.adapter, out=args.out, dino=args.dino, clip=args.clip,
-        references=args.references, caches=args.caches, subjects=subjects,
-        prompts_per_subject=args.prompts_per_subject, images_per_prompt=args.images_per_prompt, seed=args.seed,
-        steps=args.steps, guidance_scale=args.guidance_scale, image_guidance_scale=args.image_guidance_scale,
-        guidance=args.guidance, cache_prompt=args.cache_prompt,
-        negative_prompt=OFFICIAL_NEGATIVE_PROMPT if args.negative_prompt is None else args.negative_prompt,
-        height=args.height, width=args.width, batch_size=args.batch_size, actors=args.actors,
-        gpus_per_actor=args.gpus_per_actor, cpus_per_actor=args.cpus_per_actor, dtype=args.dtype,
-        score_batch_size=args.score_batch_size, backbone=args.backbone, run_id=args.run_id,
-    )
-    config.validate()
-    return config
 
 
 def result_lines(result: EvaluationResult) -> list[str]:

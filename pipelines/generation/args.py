@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
-from dreamcache.cli_args import add_config_arguments, config_from_namespace
+from dreamcache.cli_args import add_config_arguments, comma_list, config_from_namespace
 from dreamcache.errors import InvalidValue
 
 from .settings import GenerationJobConfig
@@ -33,7 +33,7 @@ def add_generation_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> GenerationJobConfig:
-    subjects = [s.strip() for s in args.subjects.split(",") if s.strip()] if args.subjects is not None else None
+    subjects = comma_list(args.subjects) if args.subjects is not None else None
     if args.subjects_file:
         from .plan import read_text  # here: it loads the storage clients, which --help does not need
 

@@ -54,13 +54,14 @@ from dataclasses import asdict, dataclass
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import ray
 
 from dreamcache import storage
 
 from ..kernel import new_run_id
 from ..kernel.listing import list_prefix
 from ..kernel.model_info import check_model_inputs
-from ..kernel.ray_runtime import check_resources
+from ..kernel.ray_runtime import check_resources, init_ray
 from ..kernel.run import JobRun, Progress, colocate, partitions_for
 from .manifest import RUNS_DIR, manifest_log, manifest_schema, result_schema
 from .plan import (
@@ -103,8 +104,6 @@ class GenerationSummary:
 
 
 def _actor_resources(config: GenerationJobConfig) -> tuple[float, float]:
-    import ray
-
     gpus = config.gpus_per_actor
     if gpus is None:
         gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
@@ -115,8 +114,6 @@ def _actor_resources(config: GenerationJobConfig) -> tuple[float, float]:
 def _render(todo, config: GenerationJobConfig):
     """The rows to render, sorted by subject (a batch holds few subjects; the next batch reuses their caches),
     through a pool of actors."""
-    import ray
-
     gpus, cpus = _actor_resources(config)
     check_resources({"CPU": cpus, "GPU": gpus}, "the generation actors", wait=config.wait_for_resources)
     device = config.device if config.device != "auto" else ("cuda" if gpus > 0 else "cpu")
@@ -152,8 +149,6 @@ def _manifest_rows(batch: pa.Table, common: dict) -> pa.Table:
 
 def run_generation(config: GenerationJobConfig) -> GenerationSummary:
     """Plan, skip what exists, render the rest on Ray, publish the manifest, draw the contact sheet."""
-    from ..kernel.ray_runtime import init_ray
-
     start = time.perf_counter()
     config.validate()
     run_id = config.run_id or new_run_id()

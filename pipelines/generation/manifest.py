@@ -6,7 +6,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import pyarrow as pa
+
 from dreamcache import storage
+
+from ..kernel.manifest import ManifestLog
 
 KIND = "generation"  # the manifest's folder: <out>/_manifests/generation/
 MANIFEST_NAME = "manifest.parquet"  # an older release's single-file manifest (read as the prior state)
@@ -25,8 +29,6 @@ def result_row(row: Mapping, status: str, action: str, error: str | None = None,
 
 
 def plan_schema():
-    import pyarrow as pa
-
     return pa.schema([
         ("plan_index", pa.int64()), ("row_key", pa.string()), ("subject_id", pa.string()),
         ("prompt_index", pa.int32()), ("prompt", pa.string()), ("negative_prompt", pa.string()),
@@ -36,8 +38,6 @@ def plan_schema():
 
 
 def result_schema():
-    import pyarrow as pa
-
     return pa.schema(list(plan_schema()) + [
         ("status", pa.string()), ("action", pa.string()), ("error", pa.string()), ("bytes", pa.int64()),
         ("cache_read_s", pa.float64()), ("generate_s", pa.float64()), ("write_s", pa.float64()),
@@ -48,8 +48,6 @@ def result_schema():
 def manifest_schema():
     """One row per plan row: what was asked (subject, prompt, seed, parameters), what happened (status
     ok/error, action rendered/skipped/failed, error), where the image is, and timings."""
-    import pyarrow as pa
-
     return pa.schema(list(result_schema()) + [
         ("guidance", pa.string()), ("steps", pa.int32()), ("height", pa.int32()), ("width", pa.int32()),
         ("run_id", pa.string()),
@@ -57,16 +55,12 @@ def manifest_schema():
 
 
 def manifest_log(out: str):
-    from ..kernel.manifest import ManifestLog
-
     return ManifestLog(out, KIND, manifest_schema(), key="row_key", legacy_columns=LEGACY_COLUMNS)
 
 
 def read_manifest(uri: str) -> list[dict]:
     """Rows of a published version (its commit object, ``.json``), of one run (its data folder: the rows that
     run produced), or of a single Parquet file. For tests and small tools: the rows come back as a list."""
-    import pyarrow as pa
-
     if uri.endswith(".json"):
         files = list(manifest_log(uri.rsplit("/_manifests/", 1)[0]).read_commit(uri).files)
     elif uri.endswith(".parquet"):

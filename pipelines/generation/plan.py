@@ -16,12 +16,20 @@ from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import ray
+
 from dreamcache import storage
 from dreamcache.cache_store import CACHE_SUFFIX, CacheStore
 from dreamcache.errors import InvalidValue
 from dreamcache.image_files import image_name, parameters_key
 
-from .manifest import MANIFEST_NAME
+from ..kernel.listing import list_prefix, read_parquet_files
+from ..kernel.manifest import ManifestLog
+from ..kernel.run import colocate, partitions_for, split_sources
+from .manifest import MANIFEST_NAME, result_row, result_schema
 from .plan_file import check_plan_file, data_lines, raw_plan_dataset, raw_plan_tables
 from .settings import GenerationJobConfig, check_seed
 
@@ -77,8 +85,6 @@ class PlanRow:
 
     def result(self) -> dict:
         """The record as a result row: an error now when it is known before rendering, else still to decide."""
-        from .manifest import result_row
-
         return result_row(self.record(), "error", "failed", self.error) if self.error else \
             result_row(self.record(), None, None)
 
@@ -163,8 +169,6 @@ def load_prompts(config: GenerationJobConfig) -> list[PromptSpec]:
 def _caching_manifest_subjects(uri: str) -> list[SubjectSource]:
     """Subjects of a caching job's single-file manifest: ``ok`` rows point at their cache, ``error`` rows carry
     the reason."""
-    import pyarrow as pa
-
     try:
         table = storage.read_parquet(uri)
     except (pa.ArrowInvalid, OSError) as exc:
@@ -190,10 +194,6 @@ def load_subjects(config: GenerationJobConfig) -> dict[str, SubjectSource]:
     """Every subject the caches know, by id, on the driver (explicit plans; the expanded plan reads them as a
     dataset, :func:`subjects_dataset`): a caching manifest file, a caching job's output prefix, or the
     ``<subject_id>.safetensors`` files under a prefix."""
-    import pyarrow as pa
-
-    from ..kernel.manifest import ManifestLog
-
     if config.caches.lower().endswith(".parquet"):
         sources = _caching_manifest_subjects(config.caches)
     else:
@@ -248,8 +248,6 @@ def plan_request(row: Mapping[str, Any], config: GenerationJobConfig, where: str
 
 def request_schema():
     """A checked plan row (``problem`` set: it could not be read, and becomes one error row)."""
-    import pyarrow as pa
-
     return pa.schema([("order", pa.int64()), ("where", pa.string()), ("subject_id", pa.string()),
                       ("prompt", pa.string()), ("negative_prompt", pa.string()), ("guidance_scale", pa.float64()),
                       ("image_guidance_scale", pa.float64()), ("seeds", pa.list_(pa.int64())),
@@ -259,8 +257,6 @@ def request_schema():
 def requests_block(batch, config: GenerationJobConfig):
     """Raw plan rows (``plan_file.RAW_SCHEMA``) -> checked requests; a bad row keeps the subject it names, if any,
     so its error row sits with that subject's rows."""
-    import pyarrow as pa
-
     rows = []
     for order, where, text in zip(batch["order"].to_pylist(), batch["where"].to_pylist(), batch["row"].to_pylist()):
         row: Any = None
@@ -387,23 +383,17 @@ SUBJECT_SCHEMA_FIELDS = (("subject_id", "string"), ("cache_uri", "string"), ("ca
 
 def _caching_view():
     """The columns of a caching manifest this job reads (its own view: the caching app owns the full schema)."""
-    import pyarrow as pa
-
     return pa.schema([("subject_id", pa.string()), ("status", pa.string()), ("cache_uri", pa.string()),
                       ("error", pa.string()), ("source_hashes", pa.list_(pa.string())),
                       ("base_model", pa.string()), ("settings", pa.string())])
 
 
 def subject_schema():
-    import pyarrow as pa
-
     return pa.schema([(name, getattr(pa, kind)()) for name, kind in SUBJECT_SCHEMA_FIELDS])
 
 
 def _subjects_from_caching_rows(batch):
     """A caching manifest's rows (any version of its schema: only these columns are read) -> subject rows."""
-    import pyarrow as pa
-
     rows = []
     for row in batch.to_pylist():
         hashes = row.get("source_hashes") or []
@@ -420,8 +410,6 @@ def _subjects_from_caching_rows(batch):
 
 
 def _subjects_from_listing(batch, root: str):
-    import pyarrow as pa
-
     store = CacheStore(root)
     rows = [{"subject_id": p[: -len(CACHE_SUFFIX)], "cache_uri": store.uri_for(p[: -len(CACHE_SUFFIX)]),
              "cache_version": "", "error": None}
@@ -432,15 +420,9 @@ def _subjects_from_listing(batch, root: str):
 def subjects_dataset(config: GenerationJobConfig):
     """Every subject the caches know, as a dataset: a caching job's manifest (its output prefix, or a single
     ``manifest.parquet`` file), else the ``<subject_id>.safetensors`` files under the prefix."""
-    import pyarrow as pa
-
-    from ..kernel.listing import list_prefix, read_parquet_files
-    from ..kernel.manifest import ManifestLog
-
     if config.caches.lower().endswith(".parquet"):
         if not storage.exists(config.caches):
             raise storage.ObjectNotFound(f"caching manifest not found: {config.caches}")
-        import pyarrow.parquet as pq
 
         filesystem, path = storage.pyarrow_filesystem(config.caches)
         try:  # the footer alone: a wrong file fails here, in one line, before any task runs
@@ -464,10 +446,6 @@ def subjects_dataset(config: GenerationJobConfig):
 
 def _wanted_block(block, schema):
     """Requested subject ids (``--subjects``) joined with the known ones: unknown ids become error rows."""
-    import pyarrow as pa
-
-    from ..kernel.run import split_sources
-
     parts = split_sources(block, {"known": schema, "wanted": pa.schema([("subject_id", pa.string())])})
     known = {r["subject_id"]: r for r in parts["known"].to_pylist()}
     rows = [known.get(s) or {"subject_id": s, "cache_uri": None, "cache_version": "", "error": None}
@@ -477,9 +455,6 @@ def _wanted_block(block, schema):
 
 def _wanted(subjects: Sequence[str]):
     """``--subjects`` as a colocate source: (dataset, schema)."""
-    import pyarrow as pa
-    import ray
-
     ids = ray.data.from_items([{"subject_id": str(s)} for s in dict.fromkeys(subjects)])
     return ids, pa.schema([subject_schema().field("subject_id")])
 
@@ -490,10 +465,6 @@ def _row_index(row_key: str) -> int:
 
 def expand_block(batch, config: GenerationJobConfig, prompts: Sequence[PromptSpec], caches: str):
     """Each subject row -> its rows for every prompt and seed, named and keyed (see :func:`image_name`)."""
-    import pyarrow as pa
-
-    from .manifest import result_schema
-
     rows = []
     for subject in batch.to_pylist():
         source = SubjectSource(subject["subject_id"], subject["cache_uri"], subject["cache_version"] or "",
@@ -509,8 +480,6 @@ def expand_block(batch, config: GenerationJobConfig, prompts: Sequence[PromptSpe
 
 def plan_dataset(config: GenerationJobConfig, prompts: Sequence[PromptSpec]):
     """subjects x prompts x seeds as a dataset of result rows (status null: still to decide)."""
-    from ..kernel.run import colocate, partitions_for
-
     subjects = subjects_dataset(config)
     if config.subjects is not None:
         schema = subject_schema()
@@ -525,11 +494,6 @@ def plan_dataset(config: GenerationJobConfig, prompts: Sequence[PromptSpec]):
 def explicit_block(block, config: GenerationJobConfig, filtered: bool):
     """One colocated block (the known subjects, the checked plan rows and, when ``filtered``, the wanted subject
     ids, all of the same subjects) -> result rows."""
-    import pyarrow as pa
-
-    from ..kernel.run import split_sources
-    from .manifest import result_schema
-
     schema = subject_schema()
     parts = split_sources(block, {"known": schema, "requests": request_schema(),
                                   "wanted": pa.schema([schema.field("subject_id")])})
@@ -544,8 +508,6 @@ def explicit_plan_dataset(config: GenerationJobConfig, rows: int | None):
     """An explicit plan as a dataset of result rows, read, checked and expanded in the cluster: its rows are
     hash-partitioned with the known subjects (and ``--subjects``) by subject id, so each block holds all the rows
     of its subjects. ``rows``: the plan's size when known (it sizes the shuffle)."""
-    from ..kernel.run import colocate, partitions_for
-
     requests = raw_plan_dataset(config.plan).map_batches(requests_block, fn_kwargs={"config": config},
                                                          batch_format="pyarrow")
     sources = {"known": (subjects_dataset(config), subject_schema()), "requests": (requests, request_schema())}
@@ -558,18 +520,12 @@ def explicit_plan_dataset(config: GenerationJobConfig, rows: int | None):
 
 def _rendered_images(batch):
     """PNGs under the output prefix, outside ``_runs/`` and ``_manifests/``: (image_uri, size)."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
     keep = pc.and_(pc.ends_with(batch["path"], ".png"), pc.invert(pc.starts_with(batch["path"], "_")))
     found = batch.filter(keep)
     return pa.table({"image_uri": found["uri"], "image_bytes": found["size"]})
 
 
 def _prior_images(batch):
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
     ok = batch.filter(pc.and_(pc.equal(batch["status"], "ok"), pc.is_valid(batch["image_uri"])))
     return pa.table({"image_uri": ok["image_uri"], "prior_bytes": ok["bytes"]})
 
@@ -577,10 +533,6 @@ def _prior_images(batch):
 def classify_block(block, schema):
     """A row whose image is already in the store (at the size the last manifest recorded, when it did) is
     skipped; the rest is rendered. Errors stay errors."""
-    import pyarrow as pa
-
-    from ..kernel.run import split_sources
-
     parts = split_sources(block, {
         "plan": schema,
         "found": pa.schema([("image_uri", pa.string()), ("image_bytes", pa.int64())]),

@@ -16,6 +16,9 @@ from pathlib import PurePosixPath
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+import ray
 
 from dreamcache import storage
 from dreamcache.errors import InvalidValue
@@ -47,9 +50,6 @@ def data_lines(text: str) -> Iterator[tuple[int, str]]:
 def check_plan_file(uri: str, allowed: Collection[str]) -> int | None:
     """Fail at once, in one line, for a plan file that cannot be one; returns its row count when the footer
     gives it (Parquet: it sizes the shuffle), else None."""
-    import pyarrow.csv as pacsv
-    import pyarrow.parquet as pq
-
     if not storage.exists(uri):
         raise storage.ObjectNotFound(f"plan file not found: {uri}")
     kind = plan_kind(uri)
@@ -125,9 +125,6 @@ def _json_line_blocks(stream, uri: str) -> Iterator[pa.Table]:
 
 def read_plan_pieces(batch: pa.Table) -> Iterator[pa.Table]:
     """Read tasks: each piece of ``batch`` (:data:`PIECE_SCHEMA`) -> blocks of :data:`RAW_SCHEMA` rows."""
-    import pyarrow.csv as pacsv
-    import pyarrow.parquet as pq
-
     for piece in batch.to_pylist():
         uri = piece["uri"]
         filesystem, path = storage.pyarrow_filesystem(uri)
@@ -159,8 +156,6 @@ def _items(rows: Sequence[Mapping[str, Any]]) -> pa.Table:
 
 def raw_plan_dataset(source: str | Sequence[Mapping[str, Any]]):
     """The plan's raw rows as a Ray dataset, read by the cluster (one task per piece)."""
-    import ray
-
     if not isinstance(source, str):
         return ray.data.from_arrow(_items(source))
     blocks = [pa.Table.from_pylist([p], schema=PIECE_SCHEMA) for p in plan_pieces(source)]

@@ -12,8 +12,12 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import pyarrow as pa
+
 from dreamcache import storage
+from dreamcache.cache_info import CacheError
 from dreamcache.image_files import png_bytes
+from dreamcache.runtime import ModelSpec, load_pipeline, quiet_libraries
 
 from .manifest import result_row, result_schema
 from .settings import RenderSettings
@@ -57,8 +61,6 @@ def render_rows(pipe, rows: Sequence[Mapping], settings: RenderSettings, caches:
     Caches are read once per distinct URI; rows that share guidance settings go through one pipeline call
     (a call may mix subjects: one cache per prompt)."""
     import torch
-
-    from dreamcache.cache import CacheError
 
     results: dict[int, dict] = {}
     loaded: dict[str, Any] = {}
@@ -112,9 +114,6 @@ def load_render_pipeline(settings: RenderSettings):
     """The pipeline on its device and dtype, quiet, from the model and adapter URIs (``dreamcache.runtime``'s one
     loader). Reads only ``model``, ``adapter``, ``device``, ``dtype`` and ``torch_threads`` (the Serve generator
     passes its ServeSettings)."""
-    from dreamcache.cli import quiet_libraries
-    from dreamcache.runtime import ModelSpec, load_pipeline
-
     quiet_libraries()
     pipe = load_pipeline(ModelSpec(model=settings.model, adapter=settings.adapter, device=settings.device,
                                    dtype=settings.dtype, torch_threads=settings.torch_threads))
@@ -133,7 +132,5 @@ class GenerationWorker:
         self.caches = CacheReader(lambda uri: self.pipe.load_cache(uri).to(device, dtype), settings.cache_lru_size)
 
     def __call__(self, batch):
-        import pyarrow as pa
-
         results = render_rows(self.pipe, batch.to_pylist(), self.settings, self.caches)
         return pa.Table.from_pylist(results, schema=result_schema())

@@ -11,6 +11,14 @@ from typing import Any, Literal, get_args, get_type_hints
 
 from dreamcache.cli_args import NOT_A_FLAG, option
 from dreamcache.errors import InvalidValue
+from dreamcache.options import (
+    Guidance,
+    guidance_field,
+    guidance_scale_field,
+    image_guidance_scale_field,
+    side_field,
+    steps_field,
+)
 from dreamcache.runtime import Dtype, device_field, dtype_field, model_field
 
 from ..kernel.ray_runtime import wait_for_resources_field
@@ -68,15 +76,14 @@ class GenerationJobConfig:
     subjects: Sequence[str] | None = option(None, "comma-separated subject ids (default: every subject of --caches)")
     seeds: Sequence[int] = option((0,), "seeds per prompt: 0,1,5 or 0-3", parse=parse_seeds)
     out: str = option("dreamcache-generations", "output folder or s3:// prefix")
-    steps: int = option(50)
+    steps: int = steps_field()
     # One vocabulary with `dreamcache generate`: --guidance is the mode, --guidance-scale the text scale.
-    guidance_scale: float = option(7.5, "text guidance scale")
-    image_guidance_scale: float = option(0.4)
-    guidance: Literal["compositional", "joint"] = option("compositional", "guidance mode (--guidance-mode: its "
-                                                                          "older name)", aliases=("--guidance-mode",))
+    guidance_scale: float = guidance_scale_field()
+    image_guidance_scale: float = image_guidance_scale_field()
+    guidance: Guidance = guidance_field()
     negative_prompt: str | None = option(None, "negative prompt for prompts that do not name one")
-    height: int | None = option(None, "image height (default: the model's resolution)")
-    width: int | None = option(None, "image width (default: the model's resolution)")
+    height: int | None = side_field("height")
+    width: int | None = side_field("width")
     batch_size: int = option(8)
     actors: int = option(1, "actor pool size (the minimum when --max-actors is set)")
     max_actors: int | None = option(None, "autoscale the actor pool up to this many")

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+import pyarrow.dataset as pads
+import ray
+
 from dreamcache import storage
 
 from . import contact_sheet
@@ -21,8 +24,6 @@ MAX_ERRORS = 1000
 
 
 def _run_rows(files: Sequence[str]):
-    import pyarrow.dataset as pads
-
     if not files:
         return
     filesystem, _ = storage.pyarrow_filesystem(files[0])
@@ -64,8 +65,6 @@ def write_contact_sheets(run_files: Sequence[str], config: GenerationJobConfig, 
         records.append(contact_sheet.subject_sheet_record(subject, columns, seeds, cells))
     sheets_prefix = storage.join_uri(run_prefix, "sheets")
     if records:
-        import ray
-
         ray.data.from_items(records).map(
             contact_sheet.render_subject_sheet, fn_kwargs={"sheets_prefix": sheets_prefix, "cell": config.contact_sheet_cell},
             num_cpus=0.25,

@@ -10,6 +10,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.json as pajson
+import pyarrow.parquet as pq
 
 from dreamcache import storage
 
@@ -65,8 +68,6 @@ def list_prefix(prefix: str, *, recursive: bool = True, shards: int | None = Non
 # files); a manifest's commit already names its files, and a catalog is one file: these readers go straight to
 # the data, one task per file (Parquet: per group of row groups), streaming record batches.
 def _read_pieces(batch: pa.Table, columns: list[str] | None) -> Iterator[pa.Table]:
-    import pyarrow.parquet as pq
-
     for uri, groups in zip(batch["uri"].to_pylist(), batch["row_groups"].to_pylist()):
         filesystem, path = storage.pyarrow_filesystem(uri)
         with filesystem.open_input_file(path) as handle:
@@ -80,8 +81,6 @@ def _read_pieces(batch: pa.Table, columns: list[str] | None) -> Iterator[pa.Tabl
 
 def row_groups(uri: str) -> list[tuple[int, int]]:
     """(row group, number of its first row) of one Parquet file, from its footer."""
-    import pyarrow.parquet as pq
-
     filesystem, path = storage.pyarrow_filesystem(uri)
     with filesystem.open_input_file(path) as handle:
         metadata = pq.ParquetFile(handle).metadata
@@ -112,9 +111,6 @@ def read_parquet_files(uris: list[str], columns: list[str] | None = None, num_cp
 
 
 def _read_text_table(batch: pa.Table, kind: str) -> Iterator[pa.Table]:
-    import pyarrow.csv as pacsv
-    import pyarrow.json as pajson
-
     for uri in batch["uri"].to_pylist():
         filesystem, path = storage.pyarrow_filesystem(uri)
         with filesystem.open_input_stream(path) as stream:

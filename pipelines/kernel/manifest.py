@@ -34,9 +34,12 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from dreamcache import storage
 from dreamcache.errors import DreamCacheError, InvalidValue
+
+from .listing import read_parquet_files
 
 logger = logging.getLogger(__name__)
 
@@ -153,8 +156,6 @@ class ManifestLog:
             raise ManifestError(f"manifest commit {uri} cannot be read ({exc}); {what}") from None
 
     def _legacy(self) -> ManifestVersion | None:
-        import pyarrow.parquet as pq
-
         try:
             data = storage.read_bytes(self.legacy_uri)
         except storage.ObjectNotFound:
@@ -172,8 +173,6 @@ class ManifestLog:
 
     def dataset(self, version: ManifestVersion, columns: list[str] | None = None):
         """A version's rows as a Ray dataset in today's schema (older versions conformed)."""
-        from .listing import read_parquet_files
-
         schema = self.schema if columns is None else pa.schema([self.schema.field(c) for c in columns])
         if not version.files:  # a version of no rows (a run over an empty input)
             import ray

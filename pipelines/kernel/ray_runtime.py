@@ -6,6 +6,7 @@ one, starts a local Ray bound to 127.0.0.1 with usage stats off and token auth o
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import sys
@@ -15,6 +16,11 @@ from typing import Any
 from dreamcache.cli_args import option
 
 logger = logging.getLogger(__name__)
+
+
+def add_ray_address_argument(parser: argparse.ArgumentParser) -> None:
+    """The --ray-address option every Ray command and job shares (init_ray's ``address``)."""
+    parser.add_argument("--ray-address", help="a Ray cluster to join (default: $RAY_ADDRESS, else a local Ray)")
 
 
 def wait_for_resources_field() -> Any:

@@ -23,11 +23,12 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.compute as pc
+from tqdm import tqdm
 
 from dreamcache import storage
 
 from .listing import read_parquet_files
-from .manifest import CommitConflict, ManifestLog, ManifestVersion
+from .manifest import CommitConflict, ManifestLog, ManifestVersion, conform
 
 logger = logging.getLogger(__name__)
 
@@ -53,8 +54,6 @@ def count_rows(table: pa.Table) -> dict[str, int]:
 def _write_part(batch: pa.Table, folder: str, schema: pa.Schema, name: str,
                 count: Callable[[pa.Table], dict[str, int]]) -> pa.Table:
     """One part file per batch, written by the worker; returns one stats row (never the rows)."""
-    from .manifest import conform
-
     table = conform(batch, schema)
     uri = storage.join_uri(folder, f"{name}-{uuid.uuid4().hex}.parquet")
     storage.write_parquet(uri, table)
@@ -133,8 +132,6 @@ class Progress:
         self.started_at = time.time()
         self._bar = None
         if sys.stderr.isatty():
-            from tqdm import tqdm
-
             self._bar = tqdm(total=total, desc=label, unit="row", dynamic_ncols=True)
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
@@ -271,8 +268,6 @@ SOURCE = "_source"  # which input a colocated row came from
 
 
 def _tag(batch: pa.Table, tag: str, schema: pa.Schema) -> pa.Table:
-    from .manifest import conform
-
     table = conform(batch, schema)
     return table.set_column(schema.get_field_index(SOURCE), SOURCE, pa.array([tag] * batch.num_rows, pa.string()))
 
@@ -308,8 +303,6 @@ def colocate(sources: Mapping[str, tuple], key: str, partitions: int):
 
 def split_sources(block: pa.Table, schemas: Mapping[str, pa.Schema]) -> dict[str, pa.Table]:
     """A colocated block back into one table per source, each in its own schema."""
-    from .manifest import conform
-
     tags = block[SOURCE]
     return {tag: conform(block.filter(pc.equal(tags, tag)), schema) for tag, schema in schemas.items()}
 

@@ -23,6 +23,7 @@ import hmac
 import json
 import logging
 import secrets
+import signal
 import time
 from pathlib import Path
 from collections.abc import AsyncIterator
@@ -44,6 +45,7 @@ from dreamcache import storage
 from dreamcache.cache_info import CacheError
 from dreamcache.cache_store import CacheStore, read_cache_info
 
+from ..kernel.ray_runtime import init_ray
 from .batching import outside_request
 from .metrics import IngressMetrics
 from .preflight import check_inputs
@@ -669,10 +671,6 @@ def _stop_on_signal(signum, frame) -> None:
 def run_local(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000, ray_address: str | None = None,
               app_name: str = "dreamcache") -> None:
     """``dreamcache serve``: start (or join) Ray, run the app at http://host:port/ until interrupted."""
-    import signal
-
-    from ..kernel.ray_runtime import init_ray
-
     resolve_api_token(settings)  # before Ray starts
     init_ray(address=ray_address)
     # The proxy's own timeout is a backstop behind the app's deadline (which answers 504 first).

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import socket
 
 from dreamcache import storage
@@ -38,8 +39,6 @@ def check_cache_store(caches: str) -> None:
     file, not a missing bucket, not refused credentials."""
     location = storage.parse_uri(caches)
     if location.scheme == "file":
-        import os
-
         if os.path.exists(location.path) and not os.path.isdir(location.path):
             raise InvalidValue(f"--caches {caches} is a file, not a folder of <subject_id>.safetensors caches")
         return

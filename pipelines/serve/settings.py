@@ -13,9 +13,10 @@ from typing import Annotated, Any, Literal, get_args
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, ValidationError, ValidationInfo, field_validator
 
 from dreamcache import storage
+from dreamcache.cli_args import comma_list
 from dreamcache.errors import InvalidValue
 from dreamcache.images import PreprocessMode
-from dreamcache.runtime import Dtype
+from dreamcache.runtime import DEVICE_HELP, DTYPE_HELP, MODEL_HELP, Dtype
 
 logger = logging.getLogger(__name__)
 
@@ -34,8 +35,8 @@ class SettingsError(InvalidValue):
 
 
 def _split_commas(value: Any) -> Any:
-    # `--arg allowed_image_prefixes=s3://a/,s3://b/` arrives as one string.
-    return [p for p in value.split(",") if p] if isinstance(value, str) else value
+    # `--allowed-image-prefixes s3://a/,s3://b/` (or a config's one string) arrives as one text.
+    return comma_list(value) if isinstance(value, str) else value
 
 
 # Strict: pydantic's lax mode reads True as 1 and "2" as 2; a YAML `yes` where a count belongs is a typo, not one
@@ -48,59 +49,70 @@ class ServeSettings(BaseModel):
     # Unknown keys are refused (typos must not pass); frozen: checked once, so nothing may change them after.
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    # Each field is also a `dreamcache serve` flag (--field-name, its description the help: pipelines/cli.py).
     # -- what to serve --------------------------------------------------------------------------------------
-    model: str  # diffusers SD folder: path or s3:// prefix
-    caches: str  # CacheStore root: <caches>/<subject_id>.safetensors
-    adapter: str | None = None  # adapter safetensors file (path or URI)
-    device: str = "auto"  # auto: cuda when the replica has a GPU
-    dtype: Dtype = "auto"  # auto: fp16 on GPU, fp32 on CPU
-    torch_threads: Count | None = None  # CPU replicas: intra-op threads (None: leave torch's default)
+    model: str = Field(description=MODEL_HELP)
+    caches: str = Field(description="cache store: folder or s3:// prefix of <subject_id>.safetensors")
+    adapter: str | None = Field(None, description="adapter safetensors file (path or s3:// URI)")
+    device: str = Field("auto", description=DEVICE_HELP)
+    dtype: Dtype = Field("auto", description=DTYPE_HELP)
+    torch_threads: Count | None = Field(None, description="CPU replicas: intra-op threads (default: torch's)")
 
     # -- generator replicas (GPU) ---------------------------------------------------------------------------
-    replicas: Count = 1  # fixed replica count, unless autoscaling is given
-    autoscaling: dict[str, Any] | None = None  # Serve AutoscalingConfig, e.g. {min_replicas, max_replicas, ...}
-    gpus_per_replica: Amount | None = None  # None: 1 when the Ray cluster has GPUs, else 0
+    replicas: Count = Field(1, description="generator replicas (a fixed count, unless autoscaling is given)")
+    autoscaling: dict[str, Any] | None = Field(None, description="Serve AutoscalingConfig of the generator, e.g. "
+                                                                 '\'{"min_replicas": 1, "max_replicas": 4}\'')
+    gpus_per_replica: Amount | None = Field(None, description="default: 1 when the Ray cluster has GPUs, else 0")
     cpus_per_replica: Amount = 1.0
-    max_ongoing_requests: Count = 16  # per replica; >= 2x the batch so one batch fills while another runs
-    # Waiting for a replica, per ingress replica; beyond it: 503 + Retry-After. -1: unbounded (Serve's value).
-    max_queued_requests: Annotated[int, Strict()] = 64
-    # Images per UNet batch (requests of different subjects share it); one request may ask for the API's maximum.
-    max_batch_size: Annotated[int, Strict(), Field(ge=MAX_IMAGES_PER_REQUEST)] = 8
-    batch_wait_timeout_s: Amount = 0.02  # how long a batch waits to fill once its first request arrived
-    max_caches_per_replica: Count = 64  # per-replica LRU of subject caches held on the device
-    # How a request reaches a replica holding its subject (pipelines/serve/routing.py): "multiplexed" (Serve's
-    # multiplexed model ids) or "subject_affinity" (Serve's request router API, the subject as request data).
+    # >= 2x the batch, so one batch fills while another runs.
+    max_ongoing_requests: Count = Field(16, description="requests in flight per generator replica")
+    max_queued_requests: Annotated[int, Strict()] = Field(
+        64, description="requests waiting for a replica, per ingress replica; beyond it 503 + Retry-After "
+                        "(-1: unbounded, Serve's value)")
+    # Requests of different subjects share a batch; one request may ask for the API's maximum.
+    max_batch_size: Annotated[int, Strict(), Field(ge=MAX_IMAGES_PER_REQUEST)] = Field(
+        8, description="images per UNet batch")
+    batch_wait_timeout_s: Amount = Field(0.02, description="how long a batch waits to fill once its first "
+                                                           "request arrived, seconds")
+    max_caches_per_replica: Count = Field(64, description="subject caches kept on each replica's device (LRU)")
     # The default is the faster of the two in bench/results/2026-12-02-serve-routing-cpu.md.
-    routing: Routing = "subject_affinity"
+    routing: Routing = Field("subject_affinity", description="how a request reaches a replica holding its "
+                                                             "subject (pipelines/serve/routing.py): Serve's "
+                                                             "request router API, or multiplexed model ids")
 
     # -- ingress (CPU) --------------------------------------------------------------------------------------
     ingress_replicas: Count = 1
     ingress_cpus: Amount = 0.5
     ingress_max_ongoing_requests: Count = 512
-    grid_max_in_flight: Count = 32  # cells of one POST /v1/grids waiting on the generator replicas at once
+    grid_max_in_flight: Count = Field(32, description="cells of one POST /v1/grids waiting on the generator "
+                                                      "replicas at once")
 
     # -- request limits -------------------------------------------------------------------------------------
-    # Server-side deadline of a request: 504 after it.
-    request_timeout_s: Annotated[float, Strict(), Field(gt=0)] = 300.0
-    retry_after_s: Count = 5  # the Retry-After of a 503
-    max_upload_bytes: Count = 20 * 2**20  # per reference image
-    max_references: Count = 8  # images per subject
-    max_pixels: Count = 40_000_000  # per reference image, checked before decoding
-    # Generated image sides, pixels (multiples of 8); max_side None: twice the model's default resolution.
-    min_side: Annotated[Count, Field(multiple_of=8)] = 64
-    max_side: Annotated[Count, Field(multiple_of=8)] | None = None
-    # What JSON image URIs may name. Empty by default (uploads only): a server reads what its credentials reach,
-    # so any allowed prefix lets clients make it read objects there; name one explicitly, e.g. an uploads prefix.
-    allowed_image_prefixes: Annotated[tuple[str, ...], BeforeValidator(_split_commas)] = ()
+    request_timeout_s: Annotated[float, Strict(), Field(gt=0)] = Field(
+        300.0, description="server-side deadline per request, seconds (504 after)")
+    retry_after_s: Count = Field(5, description="the Retry-After of a 503, seconds")
+    max_upload_bytes: Count = Field(20 * 2**20, description="per reference image")
+    max_references: Count = Field(8, description="images per subject")
+    max_pixels: Count = Field(40_000_000, description="per reference image, checked before decoding")
+    # Generated image sides, pixels (multiples of 8).
+    min_side: Annotated[Count, Field(multiple_of=8)] = Field(64, description="smallest generated image side")
+    max_side: Annotated[Count, Field(multiple_of=8)] | None = Field(
+        None, description="largest generated image side (default: twice the model's resolution)")
+    # Empty by default (uploads only): a server reads what its credentials reach, so any allowed prefix lets
+    # clients make it read objects there; name one explicitly, e.g. an uploads prefix.
+    allowed_image_prefixes: Annotated[tuple[str, ...], BeforeValidator(_split_commas)] = Field(
+        (), description="comma-separated prefixes that JSON image URIs may name, e.g. s3://bucket/uploads/ "
+                        "(default: none, uploads only)")
 
     # -- how new subjects are cached (as the caching job does) -----------------------------------------------
-    resolution: int | None = None  # None: the model's default
+    resolution: int | None = Field(None, description="reference size in pixels (default: the model's)")
     preprocess: PreprocessMode = "resize"
     cache_prompt: str = ""
     cache_seed: int = 0
 
     # -- auth -----------------------------------------------------------------------------------------------
-    api_token_file: str | None = None  # else $DREAMCACHE_API_TOKEN_FILE, else $DREAMCACHE_API_TOKEN
+    api_token_file: str | None = Field(None, description=f"bearer token file (default: ${TOKEN_FILE_ENV}, else "
+                                                         f"${TOKEN_ENV}; none: no auth)")
 
     @field_validator("model", "caches")
     @classmethod

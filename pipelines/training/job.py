@@ -33,11 +33,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from dreamcache import storage
-from dreamcache.cli_args import config_from_namespace
 from dreamcache.images import ImageLimits
 from dreamcache.training_config import ReferenceAugment, TrainingConfig
 from dreamcache.triplets import TripletBatch, TripletError, parquet_files, pixels_to_tensor, prepare_triplet
-from dreamcache.errors import InvalidValue
+from dreamcache.errors import DreamCacheError
 
 if TYPE_CHECKING:  # the training loop pulls in diffusers: Ray Data's preparation tasks must not pay for that import
     from dreamcache.training import AdapterTrainer, TrainingResult
@@ -46,30 +45,10 @@ RUN_NAME = "dreamcache-adapters"  # fixed: a resubmitted job finds its run folde
 
 from ..kernel.model_info import native_resolution
 from ..kernel.ray_runtime import init_ray
-from .args import add_training_arguments  # noqa: F401 - re-exported: callers import it from here
+from .args import training_from_args
+from .config import ScaleConfig
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ScaleConfig:
-    """How many training workers, with what resources, and how often a failed group is restarted."""
-
-    num_workers: int = 1
-    use_gpu: bool = False
-    cpus_per_worker: float = 1.0
-    max_failures: int = 0
-    data_cpus: float = 0.5  # per Ray Data preparation task
-    storage_path: str | None = None  # where Ray Train keeps the run folder (local path or s3://); default: --out
-    ray_address: str | None = None
-
-    def validate(self) -> None:
-        if self.num_workers < 1:
-            raise InvalidValue(f"num_workers must be >= 1, got {self.num_workers}")
-        if self.cpus_per_worker <= 0 or self.data_cpus <= 0:
-            raise InvalidValue("cpus_per_worker and data_cpus must be > 0")
-        if self.max_failures < 0:
-            raise InvalidValue(f"max_failures must be >= 0, got {self.max_failures}")
 
 
 def run_local(config: TrainingConfig) -> TrainingResult:
@@ -234,7 +213,15 @@ def run_training(config: TrainingConfig, scale: ScaleConfig = ScaleConfig()) -> 
         resume_from_checkpoint=start,
     )
     logger.info("training on %d Ray Train worker(s) (gpu=%s); output %s", scale.num_workers, scale.use_gpu, config.out)
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except ray.train.WorkerGroupError as exc:
+        # A worker's bad input (a checkpoint of another base model or worker count) ends the command in its one
+        # line, not in Ray's report of every worker's traceback.
+        bad = next((e for e in exc.worker_failures.values() if isinstance(e, DreamCacheError)), None)
+        if bad is None:
+            raise
+        raise bad from None
     adapter_uri = storage.join_uri(config.out, "adapter.safetensors")
     if not storage.exists(adapter_uri) or result.checkpoint is None:
         raise RuntimeError(f"training ended without writing {adapter_uri}: {result.error}")
@@ -266,16 +253,6 @@ def _start_ray(scale: ScaleConfig) -> None:
 
 
 # -- command line (the parser: pipelines.training.args) ----------------------------------------------------------
-def training_from_args(args: argparse.Namespace) -> tuple[TrainingConfig, ScaleConfig]:
-    config = config_from_namespace(TrainingConfig, args)
-    scale = ScaleConfig(num_workers=args.workers, use_gpu=args.gpu, cpus_per_worker=args.cpus_per_worker,
-                        data_cpus=args.data_cpus, max_failures=args.max_failures, storage_path=args.ray_storage,
-                        ray_address=args.ray_address)
-    config.validate()
-    scale.validate()
-    return config, scale
-
-
 def run_from_args(args: argparse.Namespace) -> dict:
     """Train as the command line asks: on Ray Train, or in this process with ``--no-ray``; returns a summary."""
     config, scale = training_from_args(args)
