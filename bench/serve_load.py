@@ -4,16 +4,28 @@ Prints requests/s, images/s, p50/p95 latency and the count of every non-200 stat
 a ratio to offline batched generation in the same run (target: >= 0.9). Only 503s (overload, with Retry-After)
 are allowed errors: any other status makes the exit code 1.
 
-    python bench/serve_load.py                                  # tiny model on CPU, 16 clients, 30 s
+    python bench/serve_load.py                                  # tiny model on CPU, 16 clients, 20 steps
     python bench/serve_load.py --clients 64 --duration 60 --model sd21-random --device cuda --dtype fp16 \\
         --steps 50 --batch-size 8 --replicas 1 --gpus-per-replica 1
+
+**The measured window** (``--duration``) follows ``--warmup`` seconds of the same load: the load starts with
+empty queues, and without the warm-up the first batch time of every run (seconds on a CPU) counted as idle.
 
 **The offline baseline** is what the generator replicas could do with no Serve around them: one Ray actor per
 replica, with a replica's resources (CPUs, GPUs), loaded by the replica's own loader from the same app settings
 (model, dtype, torch threads), all running back-to-back batches of the served batch size, mixing the subjects,
-at the same time; its images/s is their sum. It is measured before the first served run and after every one,
+at the same time, each encoding its images as the served path does (PNG at the replica's zlib level, then
+base64), so both sides do the same work; its images/s is their sum. It is measured before the first served run
+and after every one,
 in the same process and Ray: each run's ratio uses the mean of the baselines just before and just after it, and
 both are printed, so a machine whose speed changed under the run shows as a drift between the two.
+
+**Where the CPU goes** (``CpuMeter``): each window's CPU seconds of every process of the local Ray by role
+(generator replicas, ingress, proxy, controller, raylet, ...), of the bench's own clients, and of the rest of the
+machine. On a shared machine the neighbours' load moves the images/s of both sides from one window to the next
+(the drift above), so the run also prints the ratio of images per CPU second of our Ray, served / offline:
+what serving costs on top of the generation, whatever the neighbours took; and the same for the generator
+replicas alone against the offline workers (batch fill, the replica's own overheads).
 
 Every request asks for one image (the hardest case for batching: a batch needs batch-size requests) of one of
 ``--subjects`` subjects, so the served batches mix subjects as the offline baseline's batches do.
@@ -104,10 +116,14 @@ def _label(process) -> str:
     return scripts[0] if scripts else Path(title).name
 
 
+BENCH_ROLE = "bench (driver, clients)"
+
+
 class CpuMeter:
     """CPU seconds (user + system) used during a window by this process (the bench's clients and Ray driver) and
     every process under it (the local Ray it started: replicas, ingress, proxy, controller, raylet, ...), by role,
-    and by the whole machine: on a shared box "other" is everyone else's load, in the same window."""
+    and by the whole machine: on a shared box "other" is everyone else's load, in the same window. "ours" is the
+    local Ray without this process: the load generator is no part of what is served (clients run elsewhere)."""
 
     def __init__(self) -> None:
         import psutil
@@ -125,7 +141,7 @@ class CpuMeter:
                 times = process.cpu_times()
             except psutil.Error:
                 continue
-            label = "bench (driver, clients)" if process.pid == me.pid else _label(process)
+            label = BENCH_ROLE if process.pid == me.pid else _label(process)
             ours[process.pid] = (label, times.user + times.system)
         machine = psutil.cpu_times()
         return ours, machine.user + machine.nice + machine.system + machine.irq + machine.softirq
@@ -137,10 +153,10 @@ class CpuMeter:
         for pid, (label, cpu) in after.items():
             # A process that started in the window counts from zero; one that ended in it is lost (rare: idle workers).
             by_role[label] += cpu - before.get(pid, (label, 0.0))[1]
-        ours = sum(by_role.values())
+        ours = sum(v for role, v in by_role.items() if role != BENCH_ROLE)
         return {"seconds": time.monotonic() - self._started, "cores": os.cpu_count(),
                 "by_role": {k: round(v, 2) for k, v in by_role.most_common()}, "ours": round(ours, 2),
-                "machine": round(machine_after - machine_before, 2)}
+                "bench": round(by_role[BENCH_ROLE], 2), "machine": round(machine_after - machine_before, 2)}
 
 
 def cpu_line(cpu: dict) -> str:
@@ -148,8 +164,9 @@ def cpu_line(cpu: dict) -> str:
     capacity = cpu["seconds"] * cpu["cores"]
     roles = ", ".join(f"{role.removeprefix('ray::')} {v / capacity:.0%}" for role, v in cpu["by_role"].items()
                       if v / capacity >= 0.005)
-    return (f"CPU of {cpu['cores']} cores over {cpu['seconds']:.0f} s: ours {cpu['ours'] / capacity:.0%} ({roles}); "
-            f"other processes on the machine {max(cpu['machine'] - cpu['ours'], 0) / capacity:.0%}")
+    others = max(cpu["machine"] - cpu["ours"] - cpu["bench"], 0)
+    return (f"CPU of {cpu['cores']} cores over {cpu['seconds']:.0f} s: our Ray {cpu['ours'] / capacity:.0%}, the bench "
+            f"{cpu['bench'] / capacity:.0%} ({roles}); other processes on the machine {others / capacity:.0%}")
 
 
 # -- offline baseline -----------------------------------------------------------------------------------------
@@ -474,7 +491,7 @@ def report_run(args, routing: str, served: dict, stats: dict, before: dict, afte
         "generator_per_cpu_s": (stats["images"] / _generator_cpu_s(served["cpu"]))
         / (offline_images / offline_generator_cpu),
     }
-    print(f"  images per CPU second, served / offline: {ratios['per_cpu_s']:.3f} with every process of ours counted "
+    print(f"  images per CPU second, served / offline: {ratios['per_cpu_s']:.3f} with every process of our Ray counted "
           f"(served {served['images'] / served['cpu']['ours']:.3f}, offline {offline_images / offline_cpu:.3f}); "
           f"{ratios['generator_per_cpu_s']:.3f} in the generator replicas against the offline workers")
     print(f"  served / offline images/s: {ratio:.3f}  (target >= {args.target}: "
