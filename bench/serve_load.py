@@ -422,8 +422,8 @@ def serve_and_load(args, app_args: dict, references) -> tuple[dict, dict]:
 
             async def window() -> None:
                 await asyncio.sleep(max(0.0, window_start - time.monotonic()))
+                meter = CpuMeter()  # first: the stats call can take seconds on a loaded machine
                 marks["before"] = await asyncio.to_thread(replica_stats)
-                meter = CpuMeter()
                 await asyncio.sleep(max(0.0, window_start + args.duration - time.monotonic()))
                 marks["cpu"] = meter.stop()
                 marks["after"] = await asyncio.to_thread(replica_stats)
