@@ -199,7 +199,7 @@ class Generator:
                         "forgotten": 0, "steps": 0,  # denoising steps run (one per UNet batch per step)
                         "busy_s": 0.0,  # seconds in pipeline calls: busy_s / wall time = device utilisation
                         "encode_s": 0.0}  # seconds in PNG encoding (off the device queue, in a worker thread)
-        self._metrics = GeneratorMetrics()
+        self._metrics = GeneratorMetrics(self._queue_length)
         # The LRU of subject caches: Serve's multiplexer, whose ids the default router routes by, or a plain one
         # for the subject-affinity router (see routing.py). Both return a ResidentCache for a subject id.
         self._multiplexed = settings.routing == "multiplexed"
@@ -416,6 +416,10 @@ class Generator:
     async def _device_call(self, items: list[_BatchItem]) -> list[tuple[list[Any], dict] | Failure]:
         async with self._pipe_lock:
             return await asyncio.to_thread(self._generate, items)
+
+    def _queue_length(self) -> int:
+        with self._counts_lock:
+            return len(self._waiting)
 
     def _left_queue(self, watches: list[_Watch]) -> None:
         with self._counts_lock:
