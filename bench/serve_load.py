@@ -280,14 +280,14 @@ async def run_clients(url: str, args, subjects: list[str], window_start: float) 
                 continue
             if time.monotonic() > deadline:  # finished after the window: not part of the measured rate
                 break
-            if time.monotonic() < window_start:  # the warm-up: the replicas' queues fill, nothing counted
-                continue
-            statuses[response.status_code] += 1
-            if response.status_code == 200:
+            counted = time.monotonic() >= window_start  # in the warm-up the queues fill, nothing is counted
+            if counted:
+                statuses[response.status_code] += 1
+            if response.status_code == 200 and counted:
                 latencies.append(time.monotonic() - started)
                 images += len(response.json()["images"])
             elif response.status_code == 503:
-                retry_after_missing += "retry-after" not in response.headers
+                retry_after_missing += counted and "retry-after" not in response.headers
                 await asyncio.sleep(min(float(response.headers.get("retry-after", 1)), 0.5))
 
     async with httpx.AsyncClient(base_url=url, timeout=args.request_timeout + 30, limits=limits) as http:
