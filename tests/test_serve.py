@@ -920,7 +920,7 @@ def test_the_metrics_export_serves_every_series_the_dashboard_queries(open_api):
                    if s.labels.get("application") == open_api.name]
         missing = wanted - {s.name for s in samples}
         latency = [s for s in samples if s.name == f"ray_{metrics.REQUEST_LATENCY}_count"
-                   and s.labels.get("route") == "/v1/generate" and s.labels.get("status") == "200"]
+                   and s.labels.get("route") == "POST /v1/generate" and s.labels.get("status") == "200"]
         if not missing and latency:
             break
         assert time.monotonic() < deadline, f"not exported after 90 s: {sorted(missing) or 'the latency labels'}"
