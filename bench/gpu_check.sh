@@ -124,8 +124,8 @@ if [ $SMOKE = 1 ]; then
   # The same benches and options as on the card, at sizes a 2-core CPU runs in minutes.
   bench method-b8 240 $PY bench/method.py --batch 2 --steps 2 --repeat 1 --cache-images 4 --cache-batch 2
   bench caching 300 $PY bench/caching_job.py --subjects 8 --batch-size 4 --actor-concurrency 2
-  bench serve 300 $PY bench/serve_load.py --clients 8 --duration 5 --steps 2 --batch-size 8 --subjects 2 --offline-seconds 2
-  bench serve-1 300 $PY bench/serve_load.py --clients 1 --duration 4 --steps 2 --batch-size 8 --offline-batch-size 1 --subjects 1 --offline-seconds 2 --port 8766
+  bench serve 300 $PY bench/serve_load.py --clients 8 --duration 5 --warmup 2 --steps 2 --batch-size 8 --subjects 2 --offline-seconds 2
+  bench serve-1 300 $PY bench/serve_load.py --clients 1 --duration 4 --warmup 2 --steps 2 --batch-size 8 --offline-batch-size 1 --subjects 1 --offline-seconds 2 --port 8766
   bench training 240 $PY bench/training.py --batches 2 --steps 1 --rows 8 --data-workers 1
   bench method-b1 240 $PY bench/method.py --batch 1 --steps 2 --repeat 1 --skip caching
   bench compile 900 $PY bench/method.py --batch 1 --steps 2 --repeat 1 --skip generation --skip caching --compile reduce-overhead
@@ -148,9 +148,9 @@ bench method-b8 75 $PY bench/method.py --model sd21-random --device cuda --dtype
 # Caching job steady state vs the bare in-process loop, batch 32 (target >= 0.9). Local folder store here.
 bench caching 110 $PY bench/caching_job.py --model sd21-random --subjects 384 --batch-size 32 --actors 1 --gpus-per-actor 1 --actor-concurrency 2
 # Serve: sustained images/s vs offline batched generation at batch 8 (target >= 0.9) ...
-bench serve 110 $PY bench/serve_load.py --model sd21-random --device cuda --dtype fp16 --steps 20 --batch-size 8 --clients 32 --duration 25 --offline-seconds 6 --subjects 8 --gpus-per-replica 1 --target 0.9
+bench serve 110 $PY bench/serve_load.py --model sd21-random --device cuda --dtype fp16 --steps 20 --batch-size 8 --clients 32 --duration 25 --warmup 5 --offline-seconds 6 --subjects 8 --gpus-per-replica 1 --target 0.9
 # ... and p50 at one client vs the pipeline's batch-1 latency (Serve's batches hold 8; one client sends one at a time).
-bench serve-1 80 $PY bench/serve_load.py --model sd21-random --device cuda --dtype fp16 --steps 20 --batch-size 8 --offline-batch-size 1 --clients 1 --duration 12 --offline-seconds 4 --subjects 1 --gpus-per-replica 1 --port 8766
+bench serve-1 80 $PY bench/serve_load.py --model sd21-random --device cuda --dtype fp16 --steps 20 --batch-size 8 --offline-batch-size 1 --clients 1 --duration 12 --warmup 3 --offline-seconds 4 --subjects 1 --gpus-per-replica 1 --port 8766
 # Training: train() vs the bare forward+backward loop (target >= 0.95), peak memory.
 bench training 90 $PY bench/training.py --model sd21-random --device cuda --batches 8,16 --checkpointing off --steps 4 --data-workers 8
 # Batch-1 joint vs plain diffusers CFG, eager; then joint vs a bare UNet CFG step with CUDA graphs (target <= 1.1x).

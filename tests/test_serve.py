@@ -897,3 +897,43 @@ def test_one_subject_prompt_and_seed_give_one_image_on_every_path(open_api, tiny
         assert np.abs(image.astype(np.int16) - reference).max() == 0, f"{path} differs from the Python API's image"
     # The seed decides the image: another seed through the API gives another one.
     assert np.abs(api_image(seed + 1).astype(np.int16) - reference).max() > 0
+
+
+def test_the_metrics_export_serves_every_series_the_dashboard_queries(open_api):
+    """What Prometheus scrapes (Ray's metrics export on this node, the port infra/monitoring/prometheus.yml and
+    the PodMonitor name), parsed as Prometheus parses it: after one generate request every series the Grafana
+    dashboard queries is there, under the app's name, with the latency's route and status labels. A metric
+    renamed in code or dashboard, or a suffix that Ray's exporter writes otherwise (``_total``, ``_bucket``),
+    fails here; tests/test_infra.py only compares the two files."""
+    import re
+    from pathlib import Path
+
+    import ray
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from pipelines.serve import metrics
+
+    with open_api.client() as client:
+        assert register(client, "scraped", reference_png(230)).status_code in (200, 201)
+        response = client.post("/v1/generate", json={"subject_id": "scraped", "prompt": "p", "steps": 2})
+        assert response.status_code == 200, response.text
+    dashboard = (Path(__file__).parents[1] / "infra/monitoring/grafana-dashboard.json").read_text()
+    # Stopped batches are counted only once a batch stops (the cancel tests do); the rest follows one request.
+    wanted = {name for name in re.findall(r"ray_dreamcache_[a-z_]+", dashboard)
+              if not name.startswith(f"ray_{metrics.STOPPED}")}
+    assert len(wanted) >= 6, wanted
+    (port,) = {node["MetricsExportPort"] for node in ray.nodes() if node["Alive"]}
+    deadline = time.monotonic() + 90  # Ray's workers report to the node's agent every few seconds
+    while True:
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=30).text
+        samples = [s for family in text_string_to_metric_families(text) for s in family.samples
+                   if s.labels.get("application") == open_api.name]
+        missing = wanted - {s.name for s in samples}
+        latency = [s for s in samples if s.name == f"ray_{metrics.REQUEST_LATENCY}_count"
+                   and s.labels.get("route") == "POST /v1/generate" and s.labels.get("status") == "200"]
+        if not missing and latency:
+            break
+        assert time.monotonic() < deadline, f"not exported after 90 s: {sorted(missing) or 'the latency labels'}"
+        time.sleep(2)
+    assert sum(s.value for s in samples if s.name == f"ray_{metrics.IMAGES}_total") >= 1
+    assert latency[0].value >= 1

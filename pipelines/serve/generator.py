@@ -59,6 +59,10 @@ from .settings import ServeSettings
 
 logger = logging.getLogger(__name__)
 
+# zlib level of the PNGs the replicas answer with: 4 of 9 is within a few per cent of the size of the default 6
+# at a fraction of its time; bench/serve_load.py's offline baseline encodes with it too, so both do the same work.
+PNG_COMPRESS_LEVEL = 4
+
 
 @dataclass
 class _Watch:
@@ -193,8 +197,9 @@ class Generator:
         self._counts = {"loads": 0, "evictions": 0, "batches": 0, "images": 0, "max_batch_subjects": 0,
                         "max_batch_images": 0, "subjects_created": 0, "abandoned": 0, "cancelled": 0,
                         "forgotten": 0, "steps": 0,  # denoising steps run (one per UNet batch per step)
-                        "busy_s": 0.0}  # seconds in pipeline calls: busy_s / wall time = device utilisation
-        self._metrics = GeneratorMetrics()
+                        "busy_s": 0.0,  # seconds in pipeline calls: busy_s / wall time = device utilisation
+                        "encode_s": 0.0}  # seconds in PNG encoding (off the device queue, in a worker thread)
+        self._metrics = GeneratorMetrics(self._queue_length)
         # The LRU of subject caches: Serve's multiplexer, whose ids the default router routes by, or a plain one
         # for the subject-affinity router (see routing.py). Both return a ResidentCache for a subject id.
         self._multiplexed = settings.routing == "multiplexed"
@@ -412,6 +417,10 @@ class Generator:
         async with self._pipe_lock:
             return await asyncio.to_thread(self._generate, items)
 
+    def _queue_length(self) -> int:
+        with self._counts_lock:
+            return len(self._waiting)
+
     def _left_queue(self, watches: list[_Watch]) -> None:
         with self._counts_lock:
             self._waiting.difference_update(id(w) for w in watches)
@@ -510,6 +519,7 @@ class Generator:
         return on_step_end
 
     def _encode(self, outcomes: list[tuple[list[Any], dict] | Failure]) -> list[GenerateResult | Failure]:
+        started = time.perf_counter()
         results: list[GenerateResult | Failure] = []
         for outcome in outcomes:
             if isinstance(outcome, Failure):
@@ -520,9 +530,10 @@ class Generator:
             base = {k: v for k, v in job.parameters().items() if k != "num_images"}
             # Image k of a request is seed + k: each PNG carries the seed that makes it again alone.
             pngs = [png_bytes(image, {**base, "subject_id": job.subject_id, "seed": job.seed + k}, self.pipe.base_model,
-                              info["cache_fingerprint"], compress_level=4) for k, image in enumerate(images)]
+                              info["cache_fingerprint"], compress_level=PNG_COMPRESS_LEVEL) for k, image in enumerate(images)]
             results.append(GenerateResult(pngs, self.replica, info["cache"],
                                           info["batch_images"], info["batch_subjects"], info["seconds"]))
+        self._count("encode_s", time.perf_counter() - started)
         return results
 
     # -- counters -------------------------------------------------------------------------------------------

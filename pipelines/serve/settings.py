@@ -76,6 +76,11 @@ class ServeSettings(BaseModel):
                                                            "request arrived, seconds")
     max_caches_per_replica: Count = Field(64, description="subject caches kept on each replica's device (LRU)")
     # The default is the faster of the two in bench/results/2026-12-02-serve-routing-cpu.md.
+    # Limitation of "multiplexed": DELETE /v1/subjects/{id} frees the cache's memory on every replica at once, but
+    # its slot in Serve's multiplexer LRU stays until the LRU evicts it (Ray 2.60 has no public call that drops one
+    # model id: the LRU is the private `_ModelMultiplexWrapper.models`). Until then the slot counts against
+    # max_caches_per_replica, and the replica still reports the id to the routers (a request for the deleted
+    # subject is still routed there, and answered 404). "subject_affinity" frees the slot at once.
     routing: Routing = Field("subject_affinity", description="how a request reaches a replica holding its "
                                                              "subject (pipelines/serve/routing.py): Serve's "
                                                              "request router API, or multiplexed model ids")
