@@ -46,7 +46,6 @@ ASSET_DIR = Path(__file__).parent / "assets" / "toy_world"
 MODEL_DIR = ASSET_DIR / "model"  # the committed, trained base model (diffusers folder)
 ADAPTER_PATH = MODEL_DIR / "adapter.safetensors"  # its trained DreamCache adapters
 ADAPTER_FILE = "adapter.safetensors"
-LATENT_SIZE = toy_world.SIZE // 4  # the VAE downsamples by 4
 TEXT_LENGTH = 16  # tokens: the longest prompt has 9 words
 
 # Sampling defaults of the toy model (the evaluation and the demo): fewer steps than SD's 50 suffice at 8 x 8.
@@ -107,6 +106,11 @@ class ArchitectureSettings:
     vae_channels: tuple[int, ...] = (16, 32, 32)  # three stages: downsample by 4
     latent_channels: int = 4
 
+    @property
+    def latent_size(self) -> int:
+        """Latent side: each VAE stage after the first halves the image."""
+        return toy_world.SIZE // 2 ** (len(self.vae_channels) - 1)
+
 
 def components(arch: ArchitectureSettings, seed: int) -> dict:
     """Freshly initialised toy components (seeded), in the layout ``StableDiffusionPipeline`` saves and loads."""
@@ -115,7 +119,7 @@ def components(arch: ArchitectureSettings, seed: int) -> dict:
         tokenizer = word_tokenizer()
         stages = len(arch.unet_channels)
         unet = UNet2DConditionModel(
-            sample_size=LATENT_SIZE, in_channels=arch.latent_channels, out_channels=arch.latent_channels,
+            sample_size=arch.latent_size, in_channels=arch.latent_channels, out_channels=arch.latent_channels,
             block_out_channels=arch.unet_channels, layers_per_block=1,
             # Cross-attention in every stage: DreamCache's rule then caches the mid block and every other decoder
             # transformer (here mid_block.attentions.0, up_blocks.0.attentions.1, up_blocks.1.attentions.1).
