@@ -248,6 +248,9 @@ class AdapterTrainer:
         self.pipe = prepare_pipeline_for_training(
             pipe or load_training_pipeline(config), self.device, self.autocast_dtype)
         self.resolution = config.resolution or self.pipe.default_resolution
+        steps = self.pipe.scheduler.config.num_train_timesteps
+        if config.timestep_range is not None and config.timestep_range[1] > steps:
+            raise InvalidValue(f"timestep_range {config.timestep_range} goes past the scheduler's {steps} timesteps")
         if config.gradient_checkpointing:
             self.pipe.unet.enable_gradient_checkpointing()
         elif self.pipe.unet.is_gradient_checkpointing:  # a pipeline handed in may have it on
@@ -284,8 +287,8 @@ class AdapterTrainer:
         the adapted path again.
         """
         latents, text, caches = self.encode(batch, generator)
-        steps = self.pipe.scheduler.config.num_train_timesteps
-        timesteps = torch.randint(0, steps, (len(batch),), generator=generator).to(self.device)
+        low, high = self.config.timestep_range or (0, self.pipe.scheduler.config.num_train_timesteps)
+        timesteps = torch.randint(low, high, (len(batch),), generator=generator).to(self.device)
         noise = torch.randn(latents.shape, generator=generator).to(self.device)
         noisy = self.pipe.scheduler.add_noise(latents, noise, timesteps)
         unet_dtype = self.pipe.unet.dtype

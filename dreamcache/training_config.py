@@ -72,6 +72,9 @@ class TrainingConfig:
     # DataLoader processes decoding and augmenting images (local data path); 0: in the training process
     data_workers: int = field(default=2, metadata=NOT_A_FLAG)
     max_grad_norm: float | None = option(None, "clip gradients (the official run does not)")
+    # Training timesteps are drawn from [low, high) (None: every timestep, as the official run); an experiment
+    # knob of the toy world (issue 12): which part of the noise schedule carries a subject's identity.
+    timestep_range: tuple[int, int] | None = field(default=None, metadata=NOT_A_FLAG)
 
     def validate(self) -> None:
         counts = ("steps", "batch_size", "grad_accum", "checkpoint_every", "keep_checkpoints", "log_every")
@@ -88,6 +91,9 @@ class TrainingConfig:
             raise InvalidValue(f"mixed_precision must be auto, no, fp16 or bf16, got {self.mixed_precision!r}")
         if self.save_dtype not in ("fp16", "fp32"):
             raise InvalidValue(f"save_dtype must be fp16 or fp32, got {self.save_dtype!r}")
+        if self.timestep_range is not None and not (
+                len(self.timestep_range) == 2 and 0 <= self.timestep_range[0] < self.timestep_range[1]):
+            raise InvalidValue(f"timestep_range must be (low, high) with 0 <= low < high, got {self.timestep_range}")
         if self.resolution is not None and (self.resolution <= 0 or self.resolution % 8):
             raise InvalidValue(f"resolution must be a positive multiple of 8, got {self.resolution}")
 

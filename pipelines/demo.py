@@ -5,7 +5,7 @@ build``).
 Writes the references of four toy-world subjects in the catalog layout (``references/<subject_id>/ref.png``),
 runs the caching job (Ray Data) into a cache prefix with its manifest, then renders a prompt x subject grid from
 the stored caches with the batch generation job (``generations/<subject_id>/``), with a contact sheet per subject:
-its reference at the head, the run's settings in the title. The captions never name a toy, so what keeps each
+its reference at the head, the run's settings under the title. The captions never name a toy, so what keeps each
 subject's colour, shape and marking across the scenes is its cache; the prompts set the scene.
 """
 

@@ -23,6 +23,7 @@ from PIL import Image
 from dreamcache import storage
 from dreamcache.cache_store import CacheStore
 from pipelines.generation import contact_sheet
+from pipelines.generation.sheets import settings_caption
 from pipelines.generation import (
     CacheReader,
     GenerationJobConfig,
@@ -280,8 +281,11 @@ def first_run(s3_server, ray_cluster, tiny_pipe, tiny_model_dir):
     root = f"s3://{s3_server.bucket}/generation-{uuid.uuid4().hex[:10]}"
     caches = write_caches(tiny_pipe, f"{root}/caches")
     manifest = f"{root}/caches/manifest.parquet"
+    reference = f"{root}/references/red/ref.png"  # the contact sheet shows it at the head of red's grid
+    storage.write_bytes(reference, contact_sheet.png_bytes(Image.radial_gradient("L").convert("RGB").resize((48, 40))))
     storage.write_bytes(manifest, caching_manifest_bytes([
-        {"subject_id": "red", "status": "ok", "cache_uri": caches["red"], "source_hashes": ["r"]},
+        {"subject_id": "red", "status": "ok", "cache_uri": caches["red"], "source_hashes": ["r"],
+         "source_uris": [reference]},
         {"subject_id": "blue", "status": "ok", "cache_uri": caches["blue"], "source_hashes": ["b"]},
         {"subject_id": "broken", "status": "ok", "cache_uri": caches["broken"]},
         {"subject_id": "ghost", "status": "ok", "cache_uri": f"{root}/caches/ghost.safetensors"},
@@ -299,7 +303,7 @@ def first_run(s3_server, ray_cluster, tiny_pipe, tiny_model_dir):
     assert main(argv) == 0
     summary = json.loads(storage.read_bytes(f"{root}/summary.json"))
     config = config_for(tiny_model_dir, caches=manifest, prompts=prompts, out=out)
-    return {"root": root, "out": out, "config": config, "summary": summary, "caches": caches}
+    return {"root": root, "out": out, "config": config, "summary": summary, "caches": caches, "reference": reference}
 
 
 def ok_rows(manifest: list[dict]) -> dict[str, dict]:
@@ -348,14 +352,34 @@ def test_contact_sheet_shows_prompts_across_and_seeds_down(first_run):
     manifest = [r for r in read_manifest(summary["run_manifest_uri"]) if r["subject_id"] == "red"]
     sheet_uri = index_uri.rsplit("/", 1)[0] + "/sheets/red.png"
     sheet = Image.open(io.BytesIO(storage.read_bytes(sheet_uri))).convert("RGB")
-    layout = contact_sheet.SheetLayout(columns=2, rows=2, cell=64)
-    assert sheet.size == layout.size
+    # Under the title, a band of settings lines: the sheet is that many lines taller than a bare grid.
+    bare = contact_sheet.SheetLayout(columns=2, rows=2, cell=64)
+    extra = sheet.height - bare.size[1]
+    assert sheet.width == bare.size[0] and extra >= 3 * bare.line_height and extra % bare.line_height == 0
+    layout = contact_sheet.SheetLayout(columns=2, rows=2, cell=64, caption_lines=extra // bare.line_height)
+    band = sheet.crop((0, layout.title_height, sheet.width, layout.grid_top - layout.header_height))
+    assert min(band.convert("L").getdata()) < 100  # text is drawn there
+    # The head of the grid is the subject's reference, as the caching manifest names it.
+    reference = contact_sheet.fit_to_cell(contact_sheet.load_image(first_run["reference"]), 64)
+    assert sheet.crop(layout.reference_box()).tobytes() == reference.tobytes()
     for row in manifest:
         column, line = row["prompt_index"], row["seed"]  # prompts 0/1 across, seeds 0/1 down
         expected = contact_sheet.fit_to_cell(Image.open(io.BytesIO(storage.read_bytes(row["image_uri"]))), 64)
-        assert sheet.crop(layout.cell_box(column, line)).tobytes() == expected.tobytes(), (column, line)
+        assert sheet.crop(layout.image_box(column, line)).tobytes() == expected.tobytes(), (column, line)
     broken = Image.open(io.BytesIO(storage.read_bytes(sheet_uri.replace("red.png", "broken.png")))).convert("RGB")
-    assert broken.getpixel(layout.cell_box(1, 1)[:2]) == contact_sheet.ERROR_FILL
+    assert broken.getpixel(layout.image_box(1, 1)[:2]) == contact_sheet.ERROR_FILL
+    assert broken.getpixel(layout.reference_box()[:2]) == contact_sheet.MISSING_FILL  # its manifest row names none
+
+
+def test_sheet_caption_names_the_run_settings(tmp_path, tiny_model_dir):
+    config = config_for(tiny_model_dir, caches=str(tmp_path), prompts=PROMPTS, guidance="joint")
+    caption = "\n".join(settings_caption(config, {7.5, 5.0}, {0.4}))
+    for text in (f"model: {tiny_model_dir}", f"adapter: {tiny_model_dir / 'adapter.safetensors'}",
+                 f"steps: {STEPS}", "guidance: joint", "text scale s_T: 5-7.5 (per prompt)", "image scale s_I: 0.4"):
+        assert text in caption
+    # Wrapped to the sheet: at spaces, and inside a word longer than a line.
+    lines = contact_sheet.wrap_text("ab cd " + "x" * 25, 10, len)
+    assert lines == ["ab cd", "x" * 10, "x" * 10, "x" * 5]
 
 
 def test_rerun_renders_only_what_is_new(first_run, tiny_model_dir):

@@ -179,3 +179,10 @@ def test_train_job_on_ray_train_with_two_ddp_workers(ray_cluster, tiny_model_dir
     assert summary["checkpoint"].startswith(f"{out}/dreamcache-adapters/")  # Ray Train's run folder, under --out
     state = json.loads(storage.read_bytes(f"{summary['checkpoint']}/state.json"))
     assert state["step"] == 3 and state["world_size"] == 2 and state["samples_seen"] == 3 * 2 * 2
+
+
+@pytest.mark.parametrize("bad", [(5, 5), (-1, 10), (10, 2)])
+def test_timestep_range_is_checked(bad):
+    with pytest.raises(InvalidValue, match="timestep_range"):
+        TrainingConfig(model="m", data="d", out="o", steps=1, timestep_range=bad).validate()
+    TrainingConfig(model="m", data="d", out="o", steps=1, timestep_range=(500, 1000)).validate()

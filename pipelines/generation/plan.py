@@ -417,9 +417,10 @@ def _subjects_from_listing(batch, root: str):
     return pa.Table.from_pylist(rows, schema=subject_schema())
 
 
-def subjects_dataset(config: GenerationJobConfig):
-    """Every subject the caches know, as a dataset: a caching job's manifest (its output prefix, or a single
-    ``manifest.parquet`` file), else the ``<subject_id>.safetensors`` files under the prefix."""
+def _caching_rows(config: GenerationJobConfig, view):
+    """The caching manifest's rows in the columns of ``view`` (those it has) as a dataset: a single
+    ``manifest.parquet`` file, or the versioned manifest of a caching job's output prefix; None when the prefix
+    holds cache files only."""
     if config.caches.lower().endswith(".parquet"):
         if not storage.exists(config.caches):
             raise storage.ObjectNotFound(f"caching manifest not found: {config.caches}")
@@ -432,16 +433,52 @@ def subjects_dataset(config: GenerationJobConfig):
         missing = {"subject_id", "status", "cache_uri"} - set(names)
         if missing:
             raise InvalidValue(f"caching manifest {config.caches} lacks column(s) {sorted(missing)}")
-        rows = read_parquet_files([config.caches], columns=[c for c in _caching_view().names if c in names],
+        return read_parquet_files([config.caches], columns=[c for c in view.names if c in names],
                                   split_row_groups=True)
-        return rows.map_batches(_subjects_from_caching_rows, batch_format="pyarrow")
-    caching = ManifestLog(config.caches, "caching", _caching_view(), key="subject_id",
+    caching = ManifestLog(config.caches, "caching", view, key="subject_id",
                           legacy_columns=("cache_uri", "source_uris", "status"))
     version = caching.current()
-    if version is not None:
-        return caching.dataset(version).map_batches(_subjects_from_caching_rows, batch_format="pyarrow")
+    return caching.dataset(version) if version is not None else None
+
+
+def subjects_dataset(config: GenerationJobConfig):
+    """Every subject the caches know, as a dataset: a caching job's manifest (its output prefix, or a single
+    ``manifest.parquet`` file), else the ``<subject_id>.safetensors`` files under the prefix."""
+    rows = _caching_rows(config, _caching_view())
+    if rows is not None:
+        return rows.map_batches(_subjects_from_caching_rows, batch_format="pyarrow")
     return list_prefix(config.caches, recursive=False).map_batches(
         _subjects_from_listing, fn_kwargs={"root": config.caches}, batch_format="pyarrow")
+
+
+def _first_references(batch, subject_ids: Collection[str]):
+    """Rows of ``subject_ids`` that have a reference -> (subject_id, reference_uri: the first source URI)."""
+    schema = pa.schema([("subject_id", pa.string()), ("reference_uri", pa.string())])
+    if "source_uris" not in batch.column_names:  # a single-file manifest of an older caching job
+        return schema.empty_table()
+    mine = batch.filter(pc.is_in(batch["subject_id"], value_set=pa.array(list(subject_ids), pa.string())))
+    rows = [{"subject_id": r["subject_id"], "reference_uri": r["source_uris"][0]}
+            for r in mine.select(["subject_id", "source_uris"]).to_pylist() if r["source_uris"]]
+    return pa.Table.from_pylist(rows, schema=schema)
+
+
+def reference_uris(config: GenerationJobConfig, subject_ids: Collection[str]) -> dict[str, str]:
+    """The first reference image URI of each of ``subject_ids`` (the subjects whose contact sheet is drawn, at
+    most ``contact_sheet_max_subjects``), from the caching manifest's ``source_uris``: the manifest is filtered
+    in the cluster, so the driver sees only these subjects' rows. Empty when the caches have no manifest (or it
+    names no sources)."""
+    if not subject_ids:
+        return {}
+    view = pa.schema([("subject_id", pa.string()), ("status", pa.string()), ("cache_uri", pa.string()),
+                      ("source_uris", pa.list_(pa.string()))])
+    rows = _caching_rows(config, view)
+    if rows is None:
+        return {}
+    found: dict[str, str] = {}
+    for row in rows.map_batches(_first_references, fn_kwargs={"subject_ids": sorted(subject_ids)},
+                                batch_format="pyarrow").take_all():
+        found.setdefault(row["subject_id"], row["reference_uri"])
+    return found
 
 
 def _wanted_block(block, schema):
