@@ -1,6 +1,6 @@
 """Issue 12 probe: identity/colour/context of one model + adapter under several sampling settings.
 
-Usage: python experiments/toy12/probe.py MODEL_DIR ADAPTER [--out results.jsonl]
+Usage: python bench/toy_world_experiments/probe.py MODEL_DIR ADAPTER [--out results.jsonl]
 Prints one JSON line per setting (guidance mode, text scale, image scale, adapter scale)."""
 
 from __future__ import annotations

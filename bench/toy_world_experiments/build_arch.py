@@ -1,6 +1,6 @@
 """Issue 12 experiment: the whole toy recipe with another architecture (and optionally other stage settings).
 
-Usage: python experiments/toy12/build_arch.py OUT_DIR '{"arch": {"unet_channels": [16, 32, 64], "vae_channels": [16, 32]}}'
+Usage: python bench/toy_world_experiments/build_arch.py OUT_DIR '{"arch": {"unet_channels": [16, 32, 64], "vae_channels": [16, 32]}}'
 Runs ``toy_model.build`` (data, VAE, base, adapters, evaluation) into OUT_DIR; build.json holds times and accuracies."""
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """Issue 12 experiment: train DreamCache adapters on the committed toy base model with one variant of the
 training settings, then score them (identity / colour / context / position) under both guidance modes.
 
-Usage: python experiments/toy12/adapters.py NAME '{"steps": 600, "augment": {"erase_p": 0}}' [--model DIR]
-Writes experiments/toy12/runs/NAME/ (training output, adapter) and appends one JSON line per setting to
-experiments/toy12/results.jsonl."""
+Usage: python bench/toy_world_experiments/adapters.py NAME '{"steps": 600, "augment": {"erase_p": 0}}' [--model DIR]
+Writes bench/toy_world_experiments/runs/NAME/ (training output, adapter) and appends one JSON line per setting to
+bench/toy_world_experiments/results.jsonl."""
 
 from __future__ import annotations
 
