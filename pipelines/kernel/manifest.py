@@ -246,11 +246,11 @@ class ManifestLog:
         named_by_removed = {f for v in removed for f in v.files} - named_by_kept
         doomed: list[storage.ObjectInfo] = []
         young = 0
-        for uri in storage.list_files(storage.join_uri(self.root, "data")):
-            if uri in named_by_kept:
+        # One listing for the sizes; a stat (its age) only for a file no version names.
+        for info in storage.list_objects(storage.join_uri(self.root, "data")):
+            if info.uri in named_by_kept:
                 continue
-            info = storage.stat(uri)
-            if uri in named_by_removed or (info.modified or now) < cutoff:
+            if info.uri in named_by_removed or (storage.stat(info.uri).modified or now) < cutoff:
                 doomed.append(info)
             else:
                 young += 1
