@@ -57,8 +57,7 @@ def write_contact_sheets(run_files: Sequence[str], config: GenerationJobConfig, 
     # number may stand for several prompts.
     legend: set[tuple] = set()
     errors: list[tuple] = []
-    text_scales: set[float] = set()
-    image_scales: set[float] = set()
+    image_scales: set[float] = set()  # the text scales are in the legend
     more_subjects = False
     for r in _run_rows(run_files):
         if r["status"] != "ok" and len(errors) < MAX_ERRORS:
@@ -66,7 +65,6 @@ def write_contact_sheets(run_files: Sequence[str], config: GenerationJobConfig, 
         if r["prompt_index"] is None:  # a plan row that could not be read: listed with the errors, never drawn
             continue
         legend.add((r["prompt_index"], r["prompt"], r["negative_prompt"] or "", r["guidance_scale"]))
-        text_scales.add(r["guidance_scale"])
         image_scales.add(r["image_guidance_scale"])
         if config.contact_sheet == "new" and r["action"] == "skipped":
             continue
@@ -89,7 +87,7 @@ def write_contact_sheets(run_files: Sequence[str], config: GenerationJobConfig, 
         ray.data.from_items(records).map(
             contact_sheet.render_subject_sheet,
             fn_kwargs={"sheets_prefix": sheets_prefix, "cell": config.contact_sheet_cell,
-                       "caption": settings_caption(config, text_scales, image_scales)},
+                       "caption": settings_caption(config, {g for *_, g in legend}, image_scales)},
             num_cpus=0.25,
         ).materialize()
     subjects = [
