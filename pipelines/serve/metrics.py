@@ -10,6 +10,7 @@ just typed handles on them.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 
 from ray.serve import metrics
@@ -53,9 +54,9 @@ class GeneratorMetrics:
             STOPPED, description="pipeline calls stopped between steps: deadline passed or every client gone",
             tag_keys=("reason",))
 
-
     def _refresh_gauges(self) -> None:
-        while not threading.Event().wait(GAUGE_REFRESH_S):
+        while True:  # a daemon thread: it ends with the replica's process
+            time.sleep(GAUGE_REFRESH_S)
             self.queue_length.set(self._current_queue_length())
 
 
