@@ -112,7 +112,7 @@ def run_caching(config: CachingJobConfig) -> JobSummary:
         ds = ds.map_batches(write_stage, batch_format="pyarrow", batch_size=max(1, config.batch_size),
                             num_cpus=config.read_cpus)
         results = results.union(ds)
-    with Progress("caching", total) as progress:
+    with Progress("caching", total, counter=tally) as progress:
         published = run.publish(results, planned=total, label="caching", progress=progress,
                                 seen_before=seen_before)
         first = progress.first("action:computed")

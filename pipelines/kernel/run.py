@@ -95,6 +95,9 @@ class _Counter:
     def firsts(self) -> dict[str, tuple[float, int]]:
         return dict(self.first)
 
+    def reset(self) -> None:
+        self.counts, self.parts, self.first = Counter(), {}, {}
+
 
 def new_tally():
     """A counter actor stages report to (``ray.get(tally.put.remote(part, counts))`` before their task ends) and
@@ -124,9 +127,15 @@ class Progress:
     """``label: done/total (pct), ok n, error n, skipped n, ... rows/s`` every ``interval`` seconds on stderr
     (a tqdm bar on a terminal), from a counter actor the stages report to."""
 
-    def __init__(self, label: str, total: int | None, interval: float = 5.0) -> None:
+    def __init__(self, label: str, total: int | None, interval: float = 5.0, counter=None) -> None:
+        """``counter``: a tally the job already has (``new_tally``), emptied and reused: each counter actor is a
+        worker process of its own, seconds of start-up on a small machine."""
+        import ray
+
         self.label, self.total, self.interval = label, total, interval
-        self.counter = new_tally()
+        if counter is not None:
+            ray.get(counter.reset.remote())  # before any stage of this phase reports to it
+        self.counter = counter if counter is not None else new_tally()
         self._stop = threading.Event()
         self._start = time.perf_counter()
         self.started_at = time.time()
