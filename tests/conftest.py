@@ -96,9 +96,7 @@ def ray_cluster(s3_server):
 
     from pipelines.kernel.ray_runtime import init_ray
 
-    # One driver for the whole suite: its task workers are kept idle between tests instead of killed after a
-    # minute (init_ray's default) and restarted, at about a second of CPU each, by the next test's Ray Data job.
-    init_ray(num_cpus=4, _system_config={"idle_worker_killing_time_threshold_ms": 30 * 60_000})
+    init_ray(num_cpus=4)
     yield ray
     ray.shutdown()
 
