@@ -6,6 +6,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -142,11 +143,15 @@ def test_cache_equals_the_in_process_method(first_run, tiny_pipe):
         torch.testing.assert_close(job.features[name].float(), value.float(), rtol=5e-3, atol=3e-3)
 
 
-def test_rerun_does_no_work_and_writes_no_duplicates(first_run, catalog, model_uri):
+def test_rerun_does_no_work_and_writes_no_duplicates(first_run, catalog, model_uri, capsys):
     out, _ = first_run
     before = {s: storage.stat(r["cache_uri"]).version for s, r in manifest(out).items() if r["cache_uri"]}
     summary = run_caching(config(catalog, out, model_uri))
     assert (summary.computed, summary.skipped) == (0, 6)  # the 4 unusable subject ids are reported, not "skipped"
+    # The progress line counts each result row once: the plan's tally, reused for it, starts empty again.
+    [*_, last] = [line for line in capsys.readouterr().err.splitlines() if line.startswith("caching: ")]
+    done, planned = map(int, re.match(r"caching: ([\d,]+)/([\d,]+) ", last.replace(",", "")).groups())
+    assert done == planned == len(manifest(out)), last
     rows = manifest(out)
     assert len(rows) == 10 + len(CORPUS_FOLDERS) and {r["action"] for r in rows.values()} == {"skipped", "failed"}
     assert {s: storage.stat(r["cache_uri"]).version for s, r in rows.items() if r["cache_uri"]} == before

@@ -133,9 +133,11 @@ class Progress:
         import ray
 
         self.label, self.total, self.interval = label, total, interval
-        if counter is not None:
-            ray.get(counter.reset.remote())  # before any stage of this phase reports to it
-        self.counter = counter if counter is not None else new_tally()
+        if counter is None:
+            counter = new_tally()
+        else:
+            ray.get(counter.reset.remote())  # emptied before any stage of this phase reports to it
+        self.counter = counter
         self._stop = threading.Event()
         self._start = time.perf_counter()
         self.started_at = time.time()
