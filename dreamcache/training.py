@@ -3,7 +3,8 @@
 Per step, for a batch of (target, reference, caption): the frozen VAE encodes the target (posterior sample), the
 frozen text encoder the caption, and the frozen UNet builds each reference's feature cache on the fly at t=1
 with the empty prompt (``cache.extract_features``, adapters off). Then t ~ U{0..999}, z_t = add_noise(z_0, eps, t),
-and the UNet with the adapters attending to the caches predicts eps; the loss is the plain eps-MSE. Only the
+and the UNet with the adapters attending to the caches predicts eps; the loss is the plain eps-MSE (or, with
+``loss_weighting="x0"``, the error on the clean latents, an option of this project). Only the
 adapters train (AdamW, lr 1e-5 by default, PyTorch's betas/eps, weight decay 0.01, no schedule, no EMA).
 
 * ``accelerate.Accelerator`` runs the step, as in diffusers' training examples: mixed precision on GPU (the frozen
@@ -281,7 +282,7 @@ class AdapterTrainer:
         return latents, text, caches
 
     def loss_and_backward(self, batch: TripletBatch, generator: torch.Generator, backward: bool = True) -> float:
-        """eps-MSE of one micro-batch; with ``backward`` its gradient (over ``grad_accum``) is accumulated.
+        """Loss of one micro-batch (eps-MSE unless ``loss_weighting`` says otherwise); with ``backward`` its gradient (over ``grad_accum``) is accumulated.
 
         The reference context stays open through backward: a gradient-checkpointed block recomputed there must take
         the adapted path again.
@@ -298,10 +299,19 @@ class AdapterTrainer:
             with self.accelerator.autocast():
                 stack.enter_context(self.pipe.adapters.reference(caches, list(range(len(batch)))))
                 prediction = self.denoiser(noisy.to(unet_dtype), timesteps, text.to(unet_dtype))
-                loss = F.mse_loss(prediction.float(), noise)
+                loss = self.weighted_mse(prediction.float(), noise, timesteps)
             if backward:
                 self.accelerator.backward(loss)
         return float(loss.detach())
+
+    def weighted_mse(self, prediction: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """The batch's loss under ``config.loss_weighting`` (eps: exactly ``F.mse_loss``, as the official run)."""
+        if self.config.loss_weighting == "eps":
+            return F.mse_loss(prediction, noise)
+        abar = self.pipe.scheduler.alphas_cumprod.to(self.device)[timesteps].float()
+        weight = ((1 - abar) / abar).clamp(max=self.config.max_loss_weight)
+        per_sample = (prediction - noise).pow(2).flatten(1).mean(1)
+        return (weight * per_sample).mean()
 
     def train_step(self, micro_batches: list[TripletBatch], step: int) -> float:
         """One optimizer step over ``grad_accum`` micro-batches; returns their mean loss."""

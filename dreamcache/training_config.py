@@ -14,6 +14,10 @@ from .errors import InvalidValue
 
 MixedPrecision = Literal["auto", "no", "fp16", "bf16"]
 LinearCatInit = Literal["default", "identity"]  # fresh init of linear_cat: the official default, or identity (A7)
+# eps: the plain eps-MSE of the official run. x0: the same error measured on the clean latents, i.e. each sample's
+# eps-MSE times (1 - abar) / abar (capped at max_loss_weight). eps-MSE weights a wrong x0 by abar / (1 - abar),
+# about 1/100 at t ~ 900, where only the caption and the cache know what the image is.
+LossWeighting = Literal["eps", "x0"]
 
 
 @dataclass(frozen=True)
@@ -75,6 +79,9 @@ class TrainingConfig:
     # Training timesteps are drawn from [low, high) (None: every timestep, as the official run); an experiment
     # knob of the toy world (issue 12): which part of the noise schedule carries a subject's identity.
     timestep_range: tuple[int, int] | None = field(default=None, metadata=NOT_A_FLAG)
+    loss_weighting: LossWeighting = option("eps", "eps (the official eps-MSE) or x0 (the error on the clean "
+                                                  "latents, capped at --max-loss-weight)")
+    max_loss_weight: float = option(100.0, "cap of the x0 weighting's per-sample weight (1 - abar) / abar")
 
     def validate(self) -> None:
         counts = ("steps", "batch_size", "grad_accum", "checkpoint_every", "keep_checkpoints", "log_every")
@@ -91,6 +98,10 @@ class TrainingConfig:
             raise InvalidValue(f"mixed_precision must be auto, no, fp16 or bf16, got {self.mixed_precision!r}")
         if self.save_dtype not in ("fp16", "fp32"):
             raise InvalidValue(f"save_dtype must be fp16 or fp32, got {self.save_dtype!r}")
+        if self.loss_weighting not in ("eps", "x0"):
+            raise InvalidValue(f"loss_weighting must be eps or x0, got {self.loss_weighting!r}")
+        if not self.max_loss_weight > 0:
+            raise InvalidValue(f"max_loss_weight must be > 0, got {self.max_loss_weight}")
         if self.timestep_range is not None and not (
                 len(self.timestep_range) == 2 and 0 <= self.timestep_range[0] < self.timestep_range[1]):
             raise InvalidValue(f"timestep_range must be (low, high) with 0 <= low < high, got {self.timestep_range}")

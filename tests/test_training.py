@@ -186,3 +186,19 @@ def test_timestep_range_is_checked(bad):
     with pytest.raises(InvalidValue, match="timestep_range"):
         TrainingConfig(model="m", data="d", out="o", steps=1, timestep_range=bad).validate()
     TrainingConfig(model="m", data="d", out="o", steps=1, timestep_range=(500, 1000)).validate()
+
+
+def test_x0_loss_weighting_is_the_eps_loss_times_the_inverse_snr(tiny_model_dir, small_data, tmp_path):
+    # One timestep, so the batch's weight is one number: (1 - abar) / abar, and at t = 999 the cap.
+    rows = shape_rows(2, seed=7)
+    batch = collate([prepare_triplet(r, 64, np.random.default_rng(0), caption_dropout=0) for r in rows])
+    for t, cap in ((600, 100.0), (999, 50.0)):
+        config = TrainingConfig(model=str(tiny_model_dir), data=small_data, out=str(tmp_path), steps=1, batch_size=2,
+                                timestep_range=(t, t + 1), max_loss_weight=cap)
+        eps = AdapterTrainer(config).loss_and_backward(batch, step_generator(0, 1, 0, 0), backward=False)
+        x0_trainer = AdapterTrainer(replace(config, loss_weighting="x0"))
+        x0 = x0_trainer.loss_and_backward(batch, step_generator(0, 1, 0, 0), backward=False)
+        abar = float(x0_trainer.pipe.scheduler.alphas_cumprod[t])
+        assert x0 == pytest.approx(eps * min((1 - abar) / abar, cap), rel=1e-5)
+    with pytest.raises(InvalidValue, match="loss_weighting"):
+        replace(config, loss_weighting="snr").validate()
