@@ -359,7 +359,7 @@ class TripletStream:
         self.units = []
         for index, file_uri in enumerate(self.files):
             meta = self._open(file_uri).metadata
-            check_triplet_schema(meta.schema.names, file_uri)
+            check_triplet_schema(meta.schema.to_arrow_schema().names, file_uri)
             self.units += [_Unit(index, g, meta.row_group(g).num_rows) for g in range(meta.num_row_groups)
                            if meta.row_group(g).num_rows > 0]
         if not self.units:

@@ -41,24 +41,32 @@ def cache(tiny_model_dir, images: str, out: str, **kw):
 @pytest.mark.timeout(900)  # three caching runs and a generation run: about 100 s on 2 cores, 300 s loaded
 def test_runs_merge_repairs_and_never_collide(ray_cluster, tiny_model_dir, tmp_path):
     out = str(tmp_path / "out")
-    first = refs(tmp_path / "a", {"red": "red", "blue": "blue", "white": "white"})
+    first = refs(tmp_path / "a", {"red": "red", "blue": "blue", "white": "white", "black": "black"})
     second = refs(tmp_path / "b", {"green": "green"})
-    assert cache(tiny_model_dir, first, out).computed == 3
+    assert cache(tiny_model_dir, first, out).computed == 4
+    # Make it what an older release wrote: one manifest.parquet at the prefix, no _manifests folder. It is the
+    # prior state: its rows are kept by a run that does not plan them, and decide what is skipped.
+    table = pq.read_table(latest_commit(out, "caching")["files"])
+    storage.write_parquet(f"{out}/manifest.parquet", table.drop_columns(["read_s", "write_s"]))
+    for uri in storage.list_files(f"{out}/_manifests"):
+        storage.delete(uri)
     # Another catalog into the same prefix: its subjects join, the first run's rows stay.
     summary = cache(tiny_model_dir, second, out)
     rows = manifest_rows(out)
-    assert set(rows) == {"red", "blue", "white", "green"} and summary.kept == 3 and summary.computed == 1
-    assert latest_commit(out, "caching")["version"] == 2
+    assert set(rows) == {"red", "blue", "white", "black", "green"} and summary.kept == 4 and summary.computed == 1
+    assert latest_commit(out, "caching")["version"] == 1 and latest_commit(out, "caching")["rows"] == 5
 
-    # A stored cache cut short, emptied or deleted is recomputed, not reported "ok skipped".
-    # All three in one run: each caching run costs 15-20 s of the suite on 2 cores.
+    # A stored cache cut short, emptied or deleted is recomputed, not reported "ok skipped"; an intact one is
+    # skipped on the row carried over from the legacy file. All in one run: each caching run costs 15-20 s of
+    # the suite on 2 cores.
     red, blue, white = (tmp_path / "out" / f"{s}.safetensors" for s in ("red", "blue", "white"))
     red.write_bytes(red.read_bytes()[:-10])
     blue.unlink()
     white.write_bytes(b"")
     summary = cache(tiny_model_dir, first, out)
     rows = manifest_rows(out)
-    assert summary.computed == 3 and {rows[s]["action"] for s in ("red", "blue", "white")} == {"computed"}
+    assert (summary.computed, summary.skipped) == (3, 1)
+    assert {rows[s]["action"] for s in ("red", "blue", "white")} == {"computed"} and rows["black"]["action"] == "skipped"
     assert all(rows[s]["bytes"] == f.stat().st_size > 0 for s, f in (("red", red), ("blue", blue), ("white", white)))
     assert rows["green"]["action"] == "computed" and rows["green"]["run_id"] != rows["red"]["run_id"]
 
@@ -69,17 +77,17 @@ def test_runs_merge_repairs_and_never_collide(ray_cluster, tiny_model_dir, tmp_p
     generation = run_generation(GenerationJobConfig(
         model=str(tiny_model_dir), adapter=str(tiny_model_dir / "adapter.safetensors"), caches=out, out=out,
         prompts=["a toy"], seeds=[0], steps=1, contact_sheet="none", batch_size=4))
-    assert generation.rendered == 4 and manifest_rows(out) == before
-    assert len(manifest_rows(out, "generation", key="row_key")) == 4
+    assert generation.rendered == 5 and manifest_rows(out) == before
+    assert len(manifest_rows(out, "generation", key="row_key")) == 5
 
     # pyarrow alone, from the commit's file list; and duckdb where it is installed.
     files = latest_commit(out, "caching")["files"]
-    assert pq.read_table(files).num_rows == 4
+    assert pq.read_table(files).num_rows == 5
     duckdb = pytest.importorskip("duckdb")
     latest = tmp_path / "out" / "_manifests" / "caching" / "_latest.json"
     con = duckdb.connect()
     con.execute(f"SET VARIABLE f = (SELECT files FROM read_json('{latest}'))")
-    assert con.execute("SELECT count(*) FROM read_parquet(getvariable('f'))").fetchone()[0] == 4
+    assert con.execute("SELECT count(*) FROM read_parquet(getvariable('f'))").fetchone()[0] == 5
 
 
 def test_bad_manifests_and_outputs_are_refused(ray_cluster, tiny_model_dir, tmp_path):
@@ -102,19 +110,6 @@ def test_bad_manifests_and_outputs_are_refused(ray_cluster, tiny_model_dir, tmp_
     commit.write_text("{not json")
     with pytest.raises(ManifestError, match=commit.name):
         cache(tiny_model_dir, images, str(out))
-
-
-def test_a_legacy_single_file_manifest_is_the_prior_state(ray_cluster, tiny_model_dir, tmp_path):
-    images = refs(tmp_path / "refs", {"red": "red", "blue": "blue"})
-    out = str(tmp_path / "out")
-    cache(tiny_model_dir, images, out)
-    # What an older release wrote: one manifest.parquet at the prefix, no _manifests folder.
-    table = pq.read_table(latest_commit(out, "caching")["files"])
-    storage.write_parquet(f"{out}/manifest.parquet", table.drop_columns(["read_s", "write_s"]))
-    for uri in storage.list_files(f"{out}/_manifests"):
-        storage.delete(uri)
-    summary = cache(tiny_model_dir, images, out)
-    assert (summary.computed, summary.skipped) == (0, 2)
 
 
 def test_commits_are_create_if_absent(tmp_path):

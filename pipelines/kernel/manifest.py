@@ -165,9 +165,11 @@ class ManifestLog:
         except (pa.ArrowInvalid, OSError) as exc:
             raise ManifestError(f"{self.legacy_uri} is not a Parquet manifest ({exc}); move it aside or delete it "
                                 f"to start from the store") from None
-        if not self.legacy_columns <= set(meta.schema.names):
+        # The Arrow schema's top-level names: the Parquet schema's names are its leaves ("element" for a list).
+        names = set(meta.schema.to_arrow_schema().names)
+        if not self.legacy_columns <= names:
             logger.info("ignoring %s: a manifest of another job kind (no %s columns)", self.legacy_uri,
-                        sorted(self.legacy_columns - set(meta.schema.names)))
+                        sorted(self.legacy_columns - names))
             return None
         return ManifestVersion(self.kind, 0, "legacy", (self.legacy_uri,), meta.num_rows, uri=self.legacy_uri)
 
