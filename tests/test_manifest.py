@@ -215,3 +215,18 @@ def test_vacuum_removes_old_versions_and_keeps_what_readers_and_running_jobs_nee
         assert main(bad) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1, err
+
+
+def test_runs_of_one_driver_share_one_counter_actor_with_a_tally_each(ray_cluster):
+    from pipelines.kernel.run import new_tally
+
+    first, second = new_tally(), new_tally()
+    first.add({"rows": 1})
+    second.put("part-a", {"rows": 5})
+    second.put("part-a", {"rows": 4})  # a retried task replaces its part's counts
+    assert first.snapshot() == {"rows": 1} and second.snapshot() == {"rows": 4}
+    # One actor (one worker process) for every run of this driver: the one the session's earlier jobs made.
+    driver_counter = ray_cluster.get_actor(f"dreamcache-tally-{ray_cluster.get_runtime_context().get_job_id()}")
+    assert first.actor._actor_id == second.actor._actor_id == driver_counter._actor_id
+    first.close()
+    assert first.snapshot() == {} and second.snapshot() == {"rows": 4}

@@ -27,7 +27,7 @@ from dreamcache import storage
 from ..kernel.manifest import ManifestLog
 from ..kernel.model_info import native_resolution
 from ..kernel.ray_runtime import check_resources
-from ..kernel.run import JobRun, Progress, count_rows, new_tally, read_tally
+from ..kernel.run import JobRun, Progress, count_rows, new_tally
 from .config import KIND, CachingJobConfig
 from .plan import LEGACY_COLUMNS, MANIFEST_SCHEMA, plan
 from .stages import CacheActor, actor_pool, read_stage, write_stage
@@ -91,7 +91,7 @@ def run_caching(config: CachingJobConfig) -> JobSummary:
                 config.out, config.run_id, f"version {run.parent.version}" if run.parent else "none")
     tally = new_tally()
     planned = plan(config, run.prior(), model_version(config.model), tally).materialize()
-    counts = read_tally(tally)
+    counts = tally.snapshot()
     total, waiting, seen_before = planned.count(), counts.get("todo", 0), counts.get("seen", 0)
     todo = planned.map_batches(_where, fn_kwargs={"todo": True}, batch_format="pyarrow", batch_size=None)
     logger.info("%d subjects planned: %d unchanged or invalid, %d to compute", total, total - waiting, waiting)
@@ -116,6 +116,7 @@ def run_caching(config: CachingJobConfig) -> JobSummary:
         published = run.publish(results, planned=total, label="caching", progress=progress,
                                 seen_before=seen_before)
         first = progress.first("action:computed")
+    tally.close()  # its counts are read; the driver's counter actor stays for its next run
     seconds = time.perf_counter() - start
     summary = JobSummary(
         computed=published.count("action:computed"), skipped=published.count("action:skipped"),

@@ -26,7 +26,7 @@ from dreamcache import storage
 from dreamcache.cache_store import CACHE_SUFFIX, CacheStore
 
 from ..kernel.listing import list_prefix, read_parquet_files, read_text_table
-from ..kernel.run import colocate, partitions_for, split_sources
+from ..kernel.run import Tally, colocate, partitions_for, split_sources
 from .config import CachingJobConfig, JobInputError
 
 MANIFEST_SCHEMA = pa.schema([
@@ -207,7 +207,8 @@ def _unchanged(row: dict, prior: dict | None, stored_bytes: int | None) -> bool:
     )
 
 
-def plan_block(block: pa.Table, config: CachingJobConfig, model_version: str, tally=None) -> pa.Table:
+def plan_block(block: pa.Table, config: CachingJobConfig, model_version: str,
+               tally: Tally | None = None) -> pa.Table:
     """Group one block's references into subjects, attach their last row and stored cache, classify; the
     block's counts (rows, to compute, seen before) go to ``tally``."""
     parts = split_sources(block, {"refs": REF_SCHEMA, "prior": PRIOR_SCHEMA, "stored": STORED_SCHEMA})
@@ -250,15 +251,13 @@ def plan_block(block: pa.Table, config: CachingJobConfig, model_version: str, ta
             row["stored_cache"] = f'{{"bytes": {int(size)}}}'
         rows.append(row)
     if tally is not None:
-        import ray
-
         part = min((r["subject_id"] for r in rows), default="")  # partitions hold distinct subjects
-        ray.get(tally.put.remote(part, {"rows": len(rows), "todo": sum(r["action"] is None for r in rows),
-                                        "seen": sum(r["seen_before"] for r in rows)}))
+        tally.put(part, {"rows": len(rows), "todo": sum(r["action"] is None for r in rows),
+                         "seen": sum(r["seen_before"] for r in rows)})
     return pa.Table.from_pylist(rows, schema=WORK_SCHEMA)
 
 
-def plan(config: CachingJobConfig, prior_ds, model_version: str, tally=None):
+def plan(config: CachingJobConfig, prior_ds, model_version: str, tally: Tally | None = None):
     """The classified plan as a Ray dataset of WORK_SCHEMA rows, one per input subject."""
     if config.images:
         refs = list_prefix(config.images, shards=config.listing_shards, num_cpus=config.read_cpus).map_batches(

@@ -19,7 +19,8 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -61,56 +62,103 @@ def _write_part(batch: pa.Table, folder: str, schema: pa.Schema, name: str,
                     schema=STATS_SCHEMA)
 
 
-def tap_progress(batch: pa.Table, counter, count: Callable[[pa.Table], dict[str, int]]) -> pa.Table:
+def tap_progress(batch: pa.Table, counter: "Tally", count: Callable[[pa.Table], dict[str, int]]) -> pa.Table:
     """A pass-through stage that reports each batch's counts as soon as it is done (before the part files,
     which gather many batches)."""
-    counter.add.remote(count(batch))
+    counter.add(count(batch))
     return batch
 
 
+@dataclass
+class _Counts:
+    counts: Counter = field(default_factory=Counter)
+    parts: dict[str, dict[str, int]] = field(default_factory=dict)
+    first: dict[str, tuple[float, int]] = field(default_factory=dict)  # key -> (first reported, its count then)
+
+
 class _Counter:
-    """A Ray actor the stages report to, polled by the driver's progress line."""
+    """The driver's counter actor: the tallies of its runs, each under a key of its own. One per driver, not one
+    per run: each actor is a worker process (about a second of start-up and of CPU on a small machine), and a
+    driver may run many jobs (the evaluation job runs two, a scheduler one per period)."""
 
     def __init__(self) -> None:
-        self.counts: Counter = Counter()
-        self.parts: dict[str, dict[str, int]] = {}
-        self.first: dict[str, tuple[float, int]] = {}  # key -> (when it was first reported, its count then)
+        self.tallies: dict[str, _Counts] = {}
 
-    def add(self, counts: Mapping[str, int]) -> None:
-        self.counts.update(counts)
+    def _of(self, tally: str) -> _Counts:
+        return self.tallies.setdefault(tally, _Counts())
+
+    def add(self, tally: str, counts: Mapping[str, int]) -> None:
+        state = self._of(tally)
+        state.counts.update(counts)
         for key, value in counts.items():
-            if value and key not in self.first:
-                self.first[key] = (time.time(), self.counts[key])
+            if value and key not in state.first:
+                state.first[key] = (time.time(), state.counts[key])
 
-    def put(self, part: str, counts: Mapping[str, int]) -> None:
+    def put(self, tally: str, part: str, counts: Mapping[str, int]) -> None:
         """Counts of one part (a block, by a key of its own): a retried task replaces its part, never adds twice."""
-        self.parts[part] = dict(counts)
+        self._of(tally).parts[part] = dict(counts)
 
-    def snapshot(self) -> dict[str, int]:
-        total = Counter(self.counts)
-        for counts in self.parts.values():
+    def snapshot(self, tally: str) -> dict[str, int]:
+        state = self._of(tally)
+        total = Counter(state.counts)
+        for counts in state.parts.values():
             total.update(counts)
         return dict(total)
 
+    def firsts(self, tally: str) -> dict[str, tuple[float, int]]:
+        return dict(self._of(tally).first)
+
+    def reset(self, tally: str) -> None:
+        self.tallies[tally] = _Counts()
+
+    def drop(self, tally: str) -> None:
+        self.tallies.pop(tally, None)
+
+
+@dataclass(frozen=True)
+class Tally:
+    """One run's counts in the driver's counter actor, handed to the stages that report to it."""
+
+    actor: Any
+    key: str
+
+    def add(self, counts: Mapping[str, int]) -> None:
+        self.actor.add.remote(self.key, counts)  # not waited for: a progress report
+
+    def put(self, part: str, counts: Mapping[str, int]) -> None:
+        """Waited for: the stage's task ends only once its counts are in (a count, not a progress report)."""
+        import ray
+
+        ray.get(self.actor.put.remote(self.key, part, counts))
+
+    def snapshot(self, timeout: float | None = None) -> dict[str, int]:
+        import ray
+
+        return ray.get(self.actor.snapshot.remote(self.key), timeout=timeout)
+
     def firsts(self) -> dict[str, tuple[float, int]]:
-        return dict(self.first)
+        import ray
+
+        return ray.get(self.actor.firsts.remote(self.key))
 
     def reset(self) -> None:
-        self.counts, self.parts, self.first = Counter(), {}, {}
+        import ray
+
+        ray.get(self.actor.reset.remote(self.key))
+
+    def close(self) -> None:
+        self.actor.drop.remote(self.key)
 
 
-def new_tally():
-    """A counter actor stages report to (``ray.get(tally.put.remote(part, counts))`` before their task ends) and
-    the driver reads once the stage has run: counts without another pass over the data."""
+def new_tally() -> Tally:
+    """A tally of its own in the driver's counter actor (made on first use, named after the driver's Ray job, and
+    ended with the driver): stages report to it and the driver reads it once they have run, so counts need no
+    other pass over the data."""
     import ray
 
-    return ray.remote(num_cpus=0)(_Counter).remote()
-
-
-def read_tally(tally) -> dict[str, int]:
-    import ray
-
-    return ray.get(tally.snapshot.remote())
+    name = f"dreamcache-tally-{ray.get_runtime_context().get_job_id()}"
+    actor = ray.remote(num_cpus=0)(_Counter).options(name=name, get_if_exists=True).remote()
+    return Tally(actor, uuid.uuid4().hex)
 
 
 def format_counts(counts: Mapping[str, int]) -> str:
@@ -128,15 +176,14 @@ class Progress:
     (a tqdm bar on a terminal), from a counter actor the stages report to."""
 
     def __init__(self, label: str, total: int | None, interval: float = 5.0, counter=None) -> None:
-        """``counter``: a tally the job already has (``new_tally``), emptied and reused: each counter actor is a
-        worker process of its own, seconds of start-up on a small machine."""
-        import ray
-
+        """``counter``: a tally the job already has (``new_tally``), emptied and reused; otherwise one of its
+        own, closed at the end."""
         self.label, self.total, self.interval = label, total, interval
+        self._own = counter is None
         if counter is None:
             counter = new_tally()
         else:
-            ray.get(counter.reset.remote())  # emptied before any stage of this phase reports to it
+            counter.reset()  # emptied before any stage of this phase reports to it
         self.counter = counter
         self._stop = threading.Event()
         self._start = time.perf_counter()
@@ -157,13 +204,13 @@ class Progress:
             self.report()
         if self._bar is not None:
             self._bar.close()
+        if self._own:
+            self.counter.close()
 
     def first(self, key: str) -> tuple[float, int] | None:
         """(seconds after the start when ``key`` was first reported, its count then): e.g. when the first batch
         of computed subjects came back, to tell start-up from steady state."""
-        import ray
-
-        seen = ray.get(self.counter.firsts.remote()).get(key)
+        seen = self.counter.firsts().get(key)
         return (seen[0] - self.started_at, seen[1]) if seen else None
 
     def _loop(self) -> None:
@@ -171,10 +218,8 @@ class Progress:
             self.report()
 
     def report(self) -> None:
-        import ray
-
         try:
-            counts = ray.get(self.counter.snapshot.remote(), timeout=10)
+            counts = self.counter.snapshot(timeout=10)
         except Exception:  # noqa: BLE001 - a late or lost progress poll must never fail the run
             return
         done = counts.get("rows", 0)
