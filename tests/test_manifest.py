@@ -3,8 +3,10 @@ readable without this project's code; the caching job's incremental rules at the
 
 from __future__ import annotations
 
+import gc
 import io
 import json
+import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -230,3 +232,10 @@ def test_runs_of_one_driver_share_one_counter_actor_with_a_tally_each(ray_cluste
     assert first.actor._actor_id == second.actor._actor_id == driver_counter._actor_id
     first.close()
     assert first.snapshot() == {} and second.snapshot() == {"rows": 4}
+    # Between runs no tally is held: Ray would end an actor nobody holds; the driver keeps it for its next run.
+    actor_id = first.actor._actor_id
+    del first, second, driver_counter
+    gc.collect()
+    time.sleep(1)
+    third = new_tally()
+    assert third.actor._actor_id == actor_id and third.snapshot() == {}

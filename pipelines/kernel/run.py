@@ -11,6 +11,7 @@ published; a mismatch is a bug and publishes nothing.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import sys
@@ -150,15 +151,22 @@ class Tally:
         self.actor.drop.remote(self.key)
 
 
-def new_tally() -> Tally:
-    """A tally of its own in the driver's counter actor (made on first use, named after the driver's Ray job, and
-    ended with the driver): stages report to it and the driver reads it once they have run, so counts need no
-    other pass over the data."""
+@functools.cache
+def _driver_counter(job_id: str):
+    """The counter actor of this process's Ray job. Cached here because Ray ends an actor once no handle to it is
+    left, even a named one: without a handle kept between runs, each run would start (and wait for) a new one.
+    It ends with the job (the driver's disconnect); a new ``ray.init`` is a new job id, so a new actor."""
     import ray
 
-    name = f"dreamcache-tally-{ray.get_runtime_context().get_job_id()}"
-    actor = ray.remote(num_cpus=0)(_Counter).options(name=name, get_if_exists=True).remote()
-    return Tally(actor, uuid.uuid4().hex)
+    return ray.remote(num_cpus=0)(_Counter).options(name=f"dreamcache-tally-{job_id}", get_if_exists=True).remote()
+
+
+def new_tally() -> Tally:
+    """A tally of its own in the driver's counter actor: stages report to it and the driver reads it once they
+    have run, so counts need no other pass over the data."""
+    import ray
+
+    return Tally(_driver_counter(ray.get_runtime_context().get_job_id()), uuid.uuid4().hex)
 
 
 def format_counts(counts: Mapping[str, int]) -> str:
