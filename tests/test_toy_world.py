@@ -116,9 +116,9 @@ def test_committed_files_are_small_and_load(committed_pipes):
 
 def test_trained_adapters_beat_untrained_ones_on_identity(committed_pipes):
     """Nine subjects x the four scenes, 10 DDIM steps, joint guidance (where the toy adapters carry most). Measured on
-    the committed files (2026-12-03): identity 0.56 trained vs 0.06 untrained, colour 0.75 vs 0.28 (the previous
-    adapters: identity 0.36); margins asked 0.2 and 0.3 (chance: identity 1/9, colour 1/3). Shape and marking carry
-    only in part (docs/toy_world.md)."""
+    the committed files at the toy's default s_T 3.0 (2026-12-06): identity 0.56 trained vs 0.06 untrained, colour
+    0.81 vs 0.22 (0.75 vs 0.28 at s_T 7.5); margins asked 0.2 and 0.3 (chance: identity 1/9, colour 1/3). Shape and
+    marking carry only in part (docs/toy_world.md)."""
     from dreamcache.toy_model import generate
 
     prompts = [toy_world.prompt(scene, "middle") for scene in toy_world.SCENES]
