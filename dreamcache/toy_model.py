@@ -425,7 +425,15 @@ def build(out_dir: str | Path, seed: int = 0, settings: BuildSettings | None = N
     ``build.json``. ``export`` copies ``model/`` there (the committed asset folder)."""
     settings = settings or BuildSettings(seed=seed)
     settings.seed = seed
-    torch.set_num_threads(settings.threads)
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(settings.threads)  # process-wide in torch: restored after the build
+    try:
+        return _build(out_dir, settings, export)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _build(out_dir: str | Path, settings: BuildSettings, export: str | Path | None) -> BuildResult:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     seconds: dict[str, float] = {}
@@ -439,7 +447,7 @@ def build(out_dir: str | Path, seed: int = 0, settings: BuildSettings | None = N
         return log
 
     started = time.perf_counter()
-    rows = toy_world.triplet_rows(settings.triplets, seed)
+    rows = toy_world.triplet_rows(settings.triplets, settings.seed)
     (out / "data").mkdir(exist_ok=True)
     from .triplets import write_triplets
 
@@ -448,18 +456,18 @@ def build(out_dir: str | Path, seed: int = 0, settings: BuildSettings | None = N
     captions = [r["caption"] for r in rows]
     seconds["data"] = time.perf_counter() - started
 
-    parts = components(settings.arch, seed)
+    parts = components(settings.arch, settings.seed)
     mark = time.perf_counter()
-    views = to_tensor(toy_world.white_background_views(settings.vae_white_views, seed))
+    views = to_tensor(toy_world.white_background_views(settings.vae_white_views, settings.seed))
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.manual_seed(settings.seed)
         train_vae(parts["vae"], torch.cat([targets, views]), settings, logger_for("vae"))
     mean, std = calibrate_vae(parts["vae"], targets)
     seconds["vae"] = time.perf_counter() - mark
 
     mark = time.perf_counter()
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.manual_seed(settings.seed)
         train_base(parts, mean, std, captions, settings, logger_for("base"))
     model_dir = save_base_model(parts, out / "model")
     seconds["base"] = time.perf_counter() - mark
@@ -475,7 +483,7 @@ def build(out_dir: str | Path, seed: int = 0, settings: BuildSettings | None = N
     if settings.eval_seeds > 0:
         mark = time.perf_counter()
         evaluation = evaluate(model_dir, adapter, seeds=settings.eval_seeds, steps=settings.eval_steps,
-                              sheet=out / "samples.png", seed=seed)
+                              sheet=out / "samples.png", seed=settings.seed)
         seconds["evaluation"] = time.perf_counter() - mark
         (out / "evaluation.md").write_text(results_table(evaluation) + "\n")
     seconds["total"] = time.perf_counter() - started

@@ -71,7 +71,13 @@ def test_a_short_run_of_the_recipe_still_trains(tmp_path):
     from dreamcache.toy_model import BuildSettings, build
 
     settings = BuildSettings.quick(seed=0)
-    result = build(tmp_path / "toy", seed=0, settings=settings)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(threads + 1)  # not the build's own count: it must be restored, not merely equal
+    try:
+        result = build(tmp_path / "toy", seed=0, settings=settings)
+        assert torch.get_num_threads() == threads + 1  # the build's torch threads end with it
+    finally:
+        torch.set_num_threads(threads)
     for stage in ("vae", "base"):
         losses = [loss for _, loss in result.losses[stage]]
         assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5]), (stage, losses)
