@@ -6,6 +6,9 @@ from __future__ import annotations
 import gc
 import io
 import json
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -20,6 +23,8 @@ from pipelines.caching import CachingJobConfig, JobInputError, run_caching
 from pipelines.kernel.manifest import CommitConflict, ManifestError, ManifestLog
 
 from .manifests import latest_commit, manifest_rows
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 
@@ -239,3 +244,19 @@ def test_runs_of_one_driver_share_one_counter_actor_with_a_tally_each(ray_cluste
     time.sleep(1)
     third = new_tally()
     assert third.actor._actor_id == actor_id and third.snapshot() == {}
+
+
+def test_a_second_local_ray_in_one_process_gets_a_counter_of_its_own(tmp_path):
+    """After ray.shutdown() a new local Ray numbers its jobs from 1 again: a counter handle kept by job id alone
+    would point into the old cluster ("Can't find actor ..."). In a process of its own: the session's Ray stays."""
+    script = ("import ray\nfrom pipelines.kernel.run import new_tally\n"
+              "for i in range(2):\n"
+              "    ray.init(num_cpus=1, include_dashboard=False)\n"
+              "    tally = new_tally(); tally.add({'rows': 1}); print('counts', tally.snapshot())\n"
+              "    ray.shutdown()\n")
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(REPO)}
+    env.pop("RAY_ADDRESS", None)
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=240,
+                          cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("counts {'rows': 1}") == 2, done.stdout

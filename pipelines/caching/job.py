@@ -116,7 +116,6 @@ def run_caching(config: CachingJobConfig) -> JobSummary:
         published = run.publish(results, planned=total, label="caching", progress=progress,
                                 seen_before=seen_before)
         first = progress.first("action:computed")
-    tally.close()  # its counts are read; the driver's counter actor stays for its next run
     seconds = time.perf_counter() - start
     summary = JobSummary(
         computed=published.count("action:computed"), skipped=published.count("action:skipped"),

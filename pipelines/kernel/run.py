@@ -100,14 +100,14 @@ class _Counter:
         self._of(tally).parts[part] = dict(counts)
 
     def snapshot(self, tally: str) -> dict[str, int]:
-        state = self._of(tally)
+        state = self.tallies.get(tally, _Counts())
         total = Counter(state.counts)
         for counts in state.parts.values():
             total.update(counts)
         return dict(total)
 
     def firsts(self, tally: str) -> dict[str, tuple[float, int]]:
-        return dict(self._of(tally).first)
+        return dict(self.tallies.get(tally, _Counts()).first)
 
     def reset(self, tally: str) -> None:
         self.tallies[tally] = _Counts()
@@ -152,10 +152,11 @@ class Tally:
 
 
 @functools.cache
-def _driver_counter(job_id: str):
+def _driver_counter(node_id: str, job_id: str):
     """The counter actor of this process's Ray job. Cached here because Ray ends an actor once no handle to it is
     left, even a named one: without a handle kept between runs, each run would start (and wait for) a new one.
-    It ends with the job (the driver's disconnect); a new ``ray.init`` is a new job id, so a new actor."""
+    It ends with the job (the driver's disconnect). Keyed by node and job: after ``ray.shutdown()`` a new local
+    Ray numbers its jobs from 1 again, and only its node id tells it from the old one."""
     import ray
 
     return ray.remote(num_cpus=0)(_Counter).options(name=f"dreamcache-tally-{job_id}", get_if_exists=True).remote()
@@ -166,7 +167,8 @@ def new_tally() -> Tally:
     have run, so counts need no other pass over the data."""
     import ray
 
-    return Tally(_driver_counter(ray.get_runtime_context().get_job_id()), uuid.uuid4().hex)
+    context = ray.get_runtime_context()
+    return Tally(_driver_counter(context.get_node_id(), context.get_job_id()), uuid.uuid4().hex)
 
 
 def format_counts(counts: Mapping[str, int]) -> str:
@@ -185,9 +187,8 @@ class Progress:
 
     def __init__(self, label: str, total: int | None, interval: float = 5.0, counter=None) -> None:
         """``counter``: a tally the job already has (``new_tally``), emptied and reused; otherwise one of its
-        own, closed at the end."""
+        own. Either way the progress line is its last reader: it is closed at the end, failed or not."""
         self.label, self.total, self.interval = label, total, interval
-        self._own = counter is None
         if counter is None:
             counter = new_tally()
         else:
@@ -212,8 +213,7 @@ class Progress:
             self.report()
         if self._bar is not None:
             self._bar.close()
-        if self._own:
-            self.counter.close()
+        self.counter.close()
 
     def first(self, key: str) -> tuple[float, int] | None:
         """(seconds after the start when ``key`` was first reported, its count then): e.g. when the first batch
